@@ -61,10 +61,23 @@ abspath() {
   esac
 }
 
+# Words as a shell reads them back, in single quotes only where needed (readable, and
+# what sh, bash and Python's shlex.split all parse the same way).
 quote_cmd() {
-  local out
-  printf -v out '%q ' "$@"
-  printf '%s' "${out% }"
+  local arg v out="" sep="" sq="'\\''" safe='^[A-Za-z0-9_./:=,@%+-]+$' flag='^(--[A-Za-z0-9_.-]+=)(.*)$'
+  for arg in "$@"; do
+    if [[ "$arg" =~ $safe ]]; then
+      out+="$sep$arg"
+    elif [[ "$arg" =~ $flag ]]; then
+      v=${BASH_REMATCH[2]//\'/$sq}
+      out+="$sep${BASH_REMATCH[1]}'$v'"
+    else
+      v=${arg//\'/$sq}
+      out+="$sep'$v'"
+    fi
+    sep=" "
+  done
+  printf '%s' "$out"
 }
 
 num_processes=""
@@ -218,11 +231,11 @@ log_of() { printf '%s/process_%d.log' "$log_dir" "$1"; }
 
 if ((dry_run)); then
   echo "# $num_processes process(es) on $platform, coordinator 127.0.0.1:$port"
-  echo "$DRY cd $(printf '%q' "$REPO_DIR")"
-  echo "$DRY mkdir -p $(printf '%q' "$log_dir")"
+  echo "$DRY cd $(quote_cmd "$REPO_DIR")"
+  echo "$DRY mkdir -p $(quote_cmd "$log_dir")"
   for ((i = 0; i < num_processes; i++)); do
     process_cmd "$i"
-    echo "$DRY $(quote_cmd "${cmd[@]}") > $(printf '%q' "$(log_of "$i")") 2>&1 &"
+    echo "$DRY $(quote_cmd "${cmd[@]}") > $(quote_cmd "$(log_of "$i")") 2>&1 &"
   done
   echo "$DRY wait  # for all; the first failure stops the others"
   exit 0
