@@ -5,7 +5,7 @@
 #   1. reuse the TPU VM NAME if it exists (starting it if stopped), else create it;
 #   2. ship this checkout to every worker (tar + scp), or git-clone --repo-url there;
 #   3. install the project with its TPU extra into ~/clevr_jax/.venv on every worker;
-#   4. optionally build the dataset once, on worker 0 alone (--prepare);
+#   4. build the dataset if it is not built yet, once, on worker 0 alone;
 #   5. run clevr_jax.main on all workers at once with --distributed;
 #   6. optionally delete the TPU VM (--delete-after).
 #
@@ -42,7 +42,8 @@ Options:
   --project PROJECT         GCP project (default: gcloud's)              [TPU_PROJECT]
   --data-dir DIR            TFDS data_dir, gs://... on a multi-host slice [DATA_DIR]
   --mode MODE               train (default), evaluate, baselines, report  [MODE]
-  --prepare                 build the dataset first (--mode=prepare on worker 0 alone)
+  --no-prepare              skip the --mode=prepare step on worker 0 that otherwise
+                            runs first (quick when the data is already built)
   --repo-url URL            git clone URL on the workers instead of copying this checkout
   --ref REF                 branch or tag for --repo-url (default main)
   --delete-after            delete the TPU VM when the run ends, failed or not
@@ -104,7 +105,7 @@ data_dir="${DATA_DIR:-}"
 mode="${MODE:-train}"
 repo_url=""
 ref="main"
-prepare=0
+prepare=1
 delete_after=0
 extra=()
 
@@ -120,7 +121,7 @@ while (($# > 0)); do
       opt="${1%%=*}" val="${1#*=}"
       shift
       ;;
-    --prepare) prepare=1; shift; continue ;;
+    --no-prepare) prepare=0; shift; continue ;;
     --delete-after) delete_after=1; shift; continue ;;
     --dry-run) dry_run=1; shift; continue ;;
     -h | --help) usage; exit 0 ;;
@@ -149,7 +150,7 @@ done
 [[ -n "$workdir" ]] || die "--workdir is required"
 case "$mode" in
   train | evaluate | baselines | report) ;;
-  *) die "--mode must be train|evaluate|baselines|report, not '$mode' (use --prepare to build the data)" ;;
+  *) die "--mode must be train|evaluate|baselines|report, not '$mode' (the data is prepared first anyway)" ;;
 esac
 
 [[ "$accelerator_type" =~ ^([a-z0-9]+)-([0-9]+)$ ]] ||
@@ -281,7 +282,7 @@ main_cmd() { # $@: flags of this invocation
 }
 
 if ((prepare)); then
-  # One writer: all hosts preparing into one data_dir at once would race.
+  # One writer, before the run: all hosts building into one data_dir at once would race.
   on_workers 0 "$(main_cmd --mode=prepare)"
 fi
 

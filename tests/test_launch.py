@@ -195,7 +195,7 @@ def test_tpu_dry_run_multi_host(tmp_path):
   env = _env(PATH=f"{tmp_path}:{os.environ['PATH']}")
   res = _tpu("--dry-run", "--accelerator-type", "v4-32", "--project", "proj",
              "--config", "configs/ae_rgb.py:synthetic", "--workdir", "gs://bucket/runs/ae",
-             "--data-dir", "gs://bucket/tfds", "--prepare", "--",
+             "--data-dir", "gs://bucket/tfds", "--",
              "--config.batch_size=16", env=env)
   assert res.returncode == 0, res.stderr
   assert not (tmp_path / "called").exists()
@@ -247,13 +247,14 @@ def test_tpu_refuses_local_data_dir_on_multi_host():
 
 def test_tpu_single_host_accepts_a_local_workdir():
   res = _tpu("--dry-run", "--accelerator-type", "v6e-8", "--config", "c.py",
-             "--workdir", "runs/local")
+             "--workdir", "runs/local", "--no-prepare")
   assert res.returncode == 0, res.stderr
   cmds = dry_commands(res.stdout)
   create = next(c for c in cmds if c[3:5] == ["tpu-vm", "create"])
   assert flag(create, "version") == "v2-alpha-tpuv6e"
   main = shlex.split([c for w, c in _ssh_commands(cmds) if "--distributed" in c][0])
   assert flag(main, "workdir") == "runs/local"
+  assert not any("--mode=prepare" in c for _, c in _ssh_commands(cmds))  # --no-prepare
   assert not any(c[3:5] == ["tpu-vm", "delete"] for c in cmds)
 
 
@@ -284,7 +285,7 @@ def test_tpu_repo_url_clones_instead_of_copying():
     (["--name", "n", "--zone", "z", "--config", "c", "--workdir", "gs://b",
       "--accelerator-type", "v4"], "not of the form"),
     (["--name", "n", "--zone", "z", "--config", "c", "--workdir", "gs://b",
-      "--mode", "prepare"], "--prepare"),
+      "--mode", "prepare"], "prepared first"),
 ])
 def test_tpu_usage_errors(args, message):
   res = run(TPU, "--dry-run", *args)
@@ -322,7 +323,7 @@ def test_tpu_real_run_creates_ships_and_deletes_even_on_failure(tmp_path):
              env=_fake_gcloud_env(tmp_path, FAKE_RUN_FAIL="1"))
   assert res.returncode == 7, res.stderr
   subs = [c[3] for c in _calls(tmp_path)]
-  assert subs == ["describe", "create", "scp", "ssh", "ssh", "ssh", "delete"]
+  assert subs == ["describe", "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
   listing = subprocess.run(["tar", "-tzf", str(tmp_path / "shipped.tar.gz")],
                            capture_output=True, text=True, check=True).stdout.split()
   assert "pyproject.toml" in listing and "launch/tpu_vm.sh" in listing
@@ -333,7 +334,7 @@ def test_tpu_real_run_reuses_a_ready_vm_and_checks_its_type(tmp_path):
   res = _tpu("--config", "c.py", "--workdir", "w", "--repo-url", "u",
              env=_fake_gcloud_env(tmp_path, FAKE_DESCRIBE="READY\\tv4-8"))
   assert res.returncode == 0, res.stderr
-  assert [c[3] for c in _calls(tmp_path)] == ["describe", "ssh", "ssh", "ssh"]
+  assert [c[3] for c in _calls(tmp_path)] == ["describe", "ssh", "ssh", "ssh", "ssh"]
 
   (tmp_path / "calls").unlink()
   res = _tpu("--config", "c.py", "--workdir", "w", "--repo-url", "u",
@@ -375,9 +376,11 @@ def test_slurm_dry_run_outside_slurm_uses_the_header_defaults():
   assert "--xla_gpu_enable_latency_hiding_scheduler=true" in env["XLA_FLAGS"].split()
   assert env["NCCL_DEBUG"] == "WARN"
   assert "multiple of 16" in res.stdout
-  # The shared-filesystem check runs before training.
+  # First the shared-filesystem check, then the dataset in one task, then training.
   srun = [c for c in dry_commands(res.stdout) if c[0] == "srun"]
-  assert len(srun) == 2 and "bash" in srun[0] and srun[1] == main
+  assert len(srun) == 3 and "bash" in srun[0] and srun[2] == main
+  assert flag(srun[1], "ntasks") == "1" and flag(srun[1], "mode") == "prepare"
+  assert "--distributed" not in srun[1] and srun[1][-1] == "--config.batch_size=16"
 
 
 def test_slurm_dry_run_reads_the_allocation():
@@ -426,7 +429,7 @@ def test_slurm_real_run_checks_the_filesystem_then_trains(tmp_path):
   env = _env(PATH=f"{tmp_path}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
              SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="2",
              SLURM_CPUS_PER_TASK="8", SLURM_SUBMIT_DIR=str(REPO),
-             WORKDIR=str(tmp_path / "w"))
+             WORKDIR=str(tmp_path / "w"), PREPARE="0")
   res = run(SLURM, env=env, cwd=tmp_path)
   assert res.returncode == 0, res.stderr
   lines = (tmp_path / "calls").read_text().splitlines()
