@@ -42,7 +42,7 @@ import numpy as np
 from clevr_jax.data import schema
 
 # Bump whenever the output for a given seed and config changes.
-RENDERER_VERSION = 1
+RENDERER_VERSION = 2
 
 SPHERE, CYLINDER, CUBE = 1, 2, 3  # schema.SHAPES codes
 RUBBER, METAL = 1, 2  # schema.MATERIALS codes
@@ -70,12 +70,13 @@ class Light:
 
 
 # CLEVR's three area lamps (positions and colours as in Kubric's CLEVR set-up),
-# as point lights with intensities tuned against real renders. The key light
+# as point lights. Intensities and ambient are a least-squares fit of the
+# floor's shading to the background of the two real samples. The key light
 # comes first: it is the one that casts shadows.
 CLEVR_LIGHTS = (
-    Light((6.44671, -2.90517, 4.2584), _hex_to_linear_rgb(0xffedd0), 9.0),
-    Light((-4.67112, -4.0136, 3.01122), _hex_to_linear_rgb(0xc2d0ff), 2.0),
-    Light((-1.1685, 2.64602, 5.81574), (1.0, 1.0, 1.0), 2.0),
+    Light((6.44671, -2.90517, 4.2584), _hex_to_linear_rgb(0xffedd0), 9.9),
+    Light((-4.67112, -4.0136, 3.01122), _hex_to_linear_rgb(0xc2d0ff), 2.6),
+    Light((-1.1685, 2.64602, 5.81574), (1.0, 1.0, 1.0), 4.5),
 )
 
 
@@ -103,10 +104,13 @@ class SceneConfig:
   # Lighting.
   lights: tuple[Light, ...] = CLEVR_LIGHTS
   light_jitter: float = 1.0
-  ambient: float = 0.36  # irradiance from the environment on an upward face
-  ground_bounce: float = 0.35  # fraction of it that reaches a downward face
-  floor_albedo: float = 0.42
-  sky_radiance: float = 0.03  # what metal reflects above the horizon
+  ambient: float = 0.27  # irradiance from the environment on an upward face
+  ground_bounce: float = 0.2  # fraction of it that reaches a downward face
+  floor_albedo: float = 0.5
+  # What metal mirrors above the horizon: CLEVR's studio is dark behind the
+  # camera and a gray backdrop beyond the scene.
+  sky_radiance: float = 0.02
+  backdrop_radiance: float = 0.13
   key_light_radius: float = 0.6  # soft shadows: the key light's extent
   shadow_samples: int = 4  # key-light samples per pixel (1: hard shadows)
 
@@ -201,11 +205,14 @@ class _Objects:
   def __len__(self) -> int:
     return len(self.shape)
 
-  def bounding_corners(self, k: int) -> np.ndarray:
-    """[8, 3] corners of an axis-aligned box around object k."""
-    r, top = self.footprint_radius[k], 2 * self.half_height[k]
-    return np.array([[self.x[k] + sx * r, self.y[k] + sy * r, z]
-                     for sx in (-1, 1) for sy in (-1, 1) for z in (0.0, top)])
+  def bounding_corners(self) -> np.ndarray:
+    """[objects, 8, 3] corners of an axis-aligned box around each object."""
+    signs = np.array([(sx, sy, sz) for sx in (-1, 1) for sy in (-1, 1)
+                      for sz in (0, 1)], np.float64)
+    r = self.footprint_radius[:, None]
+    return np.stack([self.x[:, None] + signs[:, 0] * r,
+                     self.y[:, None] + signs[:, 1] * r,
+                     signs[:, 2] * 2 * self.half_height[:, None]], axis=-1)
 
 
 def _place_objects(rng: np.random.Generator, count: int, config: SceneConfig,
@@ -335,19 +342,26 @@ def _normal(objects: _Objects, k: int, px, py, pz):
           (on_z * np.sign(rz)).astype(rx.dtype))
 
 
-def _screen_box(camera: _Camera, points: np.ndarray
-                ) -> tuple[slice, slice] | None:
-  """Rows and columns (slices) of the pixels that may see `points`' hull."""
-  projected = camera.project(points)
-  if np.any(projected[:, 2] <= 1e-3):  # behind the camera: test everything
-    return slice(0, camera.height), slice(0, camera.width)
-  col0 = max(int(np.floor(projected[:, 0].min())) - 1, 0)
-  col1 = min(int(np.ceil(projected[:, 0].max())) + 1, camera.width)
-  row0 = max(int(np.floor(projected[:, 1].min())) - 1, 0)
-  row1 = min(int(np.ceil(projected[:, 1].max())) + 1, camera.height)
-  if col0 >= col1 or row0 >= row1:
-    return None
-  return slice(row0, row1), slice(col0, col1)
+def _screen_boxes(camera: _Camera, points: np.ndarray
+                  ) -> list[tuple[slice, slice] | None]:
+  """For each group of points [groups, P, 3], the pixel rows and columns
+  (slices) that may see the group's convex hull; None when off screen."""
+  projected = camera.project(points.reshape(-1, 3)).reshape(points.shape)
+  cols, rows = projected[..., 0], projected[..., 1]
+  behind = np.any(projected[..., 2] <= 1e-3, axis=-1)
+  col0 = np.clip(np.floor(cols.min(-1)) - 1, 0, camera.width).astype(int)
+  col1 = np.clip(np.ceil(cols.max(-1)) + 1, 0, camera.width).astype(int)
+  row0 = np.clip(np.floor(rows.min(-1)) - 1, 0, camera.height).astype(int)
+  row1 = np.clip(np.ceil(rows.max(-1)) + 1, 0, camera.height).astype(int)
+  boxes = []
+  for g in range(len(points)):
+    if behind[g]:  # the hull reaches behind the camera: test every pixel
+      boxes.append((slice(0, camera.height), slice(0, camera.width)))
+    elif col0[g] >= col1[g] or row0[g] >= row1[g]:
+      boxes.append(None)
+    else:
+      boxes.append((slice(row0[g], row1[g]), slice(col0[g], col1[g])))
+  return boxes
 
 
 def _cast_camera_rays(objects: _Objects, camera: _Camera, rays
@@ -360,8 +374,7 @@ def _cast_camera_rays(objects: _Objects, camera: _Camera, rays
   depth = np.where(looking_down, -cam_z / np.where(looking_down, dz, -1), 1e4)
   depth = depth.astype(np.float32)
   labels = np.zeros(depth.shape, np.uint8)
-  for k in range(len(objects)):
-    box = _screen_box(camera, objects.bounding_corners(k))
+  for k, box in enumerate(_screen_boxes(camera, objects.bounding_corners())):
     if box is None:
       continue
     t = _hit(objects, k, cam_x, cam_y, cam_z, dx[box], dy[box], dz[box])
@@ -393,21 +406,25 @@ def _key_light_visibility(objects: _Objects, camera: _Camera, labels, points,
   lift = np.cross(side, towards)
   offsets = _sample_disc(config.shadow_samples) * config.key_light_radius
   samples = key_position + offsets[:, :1] * side + offsets[:, 1:] * lift
+  # A point shadowed by object k lies between k and k's shadow on the floor:
+  # in the hull of k's box corners and their shadows.
+  corners = objects.bounding_corners()[None]  # [1, objects, 8, 3]
+  light_z = samples[:, None, None, 2:]
+  above = light_z - corners[..., 2:] > 1e-3
+  stretch = light_z / np.where(above, light_z - corners[..., 2:], 1)
+  on_floor = samples[:, None, None] + (corners - samples[:, None, None]) * stretch
+  hulls = np.concatenate([np.broadcast_to(corners, on_floor.shape), on_floor], 2)
+  boxes = _screen_boxes(camera, hulls.reshape((-1,) + hulls.shape[2:]))
+  everywhere = (slice(0, camera.height), slice(0, camera.width))
   visibility = np.ones(labels.shape, np.float32)
   share = np.float32(1 / len(samples))
-  for light in samples:
+  for s, light in enumerate(samples):
     blocked = np.zeros(labels.shape, bool)
     for k in range(len(objects)):
-      corners = objects.bounding_corners(k)
-      if light[2] <= corners[:, 2].max() + 1e-3:
-        box = (slice(0, camera.height), slice(0, camera.width))
-      else:
-        # A point shadowed by k lies between k and k's shadow on the floor.
-        stretch = light[2] / (light[2] - corners[:, 2:])
-        on_floor = light + (corners - light) * stretch
-        box = _screen_box(camera, np.concatenate([corners, on_floor]))
-        if box is None:
-          continue
+      # A lamp below an object's top casts an unbounded shadow.
+      box = boxes[s * len(objects) + k] if above[s, k].all() else everywhere
+      if box is None:
+        continue
       # A convex object cannot shadow its own lit side; its dark side is
       # already dark by Lambert's cosine, so it is skipped.
       receivers = labels[box] != k + 1
@@ -420,9 +437,57 @@ def _key_light_visibility(objects: _Objects, camera: _Camera, labels, points,
   return visibility
 
 
-def _floor_irradiance(qx, qy, lights, ambient: float, key_visibility=None):
+def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
+  """Mean over the (2 radius + 1)^2 square around each pixel (edges clamped)."""
+  size = 2 * radius + 1
+  for axis in (0, 1):
+    padded = np.concatenate(
+        [np.repeat(image.take([0], axis), radius + 1, axis), image,
+         np.repeat(image.take([-1], axis), radius, axis)], axis)
+    sums = np.cumsum(padded, axis=axis, dtype=np.float32)
+    image = (sums.take(range(size, sums.shape[axis]), axis)
+             - sums.take(range(0, sums.shape[axis] - size), axis)) / size
+  return image
+
+
+_PENUMBRA_BLUR = 2  # pixels, at any image size: it only hides sampling steps
+
+
+def _floor_occlusion(objects: _Objects, camera: _Camera, labels, px, py
+                     ) -> np.ndarray:
+  """Share [H, W] of the ambient light that objects hide from the floor.
+
+  Each object counts as a sphere of its volume at its centre, whose projected
+  solid angle from a floor point is r^2 h / d^3: 1 at a sphere's contact
+  point, the dark rim under objects in CLEVR's renders.
+  """
+  radii = objects.half_height * np.array(
+      [_VOLUME_SPHERE_RADIUS[int(shape)] for shape in objects.shape])
+  reach = 4 * radii  # beyond it the occlusion is under 2%
+  signs = np.array([(sx, sy) for sx in (-1, 1) for sy in (-1, 1)], np.float64)
+  squares = np.stack([objects.x[:, None] + signs[:, 0] * reach[:, None],
+                      objects.y[:, None] + signs[:, 1] * reach[:, None],
+                      np.zeros((len(objects), 4))], axis=-1)
+  occlusion = np.zeros(labels.shape, np.float32)
+  for k, box in enumerate(_screen_boxes(camera, squares)):
+    if box is None:
+      continue
+    x, y, h, radius = objects.x[k], objects.y[k], objects.half_height[k], radii[k]
+    ox, oy = px[box] - np.float32(x), py[box] - np.float32(y)
+    dist2 = ox * ox + oy * oy + np.float32(h * h)
+    share = np.float32(radius * radius * h) / (dist2 * np.sqrt(dist2))
+    occlusion[box] += np.where(labels[box] == 0, share, 0)
+  return np.minimum(occlusion, 1)
+
+
+# Radius of the sphere of an object's volume, in units of its half height.
+_VOLUME_SPHERE_RADIUS = {SPHERE: 1.0, CYLINDER: 1.5 ** (1 / 3),
+                         CUBE: (6 / math.pi) ** (1 / 3)}
+
+
+def _floor_irradiance(qx, qy, lights, ambient, key_visibility=None):
   """Irradiance (r, g, b) on the floor at (qx, qy); the key light's scaled."""
-  channels = [np.full(qx.shape, ambient, np.float32) for _ in range(3)]
+  channels = [np.zeros(qx.shape, np.float32) + ambient for _ in range(3)]
   for index, (position, color, intensity) in enumerate(lights):
     lx, ly = np.float32(position[0]) - qx, np.float32(position[1]) - qy
     lz = np.float32(position[2])
@@ -435,8 +500,9 @@ def _floor_irradiance(qx, qy, lights, ambient: float, key_visibility=None):
   return channels
 
 
-def _object_radiance(objects: _Objects, config: SceneConfig, lights, labels,
-                     points, view, key_visibility) -> np.ndarray:
+def _object_radiance(objects: _Objects, camera: _Camera, config: SceneConfig,
+                     lights, labels, points, view, key_visibility
+                     ) -> np.ndarray:
   """Linear colours [N, 3] of N object pixels, given flat per-pixel inputs.
 
   labels: [N] object labels (k + 1); points, view: hit points and unit view
@@ -472,18 +538,19 @@ def _object_radiance(objects: _Objects, config: SceneConfig, lights, labels,
     strength = (np.float32(intensity) * inv_dist * inv_dist
                 * np.maximum(lx * nx + ly * ny + lz * nz, 0))
     alignment = np.maximum(rx * lx + ry * ly + rz * lz, 0)
-    lobe = alignment ** 200  # the lamps mirrored in metal: small, bright
+    # The lamps mirrored in metal: small and bright, in a glossy blur.
+    lobe = (_SHARP_HIGHLIGHT * alignment ** 200
+            + _BROAD_HIGHLIGHT * alignment ** 8) * intensity / CLEVR_LIGHTS[0].intensity
     if index == 0:
       strength *= key_visibility
-      highlight += key_visibility * lobe * _KEY_HIGHLIGHT
+      lobe *= key_visibility
       sheen += key_visibility * alignment ** 6 * _RUBBER_SHEEN
-    else:
-      highlight += lobe * _FILL_HIGHLIGHT
+    highlight += lobe
     for c in range(3):
       irradiance[c] += strength * np.float32(color[c])
 
   # Metal mirrors the floor (lit as the floor is, unshadowed) below the
-  # horizon and a dim environment above it, blended so no horizon shows.
+  # horizon and the studio above it, blended so no horizon line shows.
   mirrored = np.zeros((3,) + px.shape, np.float32)
   if is_metal.any():
     m_rx, m_ry, m_rz = rx[is_metal], ry[is_metal], rz[is_metal]
@@ -492,9 +559,13 @@ def _object_radiance(objects: _Objects, config: SceneConfig, lights, labels,
                                     py[is_metal] + reach * m_ry,
                                     lights, config.ambient)
     below = np.clip(-m_rz / 0.25, 0, 1)
+    (ahead_x, ahead_y) = camera.ground_axes()[1]
+    ahead = np.clip(m_rx * ahead_x + m_ry * ahead_y, 0, 1)
+    studio = (config.sky_radiance
+              + (config.backdrop_radiance - config.sky_radiance) * ahead)
     for c in range(3):
       mirrored[c][is_metal] = (below * config.floor_albedo * floor_light[c]
-                               + (1 - below) * config.sky_radiance)
+                               + (1 - below) * studio)
 
   colours = np.empty(px.shape + (3,), np.float32)
   for c in range(3):
@@ -507,11 +578,11 @@ def _object_radiance(objects: _Objects, config: SceneConfig, lights, labels,
 
 
 # Material constants, tuned by eye and by pixel statistics against real renders.
-_KEY_HIGHLIGHT = 6.0
-_FILL_HIGHLIGHT = 2.0
-_RUBBER_SHEEN = 0.05
-_METAL_DIFFUSE = 0.35
-_METAL_MIRROR = 1.6
+_SHARP_HIGHLIGHT = 6.0  # for a lamp of the key light's intensity
+_BROAD_HIGHLIGHT = 0.25
+_RUBBER_SHEEN = 0.04
+_METAL_DIFFUSE = 0.1
+_METAL_MIRROR = 0.9
 
 # sRGB encoding of linear values in [0, 1], by table: fine enough in the darks.
 _SRGB_STEPS = 65535
@@ -560,7 +631,10 @@ def _shade(objects: _Objects, camera: _Camera, lights, rays, depth, labels,
 
   # The floor's shading is computed everywhere (cheap, branch-free); object
   # pixels are then overwritten from compressed arrays of just those pixels.
-  floor_light = _floor_irradiance(px, py, lights, config.ambient, key_visibility)
+  sky = config.ambient * (1 - _floor_occlusion(objects, camera, labels, px, py))
+  # A few light samples leave steps in the penumbra; the floor blurs them.
+  floor_light = _floor_irradiance(px, py, lights, sky,
+                                  _box_blur(key_visibility, _PENUMBRA_BLUR))
   linear = np.stack([config.floor_albedo * channel for channel in floor_light],
                     axis=-1)
   on_object = np.flatnonzero(~on_floor)
@@ -569,7 +643,7 @@ def _shade(objects: _Objects, camera: _Camera, lights, rays, depth, labels,
     vx, vy, vz = flat(dx), flat(dy), flat(dz)
     inv_len = 1 / np.sqrt(vx * vx + vy * vy + vz * vz)
     linear.reshape(-1, 3)[on_object] = _object_radiance(
-        objects, config, lights, flat(labels),
+        objects, camera, config, lights, flat(labels),
         (flat(px), flat(py), flat(pz)),
         (vx * inv_len, vy * inv_len, vz * inv_len), flat(key_visibility))
   return _encode_srgb(_smooth_edges(linear, labels))
