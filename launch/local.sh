@@ -265,6 +265,9 @@ stop_all() {
   for pid in "${pids[@]}"; do
     [[ -z "$pid" ]] || kill -KILL "$pid" 2>/dev/null || true
   done
+  for pid in "${pids[@]}"; do # reap, so that nothing lingers as a zombie
+    [[ -z "$pid" ]] || wait "$pid" 2>/dev/null || true
+  done
 }
 
 stop_tail() {

@@ -10,7 +10,6 @@ import os
 import pathlib
 import shlex
 import shutil
-import signal
 import subprocess
 import textwrap
 import time
@@ -172,9 +171,20 @@ def test_local_first_failure_stops_the_others(tmp_path):
   assert elapsed < 20
   assert "process 1 failed with exit code 3" in res.stderr
   for i in (0, 2):
-    pid = int((tmp_path / f"pid_{i}").read_text())
-    with pytest.raises(ProcessLookupError):
-      os.kill(pid, 0)
+    assert not _running(int((tmp_path / f"pid_{i}").read_text()))
+
+
+def _running(pid: int) -> bool:
+  """Whether pid runs (a zombie awaiting its reaper does not)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  stat = pathlib.Path(f"/proc/{pid}/stat")
+  try:
+    return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except (FileNotFoundError, IndexError):
+    return not stat.parent.parent.exists()  # no /proc: trust os.kill
 
 
 # --------------------------------------------------------------------------- tpu_vm.sh
