@@ -95,8 +95,11 @@ def _figure(synthetic: Sequence[np.ndarray], real: Sequence[np.ndarray],
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   rows = (len(real) + 1) // 2
-  fig, axes = plt.subplots(rows, 4, figsize=(12.8, 2.5 * rows + 0.5),
-                           gridspec_kw={"wspace": 0.03, "hspace": 0.12})
+  fig, axes = plt.subplots(rows, 4, figsize=(12.8, 2.65 * rows + 0.7),
+                           gridspec_kw={"wspace": 0.03, "hspace": 0.15,
+                                        "top": 1 - 0.7 / (2.65 * rows + 0.7),
+                                        "bottom": 0.0, "left": 0.0,
+                                        "right": 1.0})
   for row in range(rows):
     for col in range(4):
       index = 2 * row + col % 2

@@ -42,7 +42,7 @@ import numpy as np
 from clevr_jax.data import schema
 
 # Bump whenever the output for a given seed and config changes.
-RENDERER_VERSION = 2
+RENDERER_VERSION = 3
 
 SPHERE, CYLINDER, CUBE = 1, 2, 3  # schema.SHAPES codes
 RUBBER, METAL = 1, 2  # schema.MATERIALS codes
@@ -104,8 +104,8 @@ class SceneConfig:
   # Lighting.
   lights: tuple[Light, ...] = CLEVR_LIGHTS
   light_jitter: float = 1.0
-  ambient: float = 0.27  # irradiance from the environment on an upward face
-  ground_bounce: float = 0.2  # fraction of it that reaches a downward face
+  ambient: float = 0.265  # irradiance from the environment on an upward face
+  ground_bounce: float = 0.05  # fraction of it that reaches a downward face
   floor_albedo: float = 0.5
   # What metal mirrors above the horizon: CLEVR's studio is dark behind the
   # camera and a gray backdrop beyond the scene.
@@ -158,7 +158,10 @@ class _Camera:
         for i in range(3))
 
   def project(self, points: np.ndarray) -> np.ndarray:
-    """World points [N, 3] -> [N, 3] (column, row, depth); pixel (r, c) spans [r, r+1) x [c, c+1)."""
+    """World points [N, 3] -> [N, 3] (column, row, depth along the view).
+
+    Continuous pixel coordinates: pixel (r, c) spans [r, r + 1) x [c, c + 1).
+    """
     rel = points - self.position
     depth = rel @ self.forward
     safe_depth = np.where(depth > 1e-6, depth, 1e-6)
@@ -232,12 +235,13 @@ def _place_objects(rng: np.random.Generator, count: int, config: SceneConfig,
       x, y = (float(v) for v in rng.uniform(-extent, extent, size=2))
       # CLEVR also keeps objects apart along the camera's left/right and
       # front/behind axes, so that spatial relations are unambiguous.
-      if all(math.hypot(x - px, y - py) - footprint - pr >= config.min_gap
-             and abs((x - px) * right_x + (y - py) * right_y)
+      if all(math.hypot(x - other_x, y - other_y) - footprint - other_footprint
+             >= config.min_gap
+             and abs((x - other_x) * right_x + (y - other_y) * right_y)
              >= config.min_axis_margin
-             and abs((x - px) * forward_x + (y - py) * forward_y)
+             and abs((x - other_x) * forward_x + (y - other_y) * forward_y)
              >= config.min_axis_margin
-             for px, py, pr in placed):
+             for other_x, other_y, other_footprint in placed):
         break
     else:
       return None
@@ -258,7 +262,8 @@ def _place_objects(rng: np.random.Generator, count: int, config: SceneConfig,
 # Ray-object intersections. Origins and directions are arrays of equal shape
 # (or scalars for the camera's origin); each returns the ray parameter t of the
 # first hit with t > _EPS, np.inf where the ray misses. Directions need not be
-# unit vectors. All objects are convex, which shadows rely on (see _shadow).
+# unit vectors. All objects are convex, which shadows rely on (see
+# _key_light_visibility).
 
 
 def _hit_sphere(cx, cy, cz, r, ox, oy, oz, dx, dy, dz):
@@ -324,7 +329,8 @@ def _normal(objects: _Objects, k: int, px, py, pz):
     return rx / h, ry / h, rz / h
   if shape == CYLINDER:
     radial = np.sqrt(rx * rx + ry * ry)
-    # A point nearer the top plane than the side surface lies on the cap.
+    # A point nearer the top plane than the side surface lies on the cap
+    # (the radius is the half height).
     on_cap = (h - rz) <= (h - radial)
     safe = np.maximum(radial, 1e-6)
     return (np.where(on_cap, 0, rx / safe), np.where(on_cap, 0, ry / safe),
@@ -639,7 +645,10 @@ def _shade(objects: _Objects, camera: _Camera, lights, rays, depth, labels,
                     axis=-1)
   on_object = np.flatnonzero(~on_floor)
   if on_object.size:
-    flat = lambda a: a.ravel()[on_object]
+
+    def flat(per_pixel: np.ndarray) -> np.ndarray:
+      return per_pixel.ravel()[on_object]
+
     vx, vy, vz = flat(dx), flat(dy), flat(dz)
     inv_len = 1 / np.sqrt(vx * vx + vy * vy + vz * vz)
     linear.reshape(-1, 3)[on_object] = _object_radiance(
@@ -708,7 +717,8 @@ def _record(objects: _Objects, camera: _Camera, image: np.ndarray,
   record["x"][slots] = objects.x
   record["y"][slots] = objects.y
   record["z"][slots] = objects.half_height
-  record["rotation"][slots] = objects.rotation
+  # float32 may round 359.99999 up to 360: keep the range [0, 360).
+  record["rotation"][slots] = np.mod(objects.rotation.astype(np.float32), 360)
   for name in schema.CODE_FEATURES:
     record[name][slots] = getattr(objects, name)
   centres = np.stack([objects.x, objects.y, objects.half_height], axis=-1)
@@ -726,6 +736,8 @@ def render_scenes(seeds: Sequence[int], config: SceneConfig = SceneConfig(),
   processes=None uses one per CPU; 1 renders in this process. Workers are
   spawned, not forked, so a caller holding threads (TensorFlow) is safe.
   """
+  if processes is not None and processes < 1:
+    raise ValueError(f"processes must be >= 1 or None, got {processes}")
   seeds = list(seeds)
   workers = min(processes or os.cpu_count() or 1, len(seeds))
   if workers <= 1:
