@@ -1,4 +1,4 @@
-"""Tests of clevr_jax.data.renderer: record format, geometry, determinism, look."""
+"""Tests of clevr_jax.data.renderer: record, geometry, determinism, look."""
 
 import functools
 import itertools
@@ -42,7 +42,8 @@ def test_record_has_the_real_schema():
                    for name in schema.FLOAT_FEATURES})
   expected.update({name: ((schema.MAX_SLOTS,), np.uint8)
                    for name in schema.CODE_FEATURES})
-  assert {name: (value.shape, value.dtype) for name, value in scene.items()} == expected
+  actual = {name: (value.shape, value.dtype) for name, value in scene.items()}
+  assert actual == expected
 
 
 def test_same_seed_same_scene_other_seed_other_scene():
@@ -84,7 +85,8 @@ def test_slot_conventions(seed):
   assert set(scene["color"][objects]) <= set(schema.COLORS)
   assert np.all(np.abs(scene["x"][objects]) <= 3)
   assert np.all(np.abs(scene["y"][objects]) <= 3)
-  assert np.all((scene["rotation"][objects] >= 0) & (scene["rotation"][objects] < 360))
+  rotation = scene["rotation"][objects]
+  assert np.all((rotation >= 0) & (rotation < 360))
   # z is the centre height: the radius, which is a cube's half side too.
   radii = [renderer.SIZE_RADII[int(size)] for size in scene["size"][objects]]
   np.testing.assert_allclose(scene["z"][objects], radii, rtol=1e-6)
@@ -179,8 +181,9 @@ def test_config_rejects_impossible_settings(bad):
 
 @np.errstate(divide="ignore", invalid="ignore")  # axis-parallel rays divide by 0
 def test_intersections_hit_where_geometry_says():
-  down = np.array([0.0], np.float32), np.array([0.0], np.float32), np.array([-1.0], np.float32)
-  origin = (np.float32(0.2), np.float32(0.1), np.float32(5.0))
+  f32 = np.float32
+  down = (np.array([0.0], f32), np.array([0.0], f32), np.array([-1.0], f32))
+  origin = (f32(0.2), f32(0.1), f32(5.0))
   # Sphere of radius 1 centred at height 1: hit at z = 1 + sqrt(1 - 0.05).
   t = renderer._hit_sphere(0, 0, 1, 1, *origin, *down)
   np.testing.assert_allclose(5 - t, 1 + math.sqrt(1 - 0.05), rtol=1e-5)
@@ -188,15 +191,14 @@ def test_intersections_hit_where_geometry_says():
   t = renderer._hit_cylinder(0, 0, 1, 2, *origin, *down)
   np.testing.assert_allclose(t, 3, rtol=1e-6)
   # A horizontal ray meets the cylinder's side at x = -sqrt(1 - 0.01).
-  side = renderer._hit_cylinder(0, 0, 1, 2, np.float32(-5), np.float32(0.1),
-                                np.float32(1), np.float32(1), np.float32(0),
-                                np.float32(0))
+  side = renderer._hit_cylinder(0, 0, 1, 2, f32(-5), f32(0.1), f32(1),
+                                f32(1), f32(0), f32(0))
   np.testing.assert_allclose(-5 + side, -math.sqrt(1 - 0.01), rtol=1e-5)
   # A cube of half side 1 turned 45 degrees: its edge reaches sqrt(2) on x.
   cos = sin = math.sqrt(0.5)
-  t = renderer._hit_box(0, 0, 1, 1, cos, sin, np.float32(-5), np.float32(0),
-                        np.float32(1), np.float32(1), np.float32(0), np.float32(0))
+  t = renderer._hit_box(0, 0, 1, 1, cos, sin, f32(-5), f32(0), f32(1),
+                        f32(1), f32(0), f32(0))
   np.testing.assert_allclose(-5 + t, -math.sqrt(2), rtol=1e-5)
   # Rays that pass by miss.
-  assert np.isinf(renderer._hit_sphere(0, 0, 1, 1, np.float32(3), np.float32(0),
-                                       np.float32(5), *down))
+  assert np.isinf(renderer._hit_sphere(0, 0, 1, 1, f32(3), f32(0), f32(5),
+                                       *down))

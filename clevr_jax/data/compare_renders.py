@@ -73,18 +73,23 @@ def background_stats(image: np.ndarray, background: np.ndarray
   return float(background.mean()), image[background].mean(axis=0)
 
 
+def _rgb(colour: np.ndarray) -> str:
+  return "(" + ", ".join(f"{value:5.1f}" for value in colour) + ")"
+
+
 def _table(real: list[tuple[float, np.ndarray]],
            synthetic: list[tuple[float, np.ndarray]]) -> str:
   fractions = np.array([fraction for fraction, _ in synthetic])
   colours = np.array([colour for _, colour in synthetic])
-  rgb = lambda c: "(" + ", ".join(f"{v:5.1f}" for v in c) + ")"
-  lines = [f"{'':26s} {'background fraction':>22s}   mean background RGB"]
+  row = "{:24s} {:>11s} {:>7s} {:>7s}   {}"
+  lines = [row.format("", "background", "min", "max", "mean background RGB")]
   for index, (fraction, colour) in enumerate(real):
-    lines.append(f"{f'real sample_{index}':26s} {fraction:22.3f}   {rgb(colour)}")
-  lines.append(
-      f"{f'synthetic, {len(synthetic)} scenes':26s} "
-      f"{f'{fractions.mean():.3f} (min {fractions.min():.3f}, max {fractions.max():.3f})':>22s}"
-      f"   {rgb(colours.mean(axis=0))}")
+    lines.append(row.format(f"real sample_{index}", f"{fraction:.3f}", "", "",
+                            _rgb(colour)))
+  lines.append(row.format(
+      f"synthetic, {len(synthetic)} scenes", f"{fractions.mean():.3f}",
+      f"{fractions.min():.3f}", f"{fractions.max():.3f}",
+      _rgb(colours.mean(axis=0))))
   return "\n".join(lines)
 
 

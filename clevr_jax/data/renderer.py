@@ -8,9 +8,8 @@ is exact by construction.
 Scenes are sampled as CLEVR's generator (`clevr-dataset-gen`) samples them:
 radii 0.7 (large) and 0.35 (small), centres uniform in [-3, 3]^2, a gap of at
 least 0.25 between footprints' circumcircles and 0.4 along the camera's ground
-axes, and
-every object at least 200 visible pixels at 480x320 (scaled by image area
-here); a failed scene is placed again. Camera and lights are CLEVR's base
+axes, and every object at least 200 visible pixels at 480x320 (scaled by image
+area here); a failed scene is placed again. Camera and lights are CLEVR's base
 scene (positions as Kubric reproduces them), jittered as CLEVR jitters them.
 A cube's half side is the radius: CLEVR's code divides it by sqrt(2), but the
 cubes of the real `clevr_with_masks` samples cover about twice the pixels such
@@ -546,7 +545,8 @@ def _object_radiance(objects: _Objects, camera: _Camera, config: SceneConfig,
     alignment = np.maximum(rx * lx + ry * ly + rz * lz, 0)
     # The lamps mirrored in metal: small and bright, in a glossy blur.
     lobe = (_SHARP_HIGHLIGHT * alignment ** 200
-            + _BROAD_HIGHLIGHT * alignment ** 8) * intensity / CLEVR_LIGHTS[0].intensity
+            + _BROAD_HIGHLIGHT * alignment ** 8)
+    lobe = lobe * intensity / CLEVR_LIGHTS[0].intensity
     if index == 0:
       strength *= key_visibility
       lobe *= key_visibility
@@ -565,7 +565,7 @@ def _object_radiance(objects: _Objects, camera: _Camera, config: SceneConfig,
                                     py[is_metal] + reach * m_ry,
                                     lights, config.ambient)
     below = np.clip(-m_rz / 0.25, 0, 1)
-    (ahead_x, ahead_y) = camera.ground_axes()[1]
+    ahead_x, ahead_y = camera.ground_axes()[1]
     ahead = np.clip(m_rx * ahead_x + m_ry * ahead_y, 0, 1)
     studio = (config.sky_radiance
               + (config.backdrop_radiance - config.sky_radiance) * ahead)
@@ -590,12 +590,19 @@ _RUBBER_SHEEN = 0.04
 _METAL_DIFFUSE = 0.1
 _METAL_MIRROR = 0.9
 
-# sRGB encoding of linear values in [0, 1], by table: fine enough in the darks.
+# sRGB encoding of linear values in [0, 1] by table lookup: faster than the
+# power law, and 65536 steps are fine enough in the darks.
 _SRGB_STEPS = 65535
-_SRGB_TABLE = np.linspace(0, 1, _SRGB_STEPS + 1)
-_SRGB_TABLE = np.round(255 * np.where(
-    _SRGB_TABLE <= 0.0031308, 12.92 * _SRGB_TABLE,
-    1.055 * _SRGB_TABLE ** (1 / 2.4) - 0.055)).astype(np.uint8)
+
+
+def _make_srgb_table() -> np.ndarray:
+  linear = np.linspace(0, 1, _SRGB_STEPS + 1)
+  encoded = np.where(linear <= 0.0031308, 12.92 * linear,
+                     1.055 * linear ** (1 / 2.4) - 0.055)
+  return np.round(255 * encoded).astype(np.uint8)
+
+
+_SRGB_TABLE = _make_srgb_table()
 
 
 def _encode_srgb(linear: np.ndarray) -> np.ndarray:
@@ -684,7 +691,8 @@ def render_scene(seed: int, config: SceneConfig = SceneConfig()
 def _render(seed: int, config: SceneConfig) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   camera_jitter = rng.uniform(-config.camera_jitter, config.camera_jitter, 3)
-  camera = _make_camera(np.asarray(config.camera_position) + camera_jitter, config)
+  camera = _make_camera(np.asarray(config.camera_position) + camera_jitter,
+                        config)
   lights = _sample_lights(rng, config)
   count = int(rng.integers(config.min_objects, config.max_objects + 1))
   rays = camera.rays()
@@ -730,7 +738,8 @@ def _record(objects: _Objects, camera: _Camera, image: np.ndarray,
 
 
 def render_scenes(seeds: Sequence[int], config: SceneConfig = SceneConfig(),
-                  processes: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  processes: int | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """render_scene for each seed, in order, on `processes` worker processes.
 
   processes=None uses one per CPU; 1 renders in this process. Workers are
