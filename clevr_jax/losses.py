@@ -30,16 +30,18 @@ def mse(pred: jax.Array, target: jax.Array, weights: jax.Array | None = None) ->
 
 
 def weighted_mse(pred: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Array:
-  """Mean over pixels and channels of weights * squared error.
+  """Mean over all pixels and channels of weights * squared error.
 
   Args:
     pred, target: [..., H, W, C].
     weights: per-pixel [..., H, W] (broadcast over channels) or [..., H, W, C].
 
   A plain mean, not divided by sum(weights): with the weights of
-  `inverse_frequency_weights` this is the average of the gray and non-gray
-  groups' MSEs, and averaging it over data-parallel devices (equal local batch
-  sizes) gives exactly the loss of the global batch.
+  `inverse_frequency_weights` and no padding this is the average of the gray
+  and non-gray groups' MSEs, and averaging it over data-parallel devices
+  (equal local batch sizes) gives exactly the loss of the global batch. Padded
+  pixels (weight 0) still count in the denominator: with padding, average the
+  per-example means over valid examples instead.
   """
   diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
   weights = weights.astype(jnp.float32)
@@ -58,13 +60,12 @@ def inverse_frequency_weights(gray_map: jax.Array, valid_mask: jax.Array | None 
                               *, axis_name: str | None = None) -> jax.Array:
   """Per-pixel weights balancing gray and non-gray pixels (the poster's weighted loss).
 
-  Each group present in the batch gets weight N / (G * n_g): N pixels in the
-  batch, n_g valid pixels in group g, G in {1, 2} groups present. The weights
-  average to 1 over the batch, each present group carries the same total
-  weight (with 3 gray and 1 coloured pixel: 4/6 and 4/2), a group absent from
-  the batch gets nothing and the other weight 1. Pixels outside `valid_mask`
-  (padding) get weight 0 and count in neither group, so that `weighted_mse`
-  stays the mean of the per-group MSEs.
+  Each group present in the batch gets weight N / (G * n_g): N valid pixels in
+  the batch, n_g of them in group g, G in {1, 2} groups present. The weights
+  average to 1 over the valid pixels of the batch and each present group
+  carries the same total weight (with 3 gray and 1 coloured pixel: 4/6 and
+  4/2); a group absent from the batch gets nothing and the other weight 1.
+  Pixels outside `valid_mask` (padding) get weight 0 and count in neither group.
 
   Frequencies are counted per batch rather than once over the dataset: the
   weights come from the images at hand, so no dataset pass is needed and the
@@ -83,19 +84,16 @@ def inverse_frequency_weights(gray_map: jax.Array, valid_mask: jax.Array | None 
   gray = gray_map.astype(bool)
   valid = jnp.ones_like(gray) if valid_mask is None else jnp.broadcast_to(
       valid_mask.astype(bool), gray.shape)
-  counts = jnp.stack([
-      jnp.sum(gray & valid, dtype=jnp.float32),
-      jnp.sum(~gray & valid, dtype=jnp.float32),
-      jnp.asarray(gray.size, jnp.float32),
-  ])
+  counts = jnp.stack([jnp.sum(gray & valid, dtype=jnp.float32),
+                      jnp.sum(~gray & valid, dtype=jnp.float32)])
   if axis_name is not None:
     counts = jax.lax.psum(counts, axis_name)
-  n_gray, n_color, total = counts[0], counts[1], counts[2]
-  groups = (n_gray > 0).astype(jnp.float32) + (n_color > 0).astype(jnp.float32)
-  groups = jnp.maximum(groups, 1.0)
+  n_gray, n_color = counts[0], counts[1]
+  groups = jnp.maximum((n_gray > 0).astype(jnp.float32) + (n_color > 0).astype(jnp.float32),
+                       1.0)
   # max(., 1) only guards absent groups, whose weight is never used.
-  w_gray = total / (groups * jnp.maximum(n_gray, 1.0))
-  w_color = total / (groups * jnp.maximum(n_color, 1.0))
+  w_gray = (n_gray + n_color) / (groups * jnp.maximum(n_gray, 1.0))
+  w_color = (n_gray + n_color) / (groups * jnp.maximum(n_color, 1.0))
   weights = jnp.where(gray, w_gray, w_color)
   return jnp.where(valid, weights, 0.0).astype(jnp.float32)
 

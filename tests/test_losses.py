@@ -60,9 +60,15 @@ def test_valid_mask():
   gray = losses.gray_pixel_map(image)
   valid = np.array([[[True, True], [True, True], [False, False]]])
   w = np.asarray(losses.inverse_frequency_weights(gray, valid))
-  # Padding gets nothing; the valid groups (3 gray, 1 red) split the batch's weight.
-  np.testing.assert_allclose(w, [[[1, 1], [1, 3], [0, 0]]], rtol=1e-6)
-  np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-6)
+  # Padding gets nothing; the valid pixels (3 gray, 1 red) are weighted as on their own.
+  np.testing.assert_allclose(w, [[[4 / 6, 4 / 6], [4 / 6, 2], [0, 0]]], rtol=1e-6)
+  np.testing.assert_allclose(w[valid].mean(), 1.0, rtol=1e-6)
+  # Averaged over valid pixels only, the weighted error is still the mean of group MSEs.
+  sq = np.arange(6, dtype=np.float32).reshape(1, 3, 2)
+  g = np.asarray(gray) & valid
+  c = ~np.asarray(gray) & valid
+  np.testing.assert_allclose((w * sq)[valid].mean(), 0.5 * (sq[g].mean() + sq[c].mean()),
+                             rtol=1e-6)
   # No valid pixel at all: all weights zero, no NaN.
   w = losses.inverse_frequency_weights(gray, np.zeros_like(valid))
   np.testing.assert_array_equal(w, np.zeros((1, 3, 2)))
