@@ -1,0 +1,200 @@
+"""The poster's U-Net and Auto-Encoder: one flax.linen network with a skip switch.
+
+Layout is NHWC. With `skip=True` the decoder concatenates the encoder block of
+the same resolution (U-Net); with `skip=False` it does not, so everything the
+decoder sees passes through the bottleneck (Auto-Encoder). Intermediate
+activations ("taps") are returned by name for clustering.
+
+This module imports neither TensorFlow nor `clevr_jax.data`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# PyTorch's BatchNorm epsilon (the poster's code); flax's default happens to match.
+_BN_EPSILON = 1e-5
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def tap_names(depth: int = 4) -> tuple[str, ...]:
+  """Names of the taps of a network with `depth` down-samplings, in forward order."""
+  encoder = tuple(f'enc{i}' for i in range(1, depth + 1))
+  decoder = tuple(f'dec{i}' for i in range(1, depth + 1))
+  return ('input', *encoder, 'bottleneck', *decoder, 'output')
+
+
+TAP_NAMES = tap_names(4)
+
+
+class ConvBlock(nn.Module):
+  """(BatchNorm -> 3x3 conv -> ReLU) twice; normalising before each conv as the poster did."""
+  features: int
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for i in (1, 2):
+      x = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=self.bn_momentum,
+          epsilon=_BN_EPSILON,
+          axis_name=self.axis_name,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name=f'norm{i}')(x)
+      x = nn.Conv(
+          self.features, (3, 3), padding='SAME', use_bias=True,
+          dtype=self.dtype, param_dtype=jnp.float32, name=f'conv{i}')(x)
+      x = nn.relu(x)
+    return x
+
+
+class UNet(nn.Module):
+  """U-Net (`skip=True`) or Auto-Encoder (`skip=False`) with named taps.
+
+  Attributes:
+    out_channels: channels of the final 3x3 conv (3 to reconstruct RGB, 1 for
+      grayscale, the number of classes for the supervised head).
+    base_width: channels of the first encoder block; block i has
+      base_width * 2**(i-1), the bottleneck base_width * 2**depth.
+    depth: number of 2x2 down-samplings; input height and width must be
+      divisible by 2**depth.
+    skip: concatenate encoder features into the decoder (U-Net) or not (AE).
+    dropout_rate: dropout after every block when > 0 (needs a 'dropout' rng
+      when training).
+    bn_momentum: running-average momentum in flax's convention; 0.9 equals
+      PyTorch's momentum=0.1. Flax's default 0.99 leaves the running stats of a
+      short run far from the data, which spoils eval-mode outputs.
+    axis_name: data-parallel axis (pmap / shard_map) over which BatchNorm
+      averages its batch statistics; None on a single device.
+    dtype: compute dtype; parameters are always float32 and the output is
+      returned as float32.
+  """
+  out_channels: int
+  base_width: int = 8
+  depth: int = 4
+  skip: bool = True
+  dropout_rate: float = 0.0
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  def _block(self, x: jax.Array, features: int, name: str, train: bool) -> jax.Array:
+    x = ConvBlock(features, bn_momentum=self.bn_momentum,
+                  axis_name=self.axis_name, dtype=self.dtype, name=name)(x, train=train)
+    if self.dropout_rate > 0:
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return x
+
+  def _check_input(self, x: jax.Array, taps: tuple[str, ...]) -> None:
+    valid = tap_names(self.depth)
+    unknown = [t for t in taps if t not in valid]
+    if unknown:
+      raise ValueError(f'Unknown tap name(s) {unknown}; valid names: {list(valid)}')
+    if x.ndim != 4:
+      raise ValueError(f'Expected input of shape [batch, height, width, channels]; got {x.shape}')
+    factor = 2**self.depth
+    height, width = x.shape[1:3]
+    if height % factor or width % factor:
+      raise ValueError(
+          f'Input height and width must be divisible by 2**depth = {factor} '
+          f'(depth={self.depth}); got {height}x{width}')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool,
+               taps: Sequence[str] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs the network.
+
+    Args:
+      x: images [batch, height, width, channels].
+      train: batch statistics and dropout (True) or running statistics (False).
+        When True, apply with `mutable=['batch_stats']`.
+      taps: names from `tap_names(depth)` to return; must be static under jit.
+
+    Returns:
+      (output [batch, height, width, out_channels] float32, {tap name: float32
+      activation [batch, h, w, c]} holding only the requested taps).
+    """
+    taps = (taps,) if isinstance(taps, str) else tuple(taps)
+    self._check_input(x, taps)
+    wanted = frozenset(taps)
+    out_taps = {}
+
+    def record(name: str, value: jax.Array) -> None:
+      if name in wanted:
+        out_taps[name] = value.astype(jnp.float32)
+
+    record('input', x)
+    h = x
+    skips = []
+    for i in range(1, self.depth + 1):
+      if i > 1:
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      h = self._block(h, self.base_width * 2**(i - 1), f'enc{i}', train)
+      record(f'enc{i}', h)
+      skips.append(h)
+
+    if self.depth > 0:
+      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = self._block(h, self.base_width * 2**self.depth, 'bottleneck', train)
+    record('bottleneck', h)
+
+    for j in range(1, self.depth + 1):
+      features = self.base_width * 2**(self.depth - j)
+      h = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID',
+                           dtype=self.dtype, param_dtype=jnp.float32,
+                           name=f'up{j}')(h)
+      if self.skip:
+        h = jnp.concatenate([h, skips[-j].astype(h.dtype)], axis=-1)
+      h = self._block(h, features, f'dec{j}', train)
+      record(f'dec{j}', h)
+
+    out = nn.Conv(self.out_channels, (3, 3), padding='SAME', use_bias=True,
+                  dtype=self.dtype, param_dtype=jnp.float32, name='output')(h)
+    out = out.astype(jnp.float32)
+    record('output', out)
+    return out, out_taps
+
+
+def build_model(config: ml_collections.ConfigDict, *,
+                axis_name: str | None = None) -> UNet:
+  """The network described by `config.model`.
+
+  Reads `skip`, `base_width`, `depth`, `dropout_rate`, `bn_momentum`, `dtype`
+  ('float32' or 'bfloat16') and `out_channels`. `axis_name` is the
+  data-parallel axis of the train step, if any (not a config field: it
+  belongs to how the step is run, not to the model).
+  """
+  m = config.model
+  if m.dtype not in _DTYPES:
+    raise ValueError(f'config.model.dtype must be one of {sorted(_DTYPES)}; got {m.dtype!r}')
+  return UNet(
+      out_channels=int(m.out_channels),
+      base_width=int(m.base_width),
+      depth=int(m.depth),
+      skip=bool(m.skip),
+      dropout_rate=float(m.dropout_rate),
+      bn_momentum=float(m.bn_momentum),
+      axis_name=axis_name,
+      dtype=_DTYPES[m.dtype],
+  )
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a pytree of arrays (or of jax.ShapeDtypeStruct).
+
+  Pass `variables['params']`: the whole variable dict would also count
+  BatchNorm's running statistics, which are not trained.
+  """
+  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
