@@ -9,11 +9,13 @@ Algorithm (per image, per restart), following scikit-learn's `KMeans`:
   * init: greedy k-means++ (D^2 sampling with 2 + int(log(k_max)) local trials,
     the candidate that lowers the potential most wins), or `random` (K distinct
     points). For cosine, D^2 sampling runs on the L2-normalised points.
+    Zero-weight points, and zero vectors under cosine, are never picked.
   * Lloyd iterations until the total squared centroid shift is <= tol times the
     mean per-feature (weighted) variance of that image's points, or `max_iter`.
   * Empty clusters are re-seeded at the points farthest from their centroids
-    (distinct points when several are empty), as scikit-learn does; the
-    donor point's old cluster keeps its mean until the next iteration.
+    (distinct points when several are empty; same eligibility as above), as
+    scikit-learn does; the donor point's old cluster keeps its mean until the
+    next iteration.
   * The restart with the lowest inertia wins; a final assignment step makes the
     returned labels and inertia exactly those of the returned centroids.
 
@@ -92,6 +94,9 @@ class _Prepared(NamedTuple):
   xt: jax.Array
   sq_norms: jax.Array  # [B, N]
   weights: jax.Array  # [B, N]
+  # [B, N] weights of the points that may become centroids: zero-weight
+  # points may not, nor zero vectors under cosine (they have no direction).
+  seed_weights: jax.Array
   offset: jax.Array  # [B, D] added back to euclidean centroids
   tol: jax.Array  # [B] absolute tolerance on the total squared shift
 
@@ -128,8 +133,10 @@ def _prepare(points, point_weights, metric, tol) -> _Prepared:
     x, offset = centred, mean
   else:
     offset = jnp.zeros_like(mean)
-  return _Prepared(x, jnp.swapaxes(x, 1, 2), jnp.sum(x * x, axis=-1), w,
-                   offset, tol_abs)
+  sq_norms = jnp.sum(x * x, axis=-1)
+  seed_w = jnp.where(sq_norms > 0, w, 0) if metric == 'cosine' else w
+  return _Prepared(x, jnp.swapaxes(x, 1, 2), sq_norms, w, seed_w, offset,
+                   tol_abs)
 
 
 def _valid_clusters(num_clusters, k_max):
@@ -210,29 +217,33 @@ def _num_local_trials(k_max):
   return 2 + int(math.log(k_max))
 
 
-def _kmeans_plusplus_one(xt, sq_norms, w, num_clusters, key, k_max):
+def _kmeans_plusplus_one(xt, sq_norms, w, seed_w, num_clusters, key, k_max):
   """Greedy k-means++ for one run: [D, N] prepared points -> [k_max, D]."""
   n_trials = _num_local_trials(k_max)
   # All draws up front: threefry inside the loop body is slow to compile.
   u = jax.random.uniform(key, (k_max, n_trials), xt.dtype)
-  first = _sample_proportional(u[0, :1], w)[0]
-  c0 = xt[:, first]
-  closest = jnp.maximum(sq_norms - 2 * c0 @ xt + c0 @ c0, 0)
-  centroids = jnp.zeros((k_max, xt.shape[0]), xt.dtype).at[0].set(c0)
 
   def step(i, carry):
     centroids, closest = carry
-    ids = _sample_proportional(u[i], w * closest)
+    # Step 0 draws the first centre proportionally to w alone (its trial 0,
+    # as scikit-learn); later steps proportionally to w D^2. One loop body
+    # for both halves the code XLA compiles.
+    first = i == 0
+    ids = _sample_proportional(u[i],
+                               jnp.where(first, seed_w, seed_w * closest))
     cand = xt[:, ids].T  # [T, D]
     d2 = jnp.maximum(sq_norms[None, :] - 2 * cand @ xt
                      + jnp.sum(cand**2, axis=1)[:, None], 0)
     d2 = jnp.minimum(closest[None, :], d2)
-    best = jnp.argmin(d2 @ w)  # the trial that lowers the potential most
+    # The trial that lowers the potential most.
+    best = jnp.where(first, 0, jnp.argmin(d2 @ w))
     take = i < num_clusters
     centroids = centroids.at[i].set(jnp.where(take, cand[best], 0))
     return centroids, jnp.where(take, d2[best], closest)
 
-  centroids, _ = jax.lax.fori_loop(1, k_max, step, (centroids, closest))
+  init = (jnp.zeros((k_max, xt.shape[0]), xt.dtype),
+          jnp.full(sq_norms.shape, jnp.inf, xt.dtype))
+  centroids, _ = jax.lax.fori_loop(0, k_max, step, init)
   return centroids
 
 
@@ -262,16 +273,17 @@ def _chunked_vmap(f, xs, chunk):
 def _init_prepared(prep, num_clusters, keys, k_max, method, image_batch):
   """Initial centroids [B, R, k_max, D] in prepared space; keys [B, R]."""
   def one_image(args):
-    x, xt, sq, w, k, image_keys = args
+    x, xt, sq, w, seed_w, k, image_keys = args
     if method == 'k-means++':
-      f = lambda key: _kmeans_plusplus_one(xt, sq, w, k, key, k_max)
+      f = lambda key: _kmeans_plusplus_one(xt, sq, w, seed_w, k, key, k_max)
     else:
-      f = lambda key: _random_init_one(x, w, k, key, k_max)
+      f = lambda key: _random_init_one(x, seed_w, k, key, k_max)
     return jax.vmap(f)(image_keys)
 
   return _chunked_vmap(
       one_image,
-      (prep.x, prep.xt, prep.sq_norms, prep.weights, num_clusters, keys),
+      (prep.x, prep.xt, prep.sq_norms, prep.weights, prep.seed_weights,
+       num_clusters, keys),
       image_batch)
 
 
@@ -297,7 +309,8 @@ def _lloyd_pool(prep, num_clusters, run_image, init, *, max_iter, metric,
   ks = jnp.arange(k_max)
 
   def points_of(img):
-    return prep.x[img], prep.xt[img], prep.sq_norms[img], prep.weights[img]
+    return (prep.x[img], prep.xt[img], prep.sq_norms[img], prep.weights[img],
+            prep.seed_weights[img])
 
   slot_run = jnp.arange(p, dtype=jnp.int32)
   img = run_image[slot_run]
@@ -311,7 +324,7 @@ def _lloyd_pool(prep, num_clusters, run_image, init, *, max_iter, metric,
     return jnp.any(s['slot_run'] < m)
 
   def body(s):
-    (x, xt, sq, w), c = s['pts'], s['c']
+    (x, xt, sq, w, seed_w), c = s['pts'], s['c']
     k = num_clusters[s['img']]
     labels, dist = _assign(xt, sq, c, k, metric)
     inertia = jnp.sum(w * dist, axis=1)
@@ -336,7 +349,7 @@ def _lloyd_pool(prep, num_clusters, run_image, init, *, max_iter, metric,
 
     def reseed(new_c):
       # j-th empty cluster of a slot <- its j-th farthest point.
-      _, far = jax.lax.top_k(dist, k_max)  # [P, K]
+      _, far = jax.lax.top_k(jnp.where(seed_w > 0, dist, -1), k_max)  # [P, K]
       rank = jnp.clip(jnp.cumsum(empty, axis=1) - 1, 0, k_max - 1)
       idx = jnp.take_along_axis(far, rank, axis=1)
       pts = jnp.take_along_axis(x, idx[..., None], axis=1)
