@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -17,10 +19,10 @@ CLASS_COLORS = np.array([[0, 0, 0], [230, 90, 60], [70, 160, 230], [250, 210, 60
 
 def label_colors(num_labels: int) -> np.ndarray:
   """A fixed palette of `num_labels` distinct colours, uint8 [n, 3]; label 0 black."""
-  cmap = plt.get_cmap("tab20", max(num_labels - 1, 1))
-  colors = [(0, 0, 0)] + [tuple(int(255 * c) for c in cmap(i)[:3])
-                          for i in range(num_labels - 1)]
-  return np.array(colors, np.uint8)
+  distinct = np.concatenate([plt.get_cmap(name).colors for name in
+                             ("tab10", "Set2", "Dark2", "tab20b")])[:, :3]
+  colors = np.concatenate([[[0, 0, 0]], distinct[np.arange(num_labels - 1) % len(distinct)]])
+  return (255 * colors).astype(np.uint8)
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -59,3 +61,135 @@ def save_preview(path: str, images: np.ndarray, outputs: np.ndarray, task: str,
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def _match_colors(true_labels: np.ndarray, pred_labels: np.ndarray, num_pred: int
+                  ) -> np.ndarray:
+  """Maps each predicted cluster to the true slot it overlaps best (Hungarian on IoU),
+  so matched masks share a colour across panels; unmatched clusters get new ones."""
+  from scipy.optimize import linear_sum_assignment  # pylint: disable=g-import-not-at-top
+  t, p = int(true_labels.max()) + 1, num_pred
+  table = np.zeros((t, p))
+  np.add.at(table, (true_labels.ravel(), pred_labels.ravel()), 1)
+  union = table.sum(1, keepdims=True) + table.sum(0, keepdims=True) - table
+  rows, cols = linear_sum_assignment(np.where(union > 0, table / np.maximum(union, 1), 0),
+                                     maximize=True)
+  mapping = np.arange(p) + t  # unmatched clusters: colours after the true slots
+  mapping[cols] = rows
+  return mapping[pred_labels]
+
+
+def tap_mean_iou_chart(path: str, series: dict[str, dict[str, float]], taps: list[str],
+                       title: str, poster: dict[str, float] | None = None) -> None:
+  """The poster's chart: one line per model, mean IoU against the tap."""
+  fig, ax = plt.subplots(figsize=(8, 3.6))
+  x = np.arange(len(taps))
+  for label, values in series.items():
+    ax.plot(x, [values.get(t, np.nan) for t in taps], marker="o", label=label)
+  if poster:
+    px = [i for i, t in enumerate(taps) if t in poster]
+    ax.scatter(px, [poster[taps[i]] for i in px], marker="*", s=120, color="k",
+               label="poster", zorder=5)
+  ax.set_xticks(x, taps, rotation=30, fontsize=8)
+  ax.set_ylabel("mean IoU (Hungarian)")
+  ax.set_ylim(0, 1)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def pca_colors(features: np.ndarray) -> np.ndarray:
+  """[h, w, c] features -> [h, w, 3] in [0, 1]: the first three principal components."""
+  h, w, c = features.shape
+  x = features.reshape(-1, c).astype(np.float64)
+  x = x - x.mean(0)
+  if c > 1:
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    x = x @ vt[:3].T
+  x = np.pad(x, ((0, 0), (0, max(0, 3 - x.shape[1]))))
+  lo, hi = np.percentile(x, 1, axis=0), np.percentile(x, 99, axis=0)
+  return np.clip((x - lo) / np.maximum(hi - lo, 1e-8), 0, 1).reshape(h, w, 3)
+
+
+def save_tap_figures(workdir: str, table: dict, first: dict, taps: tuple[str, ...]) -> None:
+  """The per-tap chart, masks of a few images, one IoU matrix, and PCA of each tap."""
+  series = {f"poster mIoU, {mode.replace('_', ' ')}": {t: table[t][mode]["poster_miou"]
+                                                        for t in taps}
+            for mode in ("oracle_k", "fixed_k")}
+  series["FG-ARI, oracle k"] = {t: table[t]["oracle_k"]["fg_ari"] for t in taps}
+  tap_mean_iou_chart(os.path.join(workdir, "miou_per_tap.png"), series, list(taps),
+                     "Clusters of each tap scored as instance masks")
+  if not first:
+    return
+  images, truth = first["image"], first["instance_labels"]
+  palette = label_colors(32)
+  n = len(images)
+  fig, axes = plt.subplots(n, len(taps) + 2, figsize=(1.6 * (len(taps) + 2), 1.3 * n),
+                           squeeze=False)
+  for i in range(n):
+    show_image(axes[i, 0], images[i], "image" if i == 0 else "")
+    show_image(axes[i, 1], colorize(truth[i], palette) / 255, "true masks" if i == 0 else "")
+    for j, tap in enumerate(taps):
+      pred = _match_colors(truth[i], first["labels"][tap][i], int(first["labels"][tap][i].max()) + 1)
+      score = first["scores"][tap].poster_miou[i]
+      show_image(axes[i, j + 2], colorize(pred, palette) / 255, f"{tap} {score:.2f}")
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "masks.png"), dpi=90)
+  plt.close(fig)
+
+  # IoU matrix of the first image at the best tap (oracle K).
+  best = max(taps, key=lambda t: table[t]["oracle_k"]["poster_miou"])
+  t_labels, p_labels = truth[0], first["labels"][best][0]
+  t, p = int(first["num_masks"][0]), int(p_labels.max()) + 1
+  inter = np.zeros((t, p))
+  np.add.at(inter, (np.minimum(t_labels, t - 1).ravel(), p_labels.ravel()), 1)
+  union = inter.sum(1, keepdims=True) + inter.sum(0, keepdims=True) - inter
+  iou = inter / np.maximum(union, 1)
+  fig, ax = plt.subplots(figsize=(0.5 * p + 2, 0.45 * t + 1.5))
+  im = ax.imshow(iou, cmap="viridis", vmin=0, vmax=1)
+  for (r, c), v in np.ndenumerate(iou):
+    ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
+            color="w" if v < 0.5 else "k")
+  ax.set_xlabel("predicted cluster")
+  ax.set_ylabel("true mask (0 = background)")
+  ax.set_title(f"IoU, tap {best}, first test image", fontsize=9)
+  fig.colorbar(im, ax=ax, fraction=0.04)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "iou_matrix.png"), dpi=100)
+  plt.close(fig)
+
+  # What each tap sees: its channels projected to three by PCA, as colour.
+  fig, axes = plt.subplots(1, len(taps), figsize=(1.8 * len(taps), 1.8), squeeze=False)
+  for j, tap in enumerate(taps):
+    feats = first["features"][tap][0]
+    show_image(axes[0, j], pca_colors(feats), f"{tap} {feats.shape[0]}x{feats.shape[1]}x{feats.shape[2]}")
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "tap_pca.png"), dpi=100)
+  plt.close(fig)
+
+
+def save_supervised_figures(workdir: str, scores: dict, first: dict) -> None:
+  confusion = np.asarray(scores["confusion"], np.float64)
+  rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+  fig, ax = plt.subplots(figsize=(4.2, 3.6))
+  im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+  for (r, c), v in np.ndenumerate(rates):
+    ax.text(c, r, f"{v:.3f}", ha="center", va="center", fontsize=7,
+            color="w" if v > 0.5 else "k")
+  ticks = range(schema.NUM_SEMANTIC_CLASSES)
+  ax.set_xticks(ticks, schema.SEMANTIC_CLASSES, fontsize=7)
+  ax.set_yticks(ticks, schema.SEMANTIC_CLASSES, fontsize=7)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  ax.set_title("Confusion (row-normalised)", fontsize=9)
+  fig.colorbar(im, ax=ax, fraction=0.04)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "confusion_matrix.png"), dpi=100)
+  plt.close(fig)
+  if first:
+    one_hot = np.eye(schema.NUM_SEMANTIC_CLASSES)[first["pred"]]
+    save_preview(os.path.join(workdir, "predictions.png"), first["image"], one_hot,
+                 "segmentation", first["semantic"])

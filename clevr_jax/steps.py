@@ -16,6 +16,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -90,6 +91,18 @@ def init_state(config: ml_collections.ConfigDict, model: models.UNet,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
                     opt_state=tx.init(params), rng=jax.random.key_data(dropout_key))
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  channels = 1 if config.data.grayscale else 3
+  return config.data.image_height, config.data.image_width, channels
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array, gathered whole onto every host."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def make_mesh() -> jax.sharding.Mesh:

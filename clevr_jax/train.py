@@ -33,18 +33,6 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     multihost_utils.sync_global_devices("dataset prepared")
 
 
-def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  channels = 1 if config.data.grayscale else 3
-  return config.data.image_height, config.data.image_width, channels
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A global array, gathered whole onto every host."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def evaluate_epoch(config: ml_collections.ConfigDict, state: steps.TrainState,
                    eval_step, split: pipeline.Split, mesh: jax.sharding.Mesh
                    ) -> dict[str, float]:
@@ -72,8 +60,8 @@ def write_preview(config: ml_collections.ConfigDict, path: str, state: steps.Tra
   batch = steps.global_batch(host_batch, mesh)
   output, _ = predict(state, batch["image"])
   n = config.num_preview_images
-  images, outputs = to_host(batch["image"])[:n], to_host(output)[:n]
-  semantic = to_host(batch["semantic"])[:n]
+  images, outputs = steps.to_host(batch["image"])[:n], steps.to_host(output)[:n]
+  semantic = steps.to_host(batch["semantic"])[:n]
   if jax.process_index() == 0:
     plots.save_preview(path, images, outputs, config.task, semantic)
 
@@ -96,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = steps.make_mesh()
   model = steps.make_model(config, axis_name=steps.AXIS)
   tx = steps.make_optimizer(config, total_steps)
-  state = steps.init_state(config, model, tx, input_shape(config))
+  state = steps.init_state(config, model, tx, steps.input_shape(config))
   manager = checkpoints.make_manager(workdir, config)
   if manager.latest_step() is not None:
     state = checkpoints.restore(manager, state, mesh)
