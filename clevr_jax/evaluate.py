@@ -37,10 +37,6 @@ from clevr_jax.data import pipeline
 from clevr_jax.data import schema
 
 K_MODES = ("oracle_k", "fixed_k")
-# The poster's per-tap mean IoU where it states one (shared DESIGN.md).
-POSTER_FIGURES = {"unet_rgb": {"input": 0.55, "output": 0.43},
-                  "ae_rgb": {"input": 0.55, "output": 0.43},
-                  "random_masks": 0.04, "unet_supervised": 0.9828}
 
 
 def k_max(config: ml_collections.ConfigDict) -> int:
@@ -273,3 +269,83 @@ def results_markdown(results: dict[str, Any]) -> str:
       lines.append(f"| {tap} | " + " | ".join(
           f"{row.get(m, float('nan')):.4f}" for m in metrics.INSTANCE_METRICS) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _load_png(path: str) -> np.ndarray:
+  """Any PNG (RGB, RGBA, gray, palette) -> float32 RGB [H, W, 3] in [0, 1]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    return np.asarray(image.convert("RGB"), np.float32) / 255.0
+
+
+def _png_files(paths: Iterable[str]) -> list[str]:
+  files = []
+  for path in paths:
+    if os.path.isdir(path):
+      files += sorted(os.path.join(path, f) for f in os.listdir(path)
+                      if f.lower().endswith(".png"))
+    elif os.path.isfile(path):
+      files.append(path)
+    else:
+      raise FileNotFoundError(f"--images: no file or folder at {path!r}")
+  if not files:
+    raise FileNotFoundError(f"--images: no PNG files in {list(paths)}")
+  return files
+
+
+def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Iterable[str], *,
+                   tap: str, num_clusters: int, output_dir: str) -> list[str]:
+  """Clusters one tap of each PNG into `num_clusters` masks; writes a label PNG per image.
+
+  Images keep their size: they are padded (edge pixels repeated) up to the
+  network's multiple of 2**depth, never resized, and the labels are cropped
+  back. Each tap pixel is weighted by the number of real (unpadded) image
+  pixels it covers, so the padding does not pull the clusters.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  valid_taps = models.tap_names(config.model.depth)
+  if tap not in valid_taps:
+    raise ValueError(f"--tap={tap!r} is not one of {list(valid_taps)}")
+  if not 1 <= num_clusters <= 255:
+    raise ValueError(f"--num_clusters={num_clusters} must be in 1..255")
+  files = _png_files(paths)
+  mesh = steps.make_mesh()
+  if tap == "input":
+    state, model = None, None  # raw pixels: no checkpoint needed
+  else:
+    state, model = restore_state(config, workdir, mesh)
+  km = config.eval.kmeans
+  run_kmeans = jax.jit(functools.partial(
+      kmeans.kmeans, k_max=num_clusters, num_restarts=km.num_restarts,
+      max_iter=km.max_iter, tol=km.tol, metric=km.metric, init=km.init))
+  factor = 2 ** config.model.depth
+  os.makedirs(output_dir, exist_ok=True)
+  palette = plots.label_colors(num_clusters + 1)[1:]
+  written = []
+  for path in files:
+    rgb = _load_png(path)
+    height, width = rgb.shape[:2]
+    pad = ((0, -height % factor), (0, -width % factor), (0, 0))
+    image = np.pad(rgb, pad, mode="edge")
+    if config.data.grayscale:
+      image = image @ np.asarray(schema.LUMINANCE_WEIGHTS, np.float32)[:, None]
+    real = np.pad(np.ones((height, width), np.float32), pad[:2])
+    if model is None:
+      features = jnp.asarray(image[None])
+    else:
+      features = steps.make_predict_fn(model, (tap,))(state, jnp.asarray(image[None]))[1][tap]
+    _, h, w, c = features.shape
+    f = image.shape[0] // h
+    weights = real.reshape(h, f, w, f).sum((1, 3)).reshape(1, h * w)
+    result = run_kmeans(features.reshape(1, h * w, c), jnp.array([num_clusters]),
+                        jax.random.key(config.seed), point_weights=jnp.asarray(weights))
+    labels = np.asarray(kmeans.upsample_labels(result.labels.reshape(1, h, w),
+                                               image.shape[0], image.shape[1]))[0]
+    labels = labels[:height, :width].astype(np.uint8)
+    stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
+    Image.fromarray(labels, mode="L").save(f"{stem}_labels.png")
+    Image.fromarray(palette[labels]).save(f"{stem}_masks.png")
+    written.append(f"{stem}_labels.png")
+    logging.info("%s (%dx%d): %d clusters of tap %s -> %s_labels.png", path, height,
+                 width, len(np.unique(labels)), tap, stem)
+  return written

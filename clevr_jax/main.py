@@ -102,7 +102,15 @@ def _run(config, workdir: str) -> None:
                             output_dir=_OUTPUT_DIR.value or os.path.join(workdir, "segments"))
 
 
+class _QuietOrbax:
+  """Drops orbax's per-save INFO lines (dozens per checkpoint); keeps its warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value

@@ -1,0 +1,91 @@
+"""Merges several runs' results into one table and the poster's per-tap chart.
+
+python -m clevr_jax.main --mode=report --config=configs/unet_rgb.py \
+    --workdirs=runs/unet_rgb,runs/ae_rgb,runs/unet_gray,runs/ae_gray,runs/baselines
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from clevr_jax import plots
+
+# The poster's figures (shared DESIGN.md): its per-tap mean IoU where it states
+# one, as (low, high) ranges where it gives ranges.
+POSTER = {
+    "rgb": {"input": (0.55, 0.55), "output": (0.43, 0.43), "inner taps": (0.08, 0.23)},
+    "gray": {"all taps": (0.10, 0.16)},
+    "random masks": (0.04, 0.04),
+    "supervised": (0.9828, 0.9828),
+}
+POSTER_RGB_POINTS = {"input": 0.55, "output": 0.43}
+
+
+def load_results(workdir: str) -> list[dict[str, Any]]:
+  found = []
+  for stem in ("results", "baselines"):
+    path = os.path.join(workdir, f"{stem}.json")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        found.append(json.load(f))
+  if not found:
+    raise FileNotFoundError(
+        f"no results.json or baselines.json in {workdir!r}: run --mode=evaluate "
+        "(or --mode=baselines) there first")
+  return found
+
+
+def poster_reference(name: str, tap: str) -> str:
+  if name.startswith("random") or "random_masks" in tap:
+    return "0.04"
+  if "gray" in name:
+    return "0.10-0.16"
+  if name.endswith("_rgb") or name in ("unet", "ae"):
+    if tap in POSTER_RGB_POINTS:
+      return f"{POSTER_RGB_POINTS[tap]:.2f}"
+    if tap not in ("input", "output"):
+      return "0.08-0.23"
+  if tap == "kmeans_pixels_cosine":
+    return "0.55"
+  return ""
+
+
+def write_report(workdirs: list[str], output_dir: str, metric: str = "poster_miou",
+                 mode: str = "oracle_k") -> str:
+  """Writes report.md, report.json and report_miou_per_tap.png; returns the markdown."""
+  runs = [r for w in workdirs for r in load_results(w)]
+  os.makedirs(output_dir, exist_ok=True)
+  lines = ["# Segmentation as clusterization: merged results", "",
+           f"Metric: `{metric}`, K: `{mode}`. The poster's column gives its figures "
+           "(shared/DESIGN.md) for comparison.", "",
+           "| run | tap | " + metric + " | fg_ari | mbo | poster |", "|---|---|---|---|---|---|"]
+  series: dict[str, dict[str, float]] = {}
+  taps_in_order: list[str] = []
+  for run in runs:
+    if "supervised" in run:
+      sup = run["supervised"]
+      lines.append(f"| {run['name']} | (supervised) | {sup['class_hungarian_miou']:.4f} | "
+                   f"| | 0.9828 |")
+      lines.append(f"| {run['name']} | pixel accuracy | {sup['pixel_accuracy']:.4f} | | | |")
+      continue
+    for tap, by_mode in run["taps"].items():
+      row = by_mode[mode]
+      lines.append(f"| {run['name']} | {tap} | {row[metric]:.4f} | {row['fg_ari']:.4f} | "
+                   f"{row['mbo']:.4f} | {poster_reference(run['name'], tap)} |")
+      if run["name"] != "baselines":
+        series.setdefault(run["name"], {})[tap] = row[metric]
+        if tap not in taps_in_order:
+          taps_in_order.append(tap)
+  markdown = "\n".join(lines) + "\n"
+  with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(markdown)
+  with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump({"runs": runs, "poster": POSTER}, f, indent=1, default=float)
+  if series:
+    plots.tap_mean_iou_chart(os.path.join(output_dir, "report_miou_per_tap.png"), series,
+                             taps_in_order, f"{metric} per tap ({mode})",
+                             poster=POSTER_RGB_POINTS)
+  print(markdown)
+  return markdown
