@@ -151,7 +151,8 @@ def expand_official(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   labels = example.pop("labels")
   if labels.shape.rank == 3:  # TFDS images keep a channel axis
     labels = labels[..., 0]
-  slots = tf.range(schema.MAX_SLOTS, dtype=labels.dtype)[:, None, None]
+  # tf.range has no uint8 kernel, and labels are uint8 (a PNG's dtype).
+  slots = tf.cast(tf.range(schema.MAX_SLOTS), labels.dtype)[:, None, None]
   masks = tf.cast(labels[None] == slots, tf.uint8) * 255
   example["mask"] = masks[..., None]
   return example

@@ -1,0 +1,563 @@
+"""Tests of clevr_jax.data: TFDS builders, the official record format, the pipeline.
+
+Every dataset is built once per module into a pytest temporary directory. The
+real builder reads a tiny official-format file the tests write themselves
+(rendered scenes plus the two real samples), so no download is needed.
+"""
+
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from clevr_jax.data import clevr_with_masks
+from clevr_jax.data import official
+from clevr_jax.data import pipeline
+from clevr_jax.data import renderer
+from clevr_jax.data import schema
+from clevr_jax.data import synthetic_clevr
+from configs import default
+
+tfds.disable_progress_bar()
+
+_SAMPLES = pathlib.Path("/work/shared/data/clevr_with_masks_samples")
+# A tiny record range of the official file, like the poster's 0-6999 / 7000-7999.
+_REAL_TRAIN = (0, 5)
+_REAL_TEST = (5, 8)
+_REAL_SAMPLE_INDICES = {0: 0, 5: 1}  # record index -> real sample number
+_FLOATS_AND_CODES = (("pixel_coords",) + schema.FLOAT_FEATURES
+                     + schema.CODE_FEATURES)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _test_config(data_dir, **data_overrides):
+  config = default.get_config("test")
+  config.data.data_dir = str(data_dir)
+  for name, value in data_overrides.items():
+    setattr(config.data, name, value)
+  return config
+
+
+def _build_synthetic(config, processes):
+  """Builds the config's synthetic dataset as make_builder names it."""
+  s = config.data.synthetic
+  builder = synthetic_clevr.SyntheticClevr(
+      data_dir=config.data.data_dir,
+      config=synthetic_clevr.make_config(
+          seed=s.seed, num_train=s.num_train, num_test=s.num_test,
+          height=config.data.image_height, width=config.data.image_width,
+          min_objects=s.min_objects, max_objects=s.max_objects,
+          processes=processes))
+  builder.download_and_prepare()
+  return builder
+
+
+def _examples(builder, split, expand=False):
+  """A split's stored examples as numpy dicts, in the builder's file order."""
+  dataset = builder.as_dataset(split=split, shuffle_files=False)
+  if expand:
+    dataset = dataset.map(official.expand_official)
+  return list(tfds.as_numpy(dataset))
+
+
+def _official_example(scene):
+  """A renderer scene (label map) -> official-schema arrays (11 binary masks)."""
+  example = {k: v for k, v in scene.items() if k != "labels"}
+  example["mask"] = schema.labels_to_masks(scene["labels"])
+  return example
+
+
+def _rendered(seed, min_objects, max_objects, height=240, width=320):
+  return _official_example(renderer.render_scene(seed, renderer.SceneConfig(
+      height=height, width=width, min_objects=min_objects,
+      max_objects=max_objects)))
+
+
+def _real_sample(number):
+  """A real record: its image and masks, no attributes, visibility from masks."""
+  with np.load(_SAMPLES / f"sample_{number}.npz") as f:
+    image, mask = f["image"], f["mask"]
+  example = {name: np.zeros(schema.MAX_SLOTS, np.float32)
+             for name in schema.FLOAT_FEATURES}
+  example.update({name: np.zeros(schema.MAX_SLOTS, np.uint8)
+                  for name in schema.CODE_FEATURES})
+  example["pixel_coords"] = np.zeros((schema.MAX_SLOTS, 3), np.float32)
+  example["visibility"] = mask.any(axis=(1, 2, 3)).astype(np.float32)
+  example["image"], example["mask"] = image, mask
+  return example
+
+
+def _objects(example):
+  return int(example["visibility"].sum()) - 1
+
+
+def _build_real(data_dir, manual_dir, name, **ranges):
+  builder = clevr_with_masks.ClevrWithMasks(
+      data_dir=str(data_dir),
+      config=clevr_with_masks.ClevrWithMasksConfig(name=name, **ranges))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(manual_dir), try_download_gcs=False))
+  return builder
+
+
+def _flatten(batch):
+  """[devices, per_device, ...] -> [devices * per_device, ...]."""
+  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
+def _assert_batches_equal(actual, expected):
+  assert len(actual) == len(expected)
+  for step, (a, e) in enumerate(zip(actual, expected)):
+    assert a.keys() == e.keys()
+    for name in e:
+      np.testing.assert_array_equal(a[name], e[name], err_msg=f"{step}:{name}")
+
+
+def _concat_processes(shards):
+  """Per-process batch lists -> global batches, process 0's slice first."""
+  return [{k: np.concatenate([_flatten(b)[k] for b in step]) for k in step[0]}
+          for step in zip(*shards)]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+  """The test preset's dataset, built in this process; (config, builder)."""
+  config = _test_config(tmp_path_factory.mktemp("synthetic"))
+  return config, _build_synthetic(config, processes=1)
+
+
+@pytest.fixture(scope="module")
+def stored(synthetic):
+  """The synthetic splits' stored examples, by split then index."""
+  _, builder = synthetic
+  return {split: {int(e["index"]): e for e in _examples(builder, split)}
+          for split in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def real_records(tmp_path_factory):
+  """A tiny official-format file: (manual_dir, the records written, in order).
+
+  Scenes of 10 objects (every slot used), of few objects, of exactly 6 (the
+  clevr6 boundary) and of many, and the two real samples, so that the clevr6
+  filter has scenes to keep and to drop in both splits.
+  """
+  records = [_real_sample(0), _rendered(0, 10, 10), _rendered(1, 3, 5),
+             _rendered(2, 6, 6), _rendered(3, 7, 9),
+             _real_sample(1), _rendered(4, 3, 5), _rendered(5, 10, 10)]
+  assert len(records) == _REAL_TEST[1]
+  manual_dir = tmp_path_factory.mktemp("manual")
+  official.write_records(str(manual_dir / official.OFFICIAL_FILENAME), records)
+  return manual_dir, records
+
+
+@pytest.fixture(scope="module")
+def real_builder(real_records, tmp_path_factory):
+  manual_dir, _ = real_records
+  return _build_real(tmp_path_factory.mktemp("real"), manual_dir, "tiny",
+                     train_records=_REAL_TRAIN, test_records=_REAL_TEST)
+
+
+# ------------------------------------------------------ synthetic builder
+
+
+def test_synthetic_split_sizes_and_indices(synthetic, stored):
+  config, builder = synthetic
+  s = config.data.synthetic
+  assert builder.info.splits["train"].num_examples == s.num_train
+  assert builder.info.splits["test"].num_examples == s.num_test
+  assert sorted(stored["train"]) == list(range(s.num_train))
+  assert sorted(stored["test"]) == list(range(s.num_test))
+
+
+def test_synthetic_features_and_dtypes(synthetic, stored):
+  config, _ = synthetic
+  h, w, slots = config.data.image_height, config.data.image_width, schema.MAX_SLOTS
+  expected = {"image": ((h, w, 3), np.uint8), "labels": ((h, w, 1), np.uint8),
+              "pixel_coords": ((slots, 3), np.float32), "index": ((), np.int64)}
+  expected.update({name: ((slots,), np.float32) for name in schema.FLOAT_FEATURES})
+  expected.update({name: ((slots,), np.uint8) for name in schema.CODE_FEATURES})
+  for example in list(stored["train"].values()) + list(stored["test"].values()):
+    actual = {k: (np.shape(v), np.asarray(v).dtype) for k, v in example.items()}
+    assert actual == expected
+
+
+def test_synthetic_stores_exactly_what_the_renderer_draws(synthetic, stored):
+  config, _ = synthetic
+  s = config.data.synthetic
+  scene_config = renderer.SceneConfig(
+      height=config.data.image_height, width=config.data.image_width,
+      min_objects=s.min_objects, max_objects=s.max_objects)
+  for split in ("train", "test"):
+    for index, example in stored[split].items():
+      scene = renderer.render_scene(
+          synthetic_clevr.scene_seed(s.seed, split, index), scene_config)
+      np.testing.assert_array_equal(example["labels"][..., 0], scene["labels"])
+      for name in ("image",) + _FLOATS_AND_CODES:
+        np.testing.assert_array_equal(example[name], scene[name],
+                                      err_msg=f"{split} {index} {name}")
+      assert s.min_objects <= _objects(example) <= s.max_objects
+
+
+def test_synthetic_reads_back_in_the_official_schema(synthetic, stored):
+  config, builder = synthetic
+  h, w = config.data.image_height, config.data.image_width
+  expanded = _examples(builder, "test", expand=True)
+  assert len(expanded) == config.data.synthetic.num_test
+  for example in expanded:
+    assert "labels" not in example
+    mask = example["mask"]
+    assert mask.shape == (schema.MAX_SLOTS, h, w, 1) and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask.astype(np.int64).sum(0), 255)  # a partition
+    labels = stored["test"][int(example["index"])]["labels"][..., 0]
+    for slot in range(schema.MAX_SLOTS):
+      np.testing.assert_array_equal(mask[slot, ..., 0] == 255, labels == slot)
+    # The non-empty slots are exactly the visible ones (background included).
+    np.testing.assert_array_equal(mask.any(axis=(1, 2, 3)),
+                                  example["visibility"] == 1)
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("synthetic.seed", 1), ("synthetic.num_train", 33), ("synthetic.num_test", 13),
+    ("image_height", 40), ("image_width", 56), ("synthetic.min_objects", 2),
+    ("synthetic.max_objects", 5)])
+def test_any_setting_change_names_another_dataset(synthetic, setting, value):
+  config, builder = synthetic
+  changed = _test_config(config.data.data_dir)
+  owner, _, field = setting.rpartition(".")
+  target = getattr(changed.data, owner) if owner else changed.data
+  assert getattr(target, field) != value
+  setattr(target, field, value)
+  other = pipeline.make_builder(changed)
+  assert other.builder_config.name != builder.builder_config.name
+  assert other.data_dir != builder.data_dir
+  assert builder.is_prepared() and not other.is_prepared()  # old data not reused
+
+
+def test_synthetic_build_is_deterministic_across_dirs_and_workers(
+    synthetic, tmp_path):
+  config, builder = synthetic
+  again = _build_synthetic(_test_config(tmp_path), processes=2)
+  assert again.builder_config.name == builder.builder_config.name
+  assert again.data_dir != builder.data_dir
+  for split in ("train", "test"):
+    first, second = _examples(builder, split), _examples(again, split)
+    assert len(first) == len(second) > 0
+    for a, b in zip(first, second):  # same examples in the same file order
+      assert a.keys() == b.keys()
+      for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# ----------------------------------------------------------- real builder
+
+
+def test_real_builder_round_trips_the_official_records(real_builder, real_records):
+  _, records = real_records
+  for split, (start, stop) in (("train", _REAL_TRAIN), ("test", _REAL_TEST)):
+    assert real_builder.info.splits[split].num_examples == stop - start
+    examples = {int(e["index"]): e
+                for e in _examples(real_builder, split, expand=True)}
+    assert sorted(examples) == list(range(start, stop))
+    for index, example in examples.items():
+      written = records[index]
+      assert example.keys() == written.keys() | {"index"}
+      for name in written:
+        np.testing.assert_array_equal(example[name], written[name],
+                                      err_msg=f"record {index}: {name}")
+
+
+def test_real_samples_masks_round_trip_exactly(real_builder):
+  examples = {int(e["index"]): e for split in ("train", "test")
+              for e in _examples(real_builder, split, expand=True)}
+  for index, number in _REAL_SAMPLE_INDICES.items():
+    with np.load(_SAMPLES / f"sample_{number}.npz") as sample:
+      np.testing.assert_array_equal(examples[index]["mask"], sample["mask"])
+      np.testing.assert_array_equal(examples[index]["image"], sample["image"])
+    # Background + 7 objects in sample 0, + 8 in sample 1 (the samples' README).
+    assert _objects(examples[index]) == 7 + number
+
+
+def test_clevr6_filter_drops_scenes_with_more_objects(real_records, tmp_path):
+  manual_dir, records = real_records
+  builder = _build_real(tmp_path, manual_dir, "tiny6", train_records=_REAL_TRAIN,
+                        test_records=_REAL_TEST, max_objects=6)
+  for split, (start, stop) in (("train", _REAL_TRAIN), ("test", _REAL_TEST)):
+    kept = [i for i in range(start, stop) if _objects(records[i]) <= 6]
+    assert 0 < len(kept) < stop - start  # the split has scenes of both kinds
+    indices = sorted(int(e["index"]) for e in _examples(builder, split))
+    assert indices == kept
+    assert builder.info.splits[split].num_examples == len(kept)
+
+
+# ------------------------------------------------------------ clear errors
+
+
+def test_missing_official_file_says_where_and_what_to_do(tmp_path):
+  config = default.get_config()  # the real dataset, default manual_dir
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError) as error:
+    pipeline.prepare(config)
+  message = str(error.value)
+  expected_path = tmp_path / "downloads" / "manual" / official.OFFICIAL_FILENAME
+  assert str(expected_path) in message
+  assert "manual_dir" in message and ":synthetic" in message
+
+
+def test_missing_eval_file_names_it(synthetic, tmp_path):
+  config, _ = synthetic
+  config = _test_config(config.data.data_dir, eval_file=str(tmp_path / "none.tfrecords"))
+  with pytest.raises(FileNotFoundError, match="none.tfrecords"):
+    pipeline.Split(config, "test")
+
+
+def _small_records(count, height=24, width=32):
+  return [_rendered(seed, 3, 4, height, width) for seed in range(count)]
+
+
+def test_truncated_file_names_the_file_and_record(tmp_path):
+  records = _small_records(6)
+  path = tmp_path / "whole.tfrecords"
+  official.write_records(str(path), records)
+  cut = tmp_path / "cut.tfrecords"
+  data = path.read_bytes()
+  cut.write_bytes(data[:len(data) // 2])
+  read = []
+  with pytest.raises(official.RecordError) as error:
+    for index, example in official.read_records(str(cut), height=24, width=32):
+      read.append((index, example))
+  assert 0 < len(read) < len(records)
+  for position, (index, example) in enumerate(read):  # a clean prefix first
+    assert index == position
+    np.testing.assert_array_equal(example["mask"], records[index]["mask"])
+  message = str(error.value)
+  assert str(cut) in message and f"record {len(read)} " in message
+
+
+def test_record_with_wrong_shapes_is_named(tmp_path):
+  records = _small_records(2)
+  records[1]["image"] = np.zeros((10, 10, 3), np.uint8)
+  path = tmp_path / "shapes.tfrecords"
+  official.write_records(str(path), records)
+  reader = official.read_records(str(path), height=24, width=32)
+  index, _ = next(reader)
+  assert index == 0
+  with pytest.raises(official.RecordError) as error:
+    next(reader)
+  assert str(path) in str(error.value) and "record 1 " in str(error.value)
+
+
+def test_overlapping_masks_fail_the_build_naming_the_record(tmp_path):
+  records = [_rendered(seed, 3, 4) for seed in range(2)]
+  records[1]["mask"][2] |= records[1]["mask"][1]  # object 1's pixels also in 2
+  manual_dir = tmp_path / "manual"
+  manual_dir.mkdir()
+  path = manual_dir / official.OFFICIAL_FILENAME
+  official.write_records(str(path), records)
+  with pytest.raises(official.RecordError) as error:
+    _build_real(tmp_path / "data", manual_dir, "overlap", train_records=(0, 1),
+                test_records=(1, 2))
+  message = str(error.value)
+  assert str(path) in message and "record 1:" in message
+  assert "several masks" in message
+
+
+def test_masks_leaving_pixels_uncovered_are_rejected():
+  example = _rendered(0, 3, 4, 24, 32)
+  example["mask"][0] = 0  # the background mask gone
+  with pytest.raises(official.RecordError, match=r"f\.tfrecords: record 7: .*no mask"):
+    official.to_compact(example, path="f.tfrecords", index=7)
+
+
+@pytest.mark.parametrize("overrides, names", [
+    ({"dataset": "clevr"}, pipeline.DATASETS),
+    ({"dataset": "clevr_with_masks", "real_config": "clevr10",
+      "image_height": 240, "image_width": 320}, ("poster", "full", "clevr6")),
+    ({"dataset": "clevr_with_masks", "real_config": "poster"}, ("240x320",)),
+])
+def test_make_builder_rejects_bad_choices_naming_them(tmp_path, overrides, names):
+  config = _test_config(tmp_path, **overrides)  # 48x64 images unless overridden
+  with pytest.raises(ValueError) as error:
+    pipeline.make_builder(config)
+  for name in names:
+    assert name in str(error.value)
+
+
+def test_unknown_real_source_is_rejected():
+  with pytest.raises(ValueError, match="'manual' or 'gcs'"):
+    clevr_with_masks.ClevrWithMasks(source="s3")
+
+
+def test_split_of_unprepared_dataset_says_to_prepare(tmp_path):
+  with pytest.raises(FileNotFoundError, match="--mode=prepare"):
+    pipeline.Split(_test_config(tmp_path), "train")
+
+
+def test_per_device_batch():
+  assert pipeline.per_device_batch(8, 2, 2) == 2
+  with pytest.raises(ValueError, match="--config.batch_size"):
+    pipeline.per_device_batch(10, 1, 4)
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def test_batches_shapes_dtypes_and_targets(synthetic, stored):
+  config, _ = synthetic
+  h, w = config.data.image_height, config.data.image_width
+  split = pipeline.Split(config, "train")
+  assert split.num_examples == config.data.synthetic.num_train
+  batches = list(split.train_batches(0, local_devices=2))
+  assert len(batches) == split.steps_per_epoch(config.batch_size) == 4
+  d, b = 2, config.batch_size // 2
+  expected = {"image": ((d, b, h, w, 3), np.float32),
+              "gray_mask": ((d, b, h, w), np.bool_),
+              "instance_labels": ((d, b, h, w), np.int32),
+              "num_masks": ((d, b), np.int32),
+              "semantic": ((d, b, h, w), np.int32),
+              "valid": ((d, b), np.bool_), "index": ((d, b), np.int64)}
+  seen_gray = seen_colour = 0
+  for batch in batches:
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    flat = _flatten(batch)
+    assert flat["valid"].all()
+    for i, index in enumerate(flat["index"]):
+      source = stored["train"][int(index)]
+      rgb, labels = source["image"], source["labels"][..., 0]
+      image = flat["image"][i]
+      assert 0 <= image.min() and image.max() <= 1
+      np.testing.assert_allclose(image, rgb / 255, atol=1e-7)
+      spread = rgb.max(-1).astype(int) - rgb.min(-1).astype(int)
+      np.testing.assert_array_equal(flat["gray_mask"][i], spread <= 10)
+      seen_gray += int((spread <= 10).sum())
+      seen_colour += int((spread > 10).sum())
+      np.testing.assert_array_equal(flat["instance_labels"][i], labels)
+      num_masks = flat["num_masks"][i]
+      assert num_masks == _objects(source) + 1 == len(np.unique(labels))
+      assert 0 <= labels.min() and labels.max() == num_masks - 1
+      semantic = flat["semantic"][i]
+      np.testing.assert_array_equal(semantic, source["shape"][labels])
+      assert (semantic[labels == 0] == 0).all()
+      assert set(np.unique(semantic[labels > 0])) <= {1, 2, 3}
+  assert seen_gray and seen_colour  # the gray rule was tested both ways
+
+
+def test_grayscale_is_luminance_of_rgb(synthetic):
+  config, _ = synthetic
+  rgb = next(pipeline.Split(config, "train").train_batches(0))
+  gray_config = _test_config(config.data.data_dir, grayscale=True)
+  gray = next(pipeline.Split(gray_config, "train").train_batches(0))
+  np.testing.assert_array_equal(gray["index"], rgb["index"])
+  assert gray["image"].shape == rgb["image"].shape[:-1] + (1,)
+  r, g, b = (rgb["image"][..., c] for c in range(3))
+  np.testing.assert_allclose(gray["image"][..., 0], 0.299 * r + 0.587 * g + 0.114 * b,
+                             atol=1e-6)
+  for name in ("gray_mask", "instance_labels", "semantic", "num_masks"):
+    np.testing.assert_array_equal(gray[name], rgb[name], err_msg=name)
+
+
+def test_eval_pads_to_whole_batches_and_keeps_every_example_once(synthetic, stored):
+  config, _ = synthetic
+  split = pipeline.Split(config, "test")
+  assert (split.num_examples, config.eval.batch_size) == (12, 8)
+  assert split.num_eval_batches() == 2
+  batches = [_flatten(b) for b in split.eval_batches()]
+  assert len(batches) == 2
+  valid = np.concatenate([b["valid"] for b in batches])
+  index = np.concatenate([b["index"] for b in batches])
+  assert valid.sum() == 12 and (~valid).sum() == 4
+  assert sorted(index[valid].tolist()) == list(range(12))
+  padding = np.concatenate([b["num_masks"] for b in batches])[~valid]
+  np.testing.assert_array_equal(padding, 0)  # no masks to score
+  for batch in batches:
+    for i in np.flatnonzero(batch["valid"]):
+      np.testing.assert_array_equal(
+          batch["instance_labels"][i],
+          stored["test"][int(batch["index"][i])]["labels"][..., 0])
+
+
+def test_eval_max_examples_then_whole_split(synthetic):
+  config, _ = synthetic
+  split = pipeline.Split(config, "test")
+  whole_order = np.concatenate([_flatten(b)["index"] for b in split.eval_batches()])
+  split = pipeline.Split(config, "test")  # a fresh cache, first read partially
+  assert split.num_eval_batches(max_examples=5) == 1
+  (first,) = [_flatten(b) for b in split.eval_batches(max_examples=5)]
+  assert first["valid"].sum() == 5
+  np.testing.assert_array_equal(first["index"][:5], whole_order[:5])
+  again = np.concatenate([_flatten(b)["index"] for b in split.eval_batches()])
+  np.testing.assert_array_equal(again, whole_order)
+
+
+def test_same_seed_same_batches_other_epoch_or_seed_other_order(synthetic):
+  config, _ = synthetic
+  epoch0 = list(pipeline.Split(config, "train").train_batches(0))
+  _assert_batches_equal(list(pipeline.Split(config, "train").train_batches(0)), epoch0)
+  order = np.concatenate([b["index"].ravel() for b in epoch0])
+  assert sorted(order.tolist()) == list(range(config.data.synthetic.num_train))
+  epoch1 = list(pipeline.Split(config, "train").train_batches(1))
+  assert not np.array_equal(np.concatenate([b["index"].ravel() for b in epoch1]), order)
+  reseeded = _test_config(config.data.data_dir)
+  reseeded.seed = config.seed + 1
+  other = list(pipeline.Split(reseeded, "train").train_batches(0))
+  assert not np.array_equal(np.concatenate([b["index"].ravel() for b in other]), order)
+
+
+@pytest.mark.parametrize("local_devices", [1, 2])
+def test_processes_read_disjoint_shards_of_the_global_batches(synthetic, local_devices):
+  config, _ = synthetic
+  split = pipeline.Split(config, "train")
+  single = [_flatten(b) for b in split.train_batches(3)]
+  shards = [list(split.train_batches(3, process_index=p, process_count=2,
+                                     local_devices=local_devices))
+            for p in range(2)]
+  per_device = config.batch_size // (2 * local_devices)
+  for shard in shards:
+    assert all(b["image"].shape[:2] == (local_devices, per_device) for b in shard)
+  for step in zip(*shards):
+    own = [set(b["index"].ravel().tolist()) for b in step]
+    assert not own[0] & own[1]
+  _assert_batches_equal(_concat_processes(shards), single)
+
+  eval_single = [_flatten(b) for b in split.eval_batches()]
+  eval_shards = [list(split.eval_batches(process_index=p, process_count=2,
+                                         local_devices=local_devices))
+                 for p in range(2)]
+  assert len(eval_shards[0]) == len(eval_shards[1]) == split.num_eval_batches()
+  _assert_batches_equal(_concat_processes(eval_shards), eval_single)
+
+
+def test_resume_mid_epoch_gives_the_rest_of_the_epoch(synthetic):
+  config, _ = synthetic
+  split = pipeline.Split(config, "train")
+  full = list(split.train_batches(1))
+  assert len(full) == 4
+  _assert_batches_equal(list(split.train_batches(1, skip_batches=3)), full[3:])
+  resumed = pipeline.Split(config, "train")  # a restarted process
+  _assert_batches_equal(list(resumed.train_batches(1, skip_batches=1)), full[1:])
+
+
+def test_eval_file_is_read_whole_as_the_test_split(synthetic, tmp_path):
+  config, _ = synthetic
+  h, w = config.data.image_height, config.data.image_width
+  records = [_rendered(seed, 3, 6, h, w) for seed in range(100, 105)]
+  path = tmp_path / "mine.tfrecords"
+  official.write_records(str(path), records)
+  split = pipeline.Split(_test_config(config.data.data_dir, eval_file=str(path)),
+                         "test")
+  assert split.num_examples == len(records)
+  (batch,) = [_flatten(b) for b in split.eval_batches()]
+  assert batch["valid"].tolist() == [True] * 5 + [False] * 3
+  np.testing.assert_array_equal(batch["index"][:5], np.arange(5))
+  for i, record in enumerate(records):
+    np.testing.assert_allclose(batch["image"][i], record["image"] / 255, atol=1e-7)
+    np.testing.assert_array_equal(batch["instance_labels"][i],
+                                  schema.masks_to_labels(record["mask"]))
+    assert batch["num_masks"][i] == _objects(record) + 1
