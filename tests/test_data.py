@@ -21,7 +21,8 @@ from configs import default
 
 tfds.disable_progress_bar()
 
-_SAMPLES = pathlib.Path("/work/shared/data/clevr_with_masks_samples")
+# shared/ lies beside the repository (in CI too).
+_SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "clevr_with_masks_samples"
 # A tiny record range of the official file, like the poster's 0-6999 / 7000-7999.
 _REAL_TRAIN = (0, 5)
 _REAL_TEST = (5, 8)
