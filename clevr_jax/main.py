@@ -11,6 +11,7 @@ Modes:
 
 from __future__ import annotations
 
+import logging as python_logging
 import os
 import sys
 
@@ -106,11 +107,12 @@ class _QuietOrbax:
   """Drops orbax's per-save INFO lines (dozens per checkpoint); keeps its warnings."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    return record.levelno >= python_logging.WARNING or "orbax" not in record.pathname
 
 
 def main(argv: list[str]) -> None:
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  # On the logger, not a handler: libraries may have added their own root handlers.
+  logging.get_absl_logger().addFilter(_QuietOrbax())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
