@@ -31,8 +31,9 @@ this is plain "everything batched, converged runs frozen"; with fewer slots a
 batch pays for the sum of its runs' iterations rather than for B * R times its
 slowest run, and memory is bounded by parallel_runs * N * k_max distances
 instead of B * R * N * k_max (540 MB at B=16, R=10, N=76,800, k_max=11). The
-default is small on CPU (where a distance matrix that stays in cache is faster
-than a big batched one) and wide on accelerators.
+default fills a byte budget: ~4 MB on CPU, where runs whose working set stays
+in cache are fastest (one slot at N = 76,800, eight at N = 300), and 2 GB on
+accelerators, i.e. every run of a batch in flight at once.
 
 Weights and upsampling. With `point_weights` w, the objective is
 sum_i w_i d(x_i, c_{l_i}): k-means++ samples proportionally to w_i D^2, means
@@ -61,10 +62,12 @@ import jax.numpy as jnp
 METRICS = ('euclidean', 'cosine')
 INITS = ('k-means++', 'random')
 
-# Distance-matrix elements (slots * N * k_max) per Lloyd step. On CPU a ~1M
-# element matrix stays in cache; a batch 16x larger ran 2-3x slower per run.
-_CPU_ELEMENT_BUDGET = 1 << 20
-_ACCELERATOR_ELEMENT_BUDGET = 1 << 27
+# Bytes of working set (points in both layouts, residuals, scores) of the
+# runs iterated at once. On CPU a run is fastest while its slots stay in cache:
+# in process time, 2-8 MB of slots was best and 16 MB 1.5-2x slower per run
+# (2-core AMD EPYC). Accelerators want every run in flight.
+_CPU_BYTES = 4 << 20
+_ACCELERATOR_BYTES = 2 << 30
 # Block length of the two-level inverse-CDF sampler (a full-length cumsum over
 # 76,800 points costs ~1 ms on XLA:CPU; block sums + two short cumsums do not).
 _SAMPLER_BLOCK = 256
@@ -389,19 +392,16 @@ def _lloyd_pool(prep, num_clusters, run_image, init, *, max_iter, metric,
   return s['out_c'], s['out_inertia'], s['out_iter']
 
 
-def _parallel_runs(requested, num_runs, n, k_max):
+def _slots(bytes_per_slot, cap):
+  """How many runs (or images) to process at once within the byte budget."""
+  budget = _CPU_BYTES if jax.default_backend() == 'cpu' else _ACCELERATOR_BYTES
+  return max(1, min(cap, budget // max(1, bytes_per_slot)))
+
+
+def _parallel_runs(requested, num_runs, n, d, k_max):
   if requested is not None:
     return max(1, min(requested, num_runs))
-  budget = (_CPU_ELEMENT_BUDGET if jax.default_backend() == 'cpu'
-            else _ACCELERATOR_ELEMENT_BUDGET)
-  return max(1, min(num_runs, budget // (n * k_max)))
-
-
-def _image_batch(n, k_max, per_image):
-  """Images per chunk for per-image passes, to bound memory like the pool."""
-  budget = (_CPU_ELEMENT_BUDGET if jax.default_backend() == 'cpu'
-            else _ACCELERATOR_ELEMENT_BUDGET)
-  return max(1, budget // max(1, n * k_max * per_image))
+  return _slots(4 * n * (3 * d + k_max), num_runs)
 
 
 def _finish(prep, num_clusters, centroids, n_iter, metric):
@@ -411,7 +411,7 @@ def _finish(prep, num_clusters, centroids, n_iter, metric):
   labels, dist = _chunked_vmap(
       lambda a: _assign(*a, metric=metric),
       (prep.xt, prep.sq_norms, centroids, num_clusters),
-      _image_batch(n, k_max, 1))
+      _slots(4 * n * (2 * prep.x.shape[2] + k_max), b))
   inertia = jnp.sum(prep.weights * dist, axis=1)
   valid = _valid_clusters(num_clusters, k_max)[..., None]
   centroids = jnp.where(valid, centroids + prep.offset[:, None, :], 0)
@@ -467,7 +467,7 @@ def kmeans(points: jax.Array,
     A `KMeansResult`.
   """
   _check(metric, init)
-  b, n, _ = points.shape
+  b, n, d = points.shape
   if n < k_max:
     raise ValueError(f'need at least k_max={k_max} points, got {n}')
   num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
@@ -475,14 +475,16 @@ def kmeans(points: jax.Array,
   keys = jax.vmap(lambda k: jax.random.split(k, num_restarts))(
       _image_keys(key, b))
   n_trials = _num_local_trials(k_max) if init == 'k-means++' else 1
-  init_c = _init_prepared(prep, num_clusters, keys, k_max, init,
-                          _image_batch(n, num_restarts * n_trials, 1))
+  # Per image: its points, and each restart's [trials, N] distances.
+  init_c = _init_prepared(
+      prep, num_clusters, keys, k_max, init,
+      _slots(4 * n * (2 * d + num_restarts * (n_trials + 2)), b))
   m = b * num_restarts
   run_image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num_restarts)
   cents, inertia, n_iter = _lloyd_pool(
       prep, num_clusters, run_image, init_c.reshape((m,) + init_c.shape[2:]),
       max_iter=max_iter, metric=metric,
-      parallel_runs=_parallel_runs(parallel_runs, m, n, k_max))
+      parallel_runs=_parallel_runs(parallel_runs, m, n, d, k_max))
   best = jnp.argmin(inertia.reshape(b, num_restarts), axis=1)
   pick = jnp.arange(b) * num_restarts + best
   return _finish(prep, num_clusters, cents[pick], n_iter[pick], metric)
@@ -515,7 +517,7 @@ def lloyd(points: jax.Array,
     A `KMeansResult`.
   """
   _check(metric)
-  b, n, _ = points.shape
+  b, n, d = points.shape
   k_max = centroids.shape[1]
   num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
   prep = _prepare(points, point_weights, metric, tol)
@@ -528,7 +530,7 @@ def lloyd(points: jax.Array,
   cents, _, n_iter = _lloyd_pool(
       prep, num_clusters, jnp.arange(b, dtype=jnp.int32), init,
       max_iter=max_iter, metric=metric,
-      parallel_runs=_parallel_runs(parallel_runs, b, n, k_max))
+      parallel_runs=_parallel_runs(parallel_runs, b, n, d, k_max))
   return _finish(prep, num_clusters, cents, n_iter, metric)
 
 
@@ -558,12 +560,12 @@ def init_centroids(points: jax.Array,
     >= num_clusters are zeros.
   """
   _check(metric, init)
-  b, n, _ = points.shape
+  b, n, d = points.shape
   num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
   prep = _prepare(points, point_weights, metric, 0.0)
   keys = _image_keys(key, b)[:, None]
   c = _init_prepared(prep, num_clusters, keys, k_max, init,
-                     _image_batch(n, k_max, 1))[:, 0]
+                     _slots(4 * n * (2 * d + 6), b))[:, 0]
   valid = _valid_clusters(num_clusters, k_max)[..., None]
   return jnp.where(valid, c + prep.offset[:, None, :], 0)
 
