@@ -1,0 +1,53 @@
+"""One process of a localhost multi-process run (tests/test_distributed.py).
+
+python tests/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES DATA_DIR WORKDIR \
+    EVAL_WORKDIR OUT
+
+Trains the `:test` preset (a smaller network: this is about distribution, not
+the model) through the real pipeline into WORKDIR, evaluates the checkpoint in
+EVAL_WORKDIR, and (process 0) writes the trained parameters and the evaluation
+table to OUT.npz/json.
+"""
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+  process_id, num_processes, port, devices = map(int, sys.argv[1:5])
+  data_dir, workdir, eval_workdir, out = sys.argv[5:9]
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if num_processes > 1:
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id,
+                               initialization_timeout=60)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import unet_rgb  # pylint: disable=g-import-not-at-top
+  from clevr_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+
+  config = unet_rgb.get_config("test")
+  with config.unlocked():
+    config.data.data_dir = data_dir
+    config.num_epochs = 1
+    config.model.depth, config.model.base_width = 2, 4
+    # Adam's first updates are g/|g|: float noise in near-zero gradients (the
+    # cross-process all-reduce sums in another order) would flip whole updates.
+    config.optimizer.eps = 1.0
+    config.eval.taps = ("input", "enc2", "output")
+  train.train_and_evaluate(config, workdir)
+  results = evaluate.evaluate(config, eval_workdir)
+  state, _ = evaluate.restore_state(config, workdir, evaluate.steps.make_mesh())
+  leaves = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.batch_stats)))
+  if jax.process_index() == 0:
+    np.savez(out + ".npz", *leaves)
+    with open(out + ".json", "w") as f:
+      json.dump({"taps": results["taps"], "devices": jax.device_count(),
+                 "processes": jax.process_count()}, f)
+
+
+if __name__ == "__main__":
+  main()
