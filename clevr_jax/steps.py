@@ -161,7 +161,7 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array], *,
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: models.UNet,
