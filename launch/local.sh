@@ -46,11 +46,9 @@ is the pool of GPUs that processes are carved from.
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
+# die and quote_cmd
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Relative paths are taken from the caller's directory, because the processes run
 # from the repo root (so that configs/... and -m clevr_jax.main resolve).
@@ -59,25 +57,6 @@ abspath() {
     gs://* | /*) printf '%s' "$1" ;;
     *) printf '%s/%s' "$PWD" "$1" ;;
   esac
-}
-
-# Words as a shell reads them back, in single quotes only where needed (readable, and
-# what sh, bash and Python's shlex.split all parse the same way).
-quote_cmd() {
-  local arg v out="" sep="" sq="'\\''" safe='^[A-Za-z0-9_./:=,@%+-]+$' flag='^(--[A-Za-z0-9_.-]+=)(.*)$'
-  for arg in "$@"; do
-    if [[ "$arg" =~ $safe ]]; then
-      out+="$sep$arg"
-    elif [[ "$arg" =~ $flag ]]; then
-      v=${BASH_REMATCH[2]//\'/$sq}
-      out+="$sep${BASH_REMATCH[1]}'$v'"
-    else
-      v=${arg//\'/$sq}
-      out+="$sep'$v'"
-    fi
-    sep=" "
-  done
-  printf '%s' "$out"
 }
 
 num_processes=""

@@ -55,32 +55,11 @@ Arguments after -- go to clevr_jax.main, e.g. -- --config.batch_size=16
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
+# die and quote_cmd
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 note() { echo "# $*"; }
-
-# Words as a shell reads them back, in single quotes only where needed (readable, and
-# what sh, bash and Python's shlex.split all parse the same way).
-quote_cmd() {
-  local arg v out="" sep="" sq="'\\''" safe='^[A-Za-z0-9_./:=,@%+-]+$' flag='^(--[A-Za-z0-9_.-]+=)(.*)$'
-  for arg in "$@"; do
-    if [[ "$arg" =~ $safe ]]; then
-      out+="$sep$arg"
-    elif [[ "$arg" =~ $flag ]]; then
-      v=${BASH_REMATCH[2]//\'/$sq}
-      out+="$sep${BASH_REMATCH[1]}'$v'"
-    else
-      v=${arg//\'/$sq}
-      out+="$sep'$v'"
-    fi
-    sep=" "
-  done
-  printf '%s' "$out"
-}
 
 dry_run=0
 
