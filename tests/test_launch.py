@@ -460,6 +460,8 @@ def test_slurm_real_run_checks_the_filesystem_then_trains(tmp_path):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_clean():
-  res = subprocess.run(["shellcheck", "--shell=bash", str(LOCAL), str(TPU), str(SLURM)],
-                       capture_output=True, text=True, timeout=60)
+  # -x from the repository root: follow `source launch/lib.sh` into the shared helpers.
+  res = subprocess.run(["shellcheck", "-x", "--shell=bash", str(LOCAL), str(TPU), str(SLURM),
+                        str(REPO / "launch" / "lib.sh")],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
   assert res.returncode == 0, res.stdout + res.stderr
