@@ -429,9 +429,46 @@ def _image_keys(key, batch):
   return key
 
 
+def _check_points(points, k_max):
+  if points.ndim != 3:
+    raise ValueError(f'points must be [B, N, D], got shape {points.shape}')
+  if points.shape[1] < k_max:
+    raise ValueError(f'need at least k_max={k_max} points, got '
+                     f'{points.shape[1]}')
+
+
+def _as_tol(tol):
+  # Always a traced float32 scalar: the default and an explicit value (or
+  # tol=-1 for "never stop") then share one compiled function.
+  return jnp.asarray(tol, jnp.float32)
+
+
 @functools.partial(
     jax.jit, static_argnames=('k_max', 'num_restarts', 'max_iter', 'metric',
                               'init', 'parallel_runs'))
+def _kmeans(points, num_clusters, key, tol, point_weights, *, k_max,
+            num_restarts, max_iter, metric, init, parallel_runs):
+  b, n, d = points.shape
+  num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
+  prep = _prepare(points, point_weights, metric, tol)
+  keys = jax.vmap(lambda k: jax.random.split(k, num_restarts))(
+      _image_keys(key, b))
+  n_trials = _num_local_trials(k_max) if init == 'k-means++' else 1
+  # Per image: its points, and each restart's [trials, N] distances.
+  init_c = _init_prepared(
+      prep, num_clusters, keys, k_max, init,
+      _slots(4 * n * (2 * d + num_restarts * (n_trials + 2)), b))
+  m = b * num_restarts
+  run_image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num_restarts)
+  cents, inertia, n_iter = _lloyd_pool(
+      prep, num_clusters, run_image, init_c.reshape((m,) + init_c.shape[2:]),
+      max_iter=max_iter, metric=metric,
+      parallel_runs=_parallel_runs(parallel_runs, m, n, d, k_max))
+  best = jnp.argmin(inertia.reshape(b, num_restarts), axis=1)
+  pick = jnp.arange(b) * num_restarts + best
+  return _finish(prep, num_clusters, cents[pick], n_iter[pick], metric)
+
+
 def kmeans(points: jax.Array,
            num_clusters: jax.Array,
            key: jax.Array,
@@ -445,6 +482,10 @@ def kmeans(points: jax.Array,
            point_weights: jax.Array | None = None,
            parallel_runs: int | None = None) -> KMeansResult:
   """K-Means of each image's points, with restarts; the best restart wins.
+
+  Jitted: one compile per shape and static setting (k_max, num_restarts,
+  max_iter, metric, init, parallel_runs, weights or not); `tol`, `key` and
+  `num_clusters` are traced.
 
   Args:
     points: [B, N, D] points (features of N pixels per image).
@@ -467,31 +508,34 @@ def kmeans(points: jax.Array,
     A `KMeansResult`.
   """
   _check(metric, init)
-  b, n, d = points.shape
-  if n < k_max:
-    raise ValueError(f'need at least k_max={k_max} points, got {n}')
-  num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
-  prep = _prepare(points, point_weights, metric, tol)
-  keys = jax.vmap(lambda k: jax.random.split(k, num_restarts))(
-      _image_keys(key, b))
-  n_trials = _num_local_trials(k_max) if init == 'k-means++' else 1
-  # Per image: its points, and each restart's [trials, N] distances.
-  init_c = _init_prepared(
-      prep, num_clusters, keys, k_max, init,
-      _slots(4 * n * (2 * d + num_restarts * (n_trials + 2)), b))
-  m = b * num_restarts
-  run_image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num_restarts)
-  cents, inertia, n_iter = _lloyd_pool(
-      prep, num_clusters, run_image, init_c.reshape((m,) + init_c.shape[2:]),
-      max_iter=max_iter, metric=metric,
-      parallel_runs=_parallel_runs(parallel_runs, m, n, d, k_max))
-  best = jnp.argmin(inertia.reshape(b, num_restarts), axis=1)
-  pick = jnp.arange(b) * num_restarts + best
-  return _finish(prep, num_clusters, cents[pick], n_iter[pick], metric)
+  points = jnp.asarray(points)
+  _check_points(points, k_max)
+  return _kmeans(points, num_clusters, key, _as_tol(tol), point_weights,
+                 k_max=k_max, num_restarts=num_restarts, max_iter=max_iter,
+                 metric=metric, init=init, parallel_runs=parallel_runs)
 
 
 @functools.partial(
     jax.jit, static_argnames=('max_iter', 'metric', 'parallel_runs'))
+def _lloyd(points, centroids, num_clusters, tol, point_weights, *, max_iter,
+           metric, parallel_runs):
+  b, n, d = points.shape
+  k_max = centroids.shape[1]
+  num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
+  prep = _prepare(points, point_weights, metric, tol)
+  init = jnp.asarray(centroids, prep.x.dtype)
+  if metric == 'euclidean':
+    init = init - prep.offset[:, None, :]
+  else:
+    init = _normalize(init)
+  init = jnp.where(_valid_clusters(num_clusters, k_max)[..., None], init, 0)
+  cents, _, n_iter = _lloyd_pool(
+      prep, num_clusters, jnp.arange(b, dtype=jnp.int32), init,
+      max_iter=max_iter, metric=metric,
+      parallel_runs=_parallel_runs(parallel_runs, b, n, d, k_max))
+  return _finish(prep, num_clusters, cents, n_iter, metric)
+
+
 def lloyd(points: jax.Array,
           centroids: jax.Array,
           num_clusters: jax.Array,
@@ -517,25 +561,25 @@ def lloyd(points: jax.Array,
     A `KMeansResult`.
   """
   _check(metric)
+  points = jnp.asarray(points)
+  _check_points(points, 1)
+  return _lloyd(points, centroids, num_clusters, _as_tol(tol), point_weights,
+                max_iter=max_iter, metric=metric, parallel_runs=parallel_runs)
+
+
+@functools.partial(jax.jit, static_argnames=('k_max', 'metric', 'init'))
+def _init_centroids(points, num_clusters, key, point_weights, *, k_max, metric,
+                    init):
   b, n, d = points.shape
-  k_max = centroids.shape[1]
   num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
-  prep = _prepare(points, point_weights, metric, tol)
-  init = jnp.asarray(centroids, prep.x.dtype)
-  if metric == 'euclidean':
-    init = init - prep.offset[:, None, :]
-  else:
-    init = _normalize(init)
-  init = jnp.where(_valid_clusters(num_clusters, k_max)[..., None], init, 0)
-  cents, _, n_iter = _lloyd_pool(
-      prep, num_clusters, jnp.arange(b, dtype=jnp.int32), init,
-      max_iter=max_iter, metric=metric,
-      parallel_runs=_parallel_runs(parallel_runs, b, n, d, k_max))
-  return _finish(prep, num_clusters, cents, n_iter, metric)
+  prep = _prepare(points, point_weights, metric, 0.0)
+  keys = _image_keys(key, b)[:, None]
+  c = _init_prepared(prep, num_clusters, keys, k_max, init,
+                     _slots(4 * n * (2 * d + 6), b))[:, 0]
+  valid = _valid_clusters(num_clusters, k_max)[..., None]
+  return jnp.where(valid, c + prep.offset[:, None, :], 0)
 
 
-@functools.partial(
-    jax.jit, static_argnames=('k_max', 'metric', 'init'))
 def init_centroids(points: jax.Array,
                    num_clusters: jax.Array,
                    key: jax.Array,
@@ -544,7 +588,7 @@ def init_centroids(points: jax.Array,
                    metric: str = 'euclidean',
                    init: str = 'k-means++',
                    point_weights: jax.Array | None = None) -> jax.Array:
-  """The initial centroids `kmeans` would draw for one restart per image.
+  """Initial centroids of one run per image, drawn as `kmeans` draws each run.
 
   Args:
     points: [B, N, D].
@@ -560,14 +604,10 @@ def init_centroids(points: jax.Array,
     >= num_clusters are zeros.
   """
   _check(metric, init)
-  b, n, d = points.shape
-  num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
-  prep = _prepare(points, point_weights, metric, 0.0)
-  keys = _image_keys(key, b)[:, None]
-  c = _init_prepared(prep, num_clusters, keys, k_max, init,
-                     _slots(4 * n * (2 * d + 6), b))[:, 0]
-  valid = _valid_clusters(num_clusters, k_max)[..., None]
-  return jnp.where(valid, c + prep.offset[:, None, :], 0)
+  points = jnp.asarray(points)
+  _check_points(points, k_max)
+  return _init_centroids(points, num_clusters, key, point_weights,
+                         k_max=k_max, metric=metric, init=init)
 
 
 def upsample_labels(labels: jax.Array, height: int, width: int) -> jax.Array:
