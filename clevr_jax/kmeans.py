@@ -157,7 +157,8 @@ def _assign(xt, sq_norms, centroids, num_clusters, metric):
     metric: 'euclidean' or 'cosine'.
 
   Returns:
-    labels [..., N] int32 and distances [..., N] (squared euclidean, or 1 - cos).
+    labels [..., N] int32 and distances [..., N]: squared euclidean, or
+    1 - cos.
   """
   k_max = centroids.shape[-2]
   dots = jnp.einsum('...kd,...dn->...kn', centroids, xt)
@@ -252,7 +253,8 @@ def _kmeans_plusplus_one(xt, sq_norms, w, seed_w, num_clusters, key, k_max):
 
 def _random_init_one(x, w, num_clusters, key, k_max):
   """K distinct points, drawn proportionally to w without replacement."""
-  # Gumbel top-k: log w + Gumbel noise, top k = weighted sampling w/o replacement.
+  # Gumbel top-k: the top k of log w + Gumbel noise are a weighted sample
+  # without replacement.
   g = jnp.log(w) + jax.random.gumbel(key, w.shape, x.dtype)
   _, ids = jax.lax.top_k(g, k_max)
   return jnp.where(_valid_clusters(num_clusters, k_max)[:, None], x[ids], 0)

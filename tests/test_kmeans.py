@@ -33,7 +33,8 @@ def samples():
   for i in (0, 1):
     with np.load(_SAMPLES / f'sample_{i}.npz') as d:
       images.append(d['image'].astype(np.float32) / 255)
-      ks.append(int((d['mask'].reshape(d['mask'].shape[0], -1) > 0).any(1).sum()))
+      masks = d['mask'].reshape(d['mask'].shape[0], -1)
+      ks.append(int((masks > 0).any(axis=1).sum()))
   assert ks == [8, 9]  # background + 7 and + 8 objects
   return np.stack(images), np.array(ks, np.int32)
 
