@@ -16,7 +16,9 @@ import threadpoolctl
 
 from clevr_jax import kmeans as km
 
-_SAMPLES = pathlib.Path('/work/shared/data/clevr_with_masks_samples')
+# shared/ lies beside the repository (in CI too).
+_SAMPLES = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' /
+            'clevr_with_masks_samples')
 _H, _W = 240, 320
 
 
