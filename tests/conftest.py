@@ -1,0 +1,223 @@
+"""Fixtures shared by the whole test suite.
+
+Session fixtures (each built once, on first use):
+
+  data_dir         str: a session temporary directory in which the `:test`
+                   synthetic dataset (48x64 images, 32 train / 12 test scenes)
+                   is prepared once with `clevr_jax.data.pipeline.prepare`.
+                   Every `configs/*.py:test` config reads this same dataset
+                   (grayscale images and supervised targets are made when
+                   reading).
+  test_config      factory: `test_config(name="unet_rgb")` returns a fresh,
+                   unlocked `configs/<name>.py:test` ConfigDict whose
+                   `data.data_dir` is `data_dir`. A new object every call:
+                   change it freely.
+  trained_workdir  str: a workdir in which `train.train_and_evaluate` trained
+                   `unet_rgb:test` once, in this process: 2 epochs of 4 steps,
+                   checkpoints of steps 4 and 8, metrics.jsonl, tensorboard/,
+                   previews/. Tests may add files (evaluation results) but must
+                   not train in it or change its checkpoints: other tests
+                   compare against them.
+  run_python       function: `run_python(args, devices=None, timeout=600)`
+                   runs `python *args` in a child process from the repository
+                   root and returns its `subprocess.CompletedProcess` (text
+                   stdout and stderr; a non-zero exit is returned, not raised;
+                   killed past `timeout`). `devices=N` gives the child N
+                   simulated CPU devices
+                   (XLA_FLAGS=--xla_force_host_platform_device_count=N); this
+                   process keeps JAX's default single CPU device.
+  start_python     the same, without waiting: `start_python(args, devices=None)`
+                   returns a started `Child`; `child.result(timeout=600)` waits
+                   for it. On two cores, a child overlaps with the work of this
+                   process (compiling is single-threaded). Children still running
+                   when the session ends are killed.
+  data_parallel_runs
+                   {devices: DataParallelRun} for 1 and 4 devices: in each,
+                   `tests/helpers/data_parallel.py` ran 3 train steps of
+                   `unet_gray:test`, with Adam's eps=1 (see the helper), on the
+                   same global batch, wrote the state and the step metrics to
+                   `npz`, and saved the state as an orbax checkpoint in
+                   `checkpoint_dir`. Both children start together when
+                   `data_parallel_children` is first requested (a module may
+                   request it early, to overlap them with its own work); this
+                   fixture waits for them and checks they succeeded.
+
+Compiled work is shared through JAX's persistent compilation cache. Compiling
+the U-Net (its threefry initialisation above all) takes tens of seconds on a
+CPU, and every run of `train_and_evaluate` builds new jitted functions, so
+without the cache each test and each child process would compile the same
+programs again. The cache lives in a session temporary directory (or in
+$JAX_COMPILATION_CACHE_DIR when that is set), is configured before any test
+compiles, and reaches child processes through the environment. It stores only
+programs that took at least a second to compile (JAX's default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPERS = os.path.join(REPO_ROOT, "tests", "helpers")
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+if REPO_ROOT not in sys.path:  # `configs/*.py` import `configs.default`
+  sys.path.insert(0, REPO_ROOT)
+
+# Before JAX is imported anywhere in this process: its config reads the
+# environment at import, and children inherit the variable.
+_OWN_CACHE_DIR = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="clevr_jax_test_jit_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# In case JAX was imported (by a plugin) before this module.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+_CHILDREN = []  # every Child started, to stop those a session leaves running
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  for child in _CHILDREN:
+    child.stop()
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE_DIR:
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
+
+def _load_config(name: str):
+  import importlib  # pylint: disable=g-import-not-at-top
+  return importlib.import_module(f"configs.{name}").get_config("test")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+  from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("tfds"))
+  config = _load_config("unet_rgb")
+  config.data.data_dir = path
+  pipeline.prepare(config)
+  return path
+
+
+@pytest.fixture(scope="session")
+def test_config(data_dir):
+  def make(name: str = "unet_rgb"):
+    config = _load_config(name)
+    config.data.data_dir = data_dir
+    return config
+  return make
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, test_config) -> str:
+  from clevr_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("trained") / "unet_rgb_test")
+  train.train_and_evaluate(test_config("unet_rgb"), workdir)
+  return workdir
+
+
+def child_env(devices: int | None = None) -> dict[str, str]:
+  """This process's environment for a child with `devices` CPU devices.
+
+  The device-count flag is left out for a single device, so that the child's
+  programs match this process's ones in the compilation cache (XLA_FLAGS are
+  part of its key).
+  """
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
+  if devices is not None and devices > 1:
+    flags.append(f"{_DEVICE_COUNT_FLAG}={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  return env
+
+
+class Child:
+  """A child Python process, started at once; `result()` waits for it (once)."""
+
+  def __init__(self, args, devices: int | None = None):
+    self.args = [sys.executable, *map(str, args)]
+    self.devices = devices
+    self._process = subprocess.Popen(self.args, cwd=REPO_ROOT, env=child_env(devices),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    self._result = None
+    _CHILDREN.append(self)
+
+  def stop(self) -> None:
+    """Kills it if it still runs (a test that started it was deselected or failed)."""
+    if self._process.poll() is None:
+      self._process.kill()
+      self._process.communicate()
+
+  def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Its exit status and output; killed past `timeout`, so CI never hangs."""
+    if self._result is None:
+      try:
+        stdout, stderr = self._process.communicate(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        self._process.kill()
+        stdout, stderr = self._process.communicate()
+        stderr += f"\n[killed after {timeout} s]"
+      self._result = subprocess.CompletedProcess(self.args, self._process.returncode,
+                                                 stdout, stderr)
+    return self._result
+
+
+@pytest.fixture(scope="session")
+def start_python():
+  return Child
+
+
+@pytest.fixture(scope="session")
+def run_python():
+  def run(args, devices: int | None = None, timeout: float = 600
+          ) -> subprocess.CompletedProcess:
+    return Child(args, devices).result(timeout)
+  return run
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallelRun:
+  devices: int
+  npz: str
+  checkpoint_dir: str
+
+
+@pytest.fixture(scope="session")
+def data_parallel_children(tmp_path_factory, data_dir) -> dict[int, tuple[DataParallelRun, Child]]:
+  root = tmp_path_factory.mktemp("data_parallel")
+  children = {}
+  for devices in (1, 4):
+    run = DataParallelRun(devices, str(root / f"devices{devices}.npz"),
+                          str(root / f"checkpoint{devices}"))
+    children[devices] = run, Child(
+        [os.path.join(HELPERS, "data_parallel.py"),
+         f"--config={REPO_ROOT}/configs/unet_gray.py:test",
+         f"--config.data.data_dir={data_dir}", "--config.optimizer.eps=1.0",
+         "--steps=3", f"--out={run.npz}", f"--save_checkpoint={run.checkpoint_dir}"],
+        devices=devices)
+  return children
+
+
+@pytest.fixture(scope="session")
+def data_parallel_runs(data_parallel_children) -> dict[int, DataParallelRun]:
+  for devices, (_, child) in data_parallel_children.items():
+    result = child.result()
+    assert result.returncode == 0, f"{devices} device(s):\n{result.stderr[-5000:]}"
+  return {devices: run for devices, (run, _) in data_parallel_children.items()}

@@ -1,0 +1,93 @@
+"""Data-parallel train steps, or a restore, on however many devices this process has.
+
+  python tests/helpers/data_parallel.py --config=configs/unet_gray.py:test \
+      --config.data.data_dir=DIR --steps=3 --out=state.npz [--save_checkpoint=DIR]
+  python tests/helpers/data_parallel.py --config=... --restore=DIR --out=state.npz
+
+Run it with XLA_FLAGS=--xla_force_host_platform_device_count=N for N devices.
+
+Steps: initialises the state from the config's seed, replicates it over a mesh
+of all devices and runs `--steps` train steps on one fixed global batch (the
+first of the training split's epoch 0, split over the devices by the real
+pipeline), then optionally saves the state with `checkpoints.save`.
+Restore: `checkpoints.restore` of the newest checkpoint in `--restore` onto
+this process's mesh, as `train.py` resumes.
+
+Writes to `--out` every leaf of the state (keys from `jax.tree_util.keystr`),
+`metrics/loss` and `metrics/grad_norm` per step, `device_count`, and
+`replicated`: whether every leaf is a global array replicated over all devices.
+
+Comparing runs on different device counts: use Adam's eps=1 (a flag override).
+With eps=1e-8 Adam's first update is about lr * g/|g| per parameter, so float
+noise in near-zero gradients (sums in another order) flips whole updates; with
+eps=1 the updates are nearly proportional to the gradients.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py[:preset]")
+_OUT = flags.DEFINE_string("out", None, "The .npz to write.")
+_STEPS = flags.DEFINE_integer("steps", 0, "Train steps on the fixed batch.")
+_SAVE = flags.DEFINE_string("save_checkpoint", None, "Save the final state in DIR/checkpoints.")
+_RESTORE = flags.DEFINE_string("restore", None, "Restore the newest checkpoint of DIR.")
+
+
+def main(argv) -> None:
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from clevr_jax import steps  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  mesh = steps.make_mesh()
+  model = steps.make_model(config, axis_name=steps.AXIS)
+  tx = steps.make_optimizer(config, max(_STEPS.value, 1))
+  if _RESTORE.value:
+    # Only shapes and dtypes are read from `like`; no need to compile the init.
+    like = jax.eval_shape(lambda: steps.init_state(config, model, tx, steps.input_shape(config)))
+    state = checkpoints.restore(checkpoints.make_manager(_RESTORE.value, read_only=True),
+                                like, mesh)
+  else:
+    state = steps.replicate(
+        steps.init_state(config, model, tx, steps.input_shape(config)), mesh)
+
+  losses, grad_norms = [], []
+  if _STEPS.value:
+    from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    host_batch = next(pipeline.Split(config, "train").train_batches(
+        0, local_devices=jax.local_device_count()))
+    batch = steps.global_batch(host_batch, mesh)
+    train_step = steps.make_train_step(config, model, tx, mesh)
+    for _ in range(_STEPS.value):
+      state, metrics = train_step(state, batch)
+      losses.append(float(metrics["loss"]))
+      grad_norms.append(float(metrics["grad_norm"]))
+  if _SAVE.value:
+    manager = checkpoints.make_manager(_SAVE.value, config)
+    checkpoints.save(manager, state)
+    manager.wait_until_finished()
+
+  leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+  replicated = all(x.sharding.is_fully_replicated
+                   and len(x.sharding.device_set) == jax.device_count() for _, x in leaves)
+  arrays = {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+  np.savez(_OUT.value, **arrays, **{
+      "metrics/loss": np.asarray(losses, np.float64),
+      "metrics/grad_norm": np.asarray(grad_norms, np.float64),
+      "device_count": np.asarray(jax.device_count()),
+      "replicated": np.asarray(replicated)})
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "out"])
+  app.run(main)
