@@ -23,20 +23,25 @@ def _free_port() -> int:
 def _run(num_processes, devices, data_dir, workdir, eval_workdir, out):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # Output to files, not pipes: a process blocked on a full pipe that nobody
+  # reads yet would stall the collectives of the others.
+  logs = [open(f"{out}.process{i}.log", "w+") for i in range(num_processes)]
   procs = [subprocess.Popen(
       [sys.executable, WORKER, str(i), str(num_processes), str(port), str(devices),
-       data_dir, workdir, eval_workdir, out], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(num_processes)]
-  logs = []
+       data_dir, workdir, eval_workdir, out], env=env, stdout=log, stderr=subprocess.STDOUT,
+      text=True) for i, log in enumerate(logs)]
   try:
     for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+      p.wait(timeout=TIMEOUT_S)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
   for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+    log.seek(0)
+    assert p.returncode == 0, log.read()[-3000:]
+    log.close()
   with open(out + ".json") as f:
     results = json.load(f)
   params = np.load(out + ".npz")
