@@ -22,25 +22,26 @@ Session fixtures (each built once, on first use):
                    runs `python *args` in a child process from the repository
                    root and returns its `subprocess.CompletedProcess` (text
                    stdout and stderr; a non-zero exit is returned, not raised;
-                   killed past `timeout`). `devices=N` gives the child N
-                   simulated CPU devices
-                   (XLA_FLAGS=--xla_force_host_platform_device_count=N); this
-                   process keeps JAX's default single CPU device.
+                   killed past `timeout`). `devices=N` runs the child on N
+                   (simulated) CPU devices: JAX_PLATFORMS=cpu and
+                   XLA_FLAGS=--xla_force_host_platform_device_count=N; this
+                   process keeps JAX's default devices.
   start_python     the same, without waiting: `start_python(args, devices=None)`
                    returns a started `Child`; `child.result(timeout=600)` waits
                    for it. On two cores, a child overlaps with the work of this
                    process (compiling is single-threaded). Children still running
                    when the session ends are killed.
-  data_parallel_runs
-                   {devices: DataParallelRun} for 1 and 4 devices: in each,
-                   `tests/helpers/data_parallel.py` ran 3 train steps of
-                   `unet_gray:test`, with Adam's eps=1 (see the helper), on the
-                   same global batch, wrote the state and the step metrics to
-                   `npz`, and saved the state as an orbax checkpoint in
-                   `checkpoint_dir`. Both children start together when
-                   `data_parallel_children` is first requested (a module may
-                   request it early, to overlap them with its own work); this
-                   fixture waits for them and checks they succeeded.
+  data_parallel_run
+                   factory: `data_parallel_run(devices, wait=True)` returns a
+                   DataParallelRun in which `tests/helpers/data_parallel.py`
+                   ran, on `devices` devices, 3 train steps of
+                   `unet_gray:test` with Adam's eps=1 (see the helper) on the
+                   first global batch of the training split, wrote the state
+                   and the step metrics to `.npz` and saved the state as an
+                   orbax checkpoint in `.checkpoint_dir`. One child per device
+                   count, started by the first call; `wait=False` only starts
+                   it (a module may start it early, to overlap it with its own
+                   work), `wait=True` also checks it succeeded.
 
 Compiled work is shared through JAX's persistent compilation cache. Compiling
 the U-Net (its threefry initialisation above all) takes tens of seconds on a
@@ -131,31 +132,38 @@ def trained_workdir(tmp_path_factory, test_config) -> str:
 
 
 def child_env(devices: int | None = None) -> dict[str, str]:
-  """This process's environment for a child with `devices` CPU devices.
+  """This process's environment, for a child on `devices` CPU devices if given.
 
-  The device-count flag is left out for a single device, so that the child's
-  programs match this process's ones in the compilation cache (XLA_FLAGS are
-  part of its key).
+  Without `devices` the child runs where this process does. The device-count
+  flag is left out for a single device, so that the child's programs match
+  this process's ones in the compilation cache (XLA_FLAGS are part of its key).
   """
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
-  if devices is not None and devices > 1:
-    flags.append(f"{_DEVICE_COUNT_FLAG}={devices}")
+  if devices is not None:
+    env["JAX_PLATFORMS"] = "cpu"
+    if devices > 1:
+      flags.append(f"{_DEVICE_COUNT_FLAG}={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
-  env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
       [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   return env
 
 
 class Child:
-  """A child Python process, started at once; `result()` waits for it (once)."""
+  """A child Python process, started at once; `result()` waits for it (once).
+
+  Its output goes to files, not pipes: a child that logs more than a pipe
+  holds would otherwise stop until someone reads it.
+  """
 
   def __init__(self, args, devices: int | None = None):
     self.args = [sys.executable, *map(str, args)]
     self.devices = devices
+    self._stdout = tempfile.TemporaryFile("w+")
+    self._stderr = tempfile.TemporaryFile("w+")
     self._process = subprocess.Popen(self.args, cwd=REPO_ROOT, env=child_env(devices),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=self._stdout, stderr=self._stderr, text=True)
     self._result = None
     _CHILDREN.append(self)
 
@@ -163,19 +171,24 @@ class Child:
     """Kills it if it still runs (a test that started it was deselected or failed)."""
     if self._process.poll() is None:
       self._process.kill()
-      self._process.communicate()
+      self._process.wait()
 
   def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
     """Its exit status and output; killed past `timeout`, so CI never hangs."""
     if self._result is None:
+      note = ""
       try:
-        stdout, stderr = self._process.communicate(timeout=timeout)
+        self._process.wait(timeout=timeout)
       except subprocess.TimeoutExpired:
-        self._process.kill()
-        stdout, stderr = self._process.communicate()
-        stderr += f"\n[killed after {timeout} s]"
+        self.stop()
+        note = f"\n[killed after {timeout} s]"
+      outputs = []
+      for f in (self._stdout, self._stderr):
+        f.seek(0)
+        outputs.append(f.read())
+        f.close()
       self._result = subprocess.CompletedProcess(self.args, self._process.returncode,
-                                                 stdout, stderr)
+                                                 outputs[0], outputs[1] + note)
     return self._result
 
 
@@ -197,27 +210,27 @@ class DataParallelRun:
   devices: int
   npz: str
   checkpoint_dir: str
+  child: Child
 
 
 @pytest.fixture(scope="session")
-def data_parallel_children(tmp_path_factory, data_dir) -> dict[int, tuple[DataParallelRun, Child]]:
+def data_parallel_run(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("data_parallel")
-  children = {}
-  for devices in (1, 4):
-    run = DataParallelRun(devices, str(root / f"devices{devices}.npz"),
-                          str(root / f"checkpoint{devices}"))
-    children[devices] = run, Child(
-        [os.path.join(HELPERS, "data_parallel.py"),
-         f"--config={REPO_ROOT}/configs/unet_gray.py:test",
-         f"--config.data.data_dir={data_dir}", "--config.optimizer.eps=1.0",
-         "--steps=3", f"--out={run.npz}", f"--save_checkpoint={run.checkpoint_dir}"],
-        devices=devices)
-  return children
+  runs: dict[int, DataParallelRun] = {}
 
+  def get(devices: int, wait: bool = True) -> DataParallelRun:
+    if devices not in runs:
+      npz, checkpoint_dir = str(root / f"devices{devices}.npz"), str(root / f"checkpoint{devices}")
+      runs[devices] = DataParallelRun(devices, npz, checkpoint_dir, Child(
+          [os.path.join(HELPERS, "data_parallel.py"),
+           f"--config={REPO_ROOT}/configs/unet_gray.py:test",
+           f"--config.data.data_dir={data_dir}", "--config.optimizer.eps=1.0",
+           "--steps=3", f"--out={npz}", f"--save_checkpoint={checkpoint_dir}"],
+          devices=devices))
+    run = runs[devices]
+    if wait:
+      result = run.child.result()
+      assert result.returncode == 0, f"{devices} device(s):\n{result.stderr[-5000:]}"
+    return run
 
-@pytest.fixture(scope="session")
-def data_parallel_runs(data_parallel_children) -> dict[int, DataParallelRun]:
-  for devices, (_, child) in data_parallel_children.items():
-    result = child.result()
-    assert result.returncode == 0, f"{devices} device(s):\n{result.stderr[-5000:]}"
-  return {devices: run for devices, (run, _) in data_parallel_children.items()}
+  return get

@@ -1,7 +1,7 @@
 """Tests of clevr_jax.steps: objectives, targets, training on a fixed batch, data parallelism.
 
 The data-parallel comparison runs in child processes (this process keeps one
-CPU device): see `data_parallel_runs` in conftest.py and
+CPU device): see `data_parallel_run` in conftest.py and
 tests/helpers/data_parallel.py. They start with this module and run beside its
 other tests; its last tests wait for them.
 """
@@ -22,9 +22,12 @@ from clevr_jax.data import schema
 @pytest.fixture(scope="module", autouse=True)
 def _start_data_parallel_runs(request):
   """Starts the children when a selected test needs them: they overlap with the rest."""
-  if any("data_parallel_runs" in item.fixturenames and item.module is request.module
+  if any("data_parallel_run" in item.fixturenames and item.module is request.module
          for item in request.session.items):
-    request.getfixturevalue("data_parallel_children")
+    start = request.getfixturevalue("data_parallel_run")
+    start(1, wait=False)
+    start(4, wait=False)
+
 
 # --- supervised targets and the gray map from hand-made stored examples ------
 
@@ -179,19 +182,19 @@ def _state(npz):
   return {k: npz[k] for k in npz.files if k.startswith(".")}
 
 
-def test_data_parallel_run_has_the_devices_it_asked_for(data_parallel_runs):
-  for devices, run in data_parallel_runs.items():
-    with np.load(run.npz) as npz:
+def test_data_parallel_run_has_the_devices_it_asked_for(data_parallel_run):
+  for devices in (1, 4):
+    with np.load(data_parallel_run(devices).npz) as npz:
       assert int(npz["device_count"]) == devices
       assert bool(npz["replicated"])  # the state is one global, replicated array
 
 
-def test_four_devices_step_like_one_device_over_the_same_global_batch(data_parallel_runs):
+def test_four_devices_step_like_one_device_over_the_same_global_batch(data_parallel_run):
   # unet_gray:test, so the cross-device parts are all exercised: the pmean'd
   # loss, BatchNorm statistics over the global batch, and the gray/colour
   # counts of the weighted loss summed over devices. Three steps, each on the
   # state the previous one left.
-  with np.load(data_parallel_runs[1].npz) as one, np.load(data_parallel_runs[4].npz) as four:
+  with np.load(data_parallel_run(1).npz) as one, np.load(data_parallel_run(4).npz) as four:
     np.testing.assert_allclose(four["metrics/loss"], one["metrics/loss"], rtol=1e-5)
     np.testing.assert_allclose(four["metrics/grad_norm"], one["metrics/grad_norm"], rtol=1e-5)
     assert len(one["metrics/loss"]) == 3

@@ -40,6 +40,7 @@ def _restore(config, workdir, step=None):
   tx = steps.make_optimizer(config, 1)
   like = jax.eval_shape(lambda: steps.init_state(config, model, tx, steps.input_shape(config)))
   manager = checkpoints.make_manager(workdir, read_only=True)
+  assert step is None or step in manager.all_steps(), (step, manager.all_steps())
   return checkpoints.restore(manager, like, steps.make_mesh(), step=step)
 
 
@@ -64,13 +65,14 @@ def _checkpoint_steps(workdir):
 
 
 @pytest.fixture(scope="module")
-def _children(tmp_path_factory, start_python, data_dir, trained_workdir):
+def _children(tmp_path_factory, start_python, data_dir, trained_workdir, data_parallel_run):
   """The module's child processes, started together; each test waits for its own.
 
   After trained_workdir: the training child then loads its programs from the
   compilation cache instead of compiling them beside this process.
   """
   del trained_workdir
+  data_parallel_run(4, wait=False)  # the checkpoint saved on 4 devices
   tmp = tmp_path_factory.mktemp("train_children")
   killed = str(tmp / "killed")
   return {
@@ -182,8 +184,8 @@ def test_run_killed_after_its_first_save_resumes_from_it(_children, trained_work
 
 
 def test_checkpoint_saved_on_four_devices_restores_on_one_and_two(
-    tmp_path, run_python, data_parallel_runs, test_config):
-  saved_on_four = data_parallel_runs[4]
+    tmp_path, run_python, data_parallel_run, test_config):
+  saved_on_four = data_parallel_run(4)
   with np.load(saved_on_four.npz) as npz:
     assert int(npz["device_count"]) == 4
     expected = {k: npz[k] for k in npz.files if k.startswith(".")}

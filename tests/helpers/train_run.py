@@ -18,9 +18,7 @@ from __future__ import annotations
 import os
 import signal
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 
