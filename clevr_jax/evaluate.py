@@ -131,7 +131,7 @@ def cluster_and_score(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   return table, first
 
 
-def _tap_features_fn(config, state, model, taps):
+def _tap_features_fn(state, model, taps):
   predict = steps.make_predict_fn(model, taps)
   return lambda batch: predict(state, batch["image"])[1]
 
@@ -183,7 +183,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     taps = tuple(config.eval.taps)
     results["taps"], first = cluster_and_score(
-        config, mesh, _tap_features_fn(config, state, model, taps), taps, split,
+        config, mesh, _tap_features_fn(state, model, taps), taps, split,
         keep_first=config.eval.num_figure_images)
     if jax.process_index() == 0:
       plots.save_tap_figures(workdir, results["taps"], first, taps)
@@ -311,9 +311,10 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
   files = _png_files(paths)
   mesh = steps.make_mesh()
   if tap == "input":
-    state, model = None, None  # raw pixels: no checkpoint needed
+    state, predict = None, None  # raw pixels: no checkpoint needed
   else:
     state, model = restore_state(config, workdir, mesh)
+    predict = steps.make_predict_fn(model, (tap,))  # one jit: images of a size share it
   km = config.eval.kmeans
   run_kmeans = jax.jit(functools.partial(
       kmeans.kmeans, k_max=num_clusters, num_restarts=km.num_restarts,
@@ -330,10 +331,10 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     if config.data.grayscale:
       image = image @ np.asarray(schema.LUMINANCE_WEIGHTS, np.float32)[:, None]
     real = np.pad(np.ones((height, width), np.float32), pad[:2])
-    if model is None:
+    if predict is None:
       features = jnp.asarray(image[None])
     else:
-      features = steps.make_predict_fn(model, (tap,))(state, jnp.asarray(image[None]))[1][tap]
+      features = predict(state, jnp.asarray(image[None]))[1][tap]
     _, h, w, c = features.shape
     f = image.shape[0] // h
     weights = real.reshape(h, f, w, f).sum((1, 3)).reshape(1, h * w)
