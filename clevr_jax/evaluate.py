@@ -34,7 +34,7 @@ from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import steps
 from clevr_jax.data import pipeline
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 K_MODES = ("oracle_k", "fixed_k")
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 # Slack on the gray test, so that a channel spread of exactly 10/255 counts as
 # gray despite float rounding (one 8-bit step is 1/255 ~ 4e-3, far above it).

@@ -15,14 +15,9 @@ import logging as python_logging
 import os
 import sys
 
-# `configs/*.py` import `configs.default`: make the repository root importable
-# whichever directory the command runs from.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_REPO_ROOT, "configs")) and _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app  # pylint: disable=g-import-not-at-top  (after NO_GCE_CHECK)
 from absl import flags
 from absl import logging
 from ml_collections import config_flags

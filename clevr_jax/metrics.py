@@ -6,7 +6,7 @@ true and predicted labels, [B, T, P]). IoU matrices, ARI / FG-ARI and confusion
 matrices all follow from that table. Only the Hungarian matching, on tables of
 at most a few dozen entries per image, runs on the host (SciPy).
 
-Conventions (see `clevr_jax.data.schema`): true label 0 is the background; the
+Conventions (see `clevr_jax.schema`): true label 0 is the background; the
 true masks of an image are its slots 0..num_true-1; a slot or cluster with no
 pixels is not a mask (it is skipped on the true side and scores as "missing" on
 the predicted side). Labels outside [0, num_slots) are ignored: their pixels

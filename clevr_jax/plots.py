@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 # Background black, then the three shapes, as distinct colours.
 CLASS_COLORS = np.array([[0, 0, 0], [230, 90, 60], [70, 160, 230], [250, 210, 60]],

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clevr_jax import losses
 from clevr_jax import models
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 AXIS = "batch"  # the data-parallel mesh axis
 TASKS = ("reconstruction", "segmentation")

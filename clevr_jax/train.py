@@ -22,7 +22,7 @@ from clevr_jax import metrics
 from clevr_jax import plots
 from clevr_jax import steps
 from clevr_jax.data import pipeline
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:

@@ -1,10 +1,10 @@
 """Auto-Encoder reconstructing grayscale images, loss weighted by inverse gray/colour frequency."""
 
-from configs import default
+from clevr_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config(arg)
+  config = defaults.get_config(arg)
   config.name = "ae_gray"
   config.model.skip = False
   config.data.grayscale = True

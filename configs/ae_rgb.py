@@ -1,10 +1,10 @@
 """Auto-Encoder (the U-Net without skips) reconstructing RGB images with per-pixel MSE."""
 
-from configs import default
+from clevr_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config(arg)
+  config = defaults.get_config(arg)
   config.name = "ae_rgb"
   config.model.skip = False
   return config

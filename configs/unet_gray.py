@@ -1,10 +1,10 @@
 """U-Net reconstructing grayscale images, loss weighted by inverse gray/colour frequency."""
 
-from configs import default
+from clevr_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config(arg)
+  config = defaults.get_config(arg)
   config.name = "unet_gray"
   config.model.skip = True
   config.data.grayscale = True

@@ -1,10 +1,10 @@
 """U-Net (skip connections) reconstructing RGB images with per-pixel MSE."""
 
-from configs import default
+from clevr_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config(arg)
+  config = defaults.get_config(arg)
   config.name = "unet_rgb"
   config.model.skip = True
   return config

@@ -1,10 +1,10 @@
 """U-Net trained supervised for 4-class semantic segmentation (background, sphere, cylinder, cube)."""
 
-from configs import default
+from clevr_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config(arg)
+  config = defaults.get_config(arg)
   config.name = "unet_supervised"
   config.task = "segmentation"
   config.model.skip = True

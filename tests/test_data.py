@@ -15,14 +15,14 @@ from clevr_jax.data import clevr_with_masks
 from clevr_jax.data import official
 from clevr_jax.data import pipeline
 from clevr_jax.data import renderer
-from clevr_jax.data import schema
+from clevr_jax import schema
 from clevr_jax.data import synthetic_clevr
-from configs import default
+from clevr_jax import defaults
 
 tfds.disable_progress_bar()
 
-# shared/ lies beside the repository (in CI too).
-_SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "clevr_with_masks_samples"
+# Two real records, kept in the repository (see their README for licence and source).
+_SAMPLES = pathlib.Path(__file__).resolve().parent / "data" / "clevr_with_masks_samples"
 # A tiny record range of the official file, like the poster's 0-6999 / 7000-7999.
 _REAL_TRAIN = (0, 5)
 _REAL_TEST = (5, 8)
@@ -35,7 +35,7 @@ _FLOATS_AND_CODES = (("pixel_coords",) + schema.FLOAT_FEATURES
 
 
 def _test_config(data_dir, **data_overrides):
-  config = default.get_config("test")
+  config = defaults.get_config("test")
   config.data.data_dir = str(data_dir)
   for name, value in data_overrides.items():
     setattr(config.data, name, value)
@@ -302,7 +302,7 @@ def test_clevr6_filter_drops_scenes_with_more_objects(real_records, tmp_path):
 
 
 def test_missing_official_file_says_where_and_what_to_do(tmp_path):
-  config = default.get_config()  # the real dataset, default manual_dir
+  config = defaults.get_config()  # the real dataset, default manual_dir
   config.data.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError) as error:
     pipeline.prepare(config)

@@ -15,10 +15,10 @@ from clevr_jax import metrics
 from clevr_jax import models
 from clevr_jax import steps
 from clevr_jax.data import official
-from clevr_jax.data import schema
+from clevr_jax import schema
 
-SAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                       "clevr_with_masks_samples")
+# Two real records, kept in the repository (see their README for licence and source).
+SAMPLES = os.path.join(os.path.dirname(__file__), "data", "clevr_with_masks_samples")
 
 
 @pytest.fixture(scope="module")

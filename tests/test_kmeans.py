@@ -16,9 +16,8 @@ import threadpoolctl
 
 from clevr_jax import kmeans as km
 
-# shared/ lies beside the repository (in CI too).
-_SAMPLES = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' /
-            'clevr_with_masks_samples')
+# Two real records, kept in the repository (see their README for licence and source).
+_SAMPLES = pathlib.Path(__file__).resolve().parent / 'data' / 'clevr_with_masks_samples'
 _H, _W = 240, 320
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clevr_jax import losses
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 GRAY = (0.5, 0.5, 0.5)
 RED = (1.0, 0.0, 0.0)

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from clevr_jax import steps
 from clevr_jax.data import pipeline
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 
 @pytest.fixture(scope="module", autouse=True)

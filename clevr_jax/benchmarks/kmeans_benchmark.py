@@ -30,8 +30,8 @@ import threadpoolctl
 from clevr_jax import kmeans as km
 
 _SAMPLES = flags.DEFINE_string(
-    'samples', os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared',
-                            'data', 'clevr_with_masks_samples'),
+    'samples', os.path.join(os.path.dirname(__file__), '..', '..', 'tests', 'data',
+                            'clevr_with_masks_samples'),
     'Folder of sample_{0,1}.npz (key image: [240, 320, 3] uint8).')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Images per batch.')
 _RESTARTS = flags.DEFINE_integer('restarts', 10, 'Restarts (n_init).')

@@ -28,17 +28,10 @@ import dataclasses
 import itertools
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-# `configs/*.py` import `configs.default` from the repository root.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-if os.path.isdir(os.path.join(_REPO_ROOT, 'configs')) and _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags

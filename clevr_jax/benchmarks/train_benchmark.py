@@ -36,24 +36,17 @@ import dataclasses
 import functools
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable, Sequence
 
-# `configs/default.py` lives at the repository root, outside the package.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-if os.path.isdir(os.path.join(_REPO_ROOT, 'configs')) and _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
+from clevr_jax import defaults
 from clevr_jax import steps
-from configs import default
 
 _SIZES = flags.DEFINE_list('sizes', ['240x320'], 'Image sizes as HxW.')
 _BASE_WIDTHS = flags.DEFINE_list(
@@ -149,7 +142,7 @@ def median_step_seconds(run: Callable[[int], Any], num_steps: int,
 def bench_config(base_width: int, dtype: str, height: int, width: int,
                  depth: int = 4) -> ml_collections.ConfigDict:
   """The poster's reconstruction config with the benchmarked model and size."""
-  config = default.get_config()
+  config = defaults.get_config()
   config.model.base_width = base_width
   config.model.depth = depth
   config.model.dtype = dtype

@@ -1,1 +1,1 @@
-"""Data: the record schema, the synthetic renderer, TFDS builders and the tf.data pipeline."""
+"""Data: the synthetic renderer, TFDS builders and the tf.data pipeline."""

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from clevr_jax.data import official
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 
 def compact_features(height: int, width: int) -> tfds.features.FeaturesDict:

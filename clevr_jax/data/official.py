@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 OFFICIAL_FILENAME = "clevr_with_masks_train.tfrecords"
 GCS_PATH = "gs://multi-object-datasets/clevr_with_masks/" + OFFICIAL_FILENAME

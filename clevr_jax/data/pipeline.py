@@ -33,7 +33,7 @@ import tensorflow_datasets as tfds
 
 from clevr_jax.data import clevr_with_masks
 from clevr_jax.data import official
-from clevr_jax.data import schema
+from clevr_jax import schema
 from clevr_jax.data import synthetic_clevr
 
 # JAX owns the accelerators: TensorFlow only reads data, on the CPU.

@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from clevr_jax.data import schema
+from clevr_jax import schema
 
 # Bump whenever the output for a given seed and config changes.
 RENDERER_VERSION = 3
