@@ -26,7 +26,8 @@ Session fixtures (each built once, on first use):
                    (simulated) CPU devices: JAX_PLATFORMS=cpu and
                    XLA_FLAGS=--xla_force_host_platform_device_count=N; this
                    process keeps JAX's default devices.
-  start_python     the same, without waiting: `start_python(args, devices=None)`
+  start_python     the same, without waiting: `start_python(args, devices=None,
+                   env=None)` (`env`: variables to set in the child)
                    returns a started `Child`; `child.result(timeout=600)` waits
                    for it. On two cores, a child overlaps with the work of this
                    process (compiling is single-threaded). Children still running
@@ -131,7 +132,8 @@ def trained_workdir(tmp_path_factory, test_config) -> str:
   return workdir
 
 
-def child_env(devices: int | None = None) -> dict[str, str]:
+def child_env(devices: int | None = None, extra: dict[str, str] | None = None
+              ) -> dict[str, str]:
   """This process's environment, for a child on `devices` CPU devices if given.
 
   Without `devices` the child runs where this process does. The device-count
@@ -145,6 +147,7 @@ def child_env(devices: int | None = None) -> dict[str, str]:
     if devices > 1:
       flags.append(f"{_DEVICE_COUNT_FLAG}={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
+  env.update(extra or {})
   env["PYTHONPATH"] = os.pathsep.join(
       [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   return env
@@ -157,12 +160,12 @@ class Child:
   holds would otherwise stop until someone reads it.
   """
 
-  def __init__(self, args, devices: int | None = None):
+  def __init__(self, args, devices: int | None = None, env: dict[str, str] | None = None):
     self.args = [sys.executable, *map(str, args)]
     self.devices = devices
     self._stdout = tempfile.TemporaryFile("w+")
     self._stderr = tempfile.TemporaryFile("w+")
-    self._process = subprocess.Popen(self.args, cwd=REPO_ROOT, env=child_env(devices),
+    self._process = subprocess.Popen(self.args, cwd=REPO_ROOT, env=child_env(devices, env),
                                      stdout=self._stdout, stderr=self._stderr, text=True)
     self._result = None
     _CHILDREN.append(self)
