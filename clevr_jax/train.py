@@ -53,9 +53,11 @@ def _diverged(config: ml_collections.ConfigDict, manager, step: int, what: str
   return TrainingDiverged(
       f"training diverged at step {step}: {what}. Stopped without saving that state; "
       f"{kept}. Lower the learning rate (now {lr:g}; e.g. "
-      f"--config.optimizer.learning_rate={lr / 10:g}), or warm it up "
-      "(--config.optimizer.warmup_steps=100), or compute in float32 "
-      "(--config.model.dtype=float32), then run again "
+      f"--config.optimizer.learning_rate={lr / 10:g}) or warm it up "
+      "(--config.optimizer.warmup_steps=100)"
+      + (", or compute in float32 (--config.model.dtype=float32)"
+         if config.model.dtype != "float32" else "")
+      + ", then run again "
       + ("(it resumes from that checkpoint)." if last is not None else "."))
 
 
@@ -189,8 +191,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           train_metrics = {f"train/{k}": float(v) for k, v in train_metrics.items()}
           bad = {k: v for k, v in train_metrics.items() if not math.isfinite(v)}
           if bad:
-            raise _diverged(config, manager, step, ", ".join(
-                f"{k.removeprefix('train/')} is {v}" for k, v in bad.items()))
+            raise _diverged(config, manager, step, ", ".join(  # the loss first
+                f"{k.removeprefix('train/')} is {v}" for k, v in sorted(
+                    bad.items(), key=lambda item: item[0] != "train/loss")))
           images_per_second, left = throughput.update(step)
           logging.info("step %d/%d  epoch %d  loss %.5f  %.1f images/s  %s left",
                        step, total_steps, epoch + 1, train_metrics["train/loss"],
