@@ -84,6 +84,8 @@ def _run(config, workdir: str) -> None:
     guards.check_writable(workdir)
   if mode in ("prepare", "train"):
     guards.check_image_size(config)  # before rendering data the model cannot take
+  if mode in ("prepare", "train", "evaluate", "baselines"):
+    _quiet_progress_bars()
   if mode == "prepare":  # no JAX backend: runs alone on one worker of a slice
     from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     builder = pipeline.prepare(config)
@@ -153,12 +155,17 @@ def _quiet_libraries() -> None:
   logging.get_absl_logger().addFilter(quiet)
   for handler in python_logging.getLogger().handlers:
     handler.addFilter(quiet)
-  if not sys.stderr.isatty():  # progress bars are noise in a log file
-    try:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      return
-    tfds.disable_progress_bar()
+
+
+def _quiet_progress_bars() -> None:
+  """TFDS's progress bars are noise in a log file (imports TFDS: call when data is read)."""
+  if _LOG_ALL.value or sys.stderr.isatty():
+    return
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  tfds.disable_progress_bar()
 
 
 def fail(message: str) -> None:
