@@ -2,15 +2,23 @@
 
 Only process 0 writes; the others get a writer that does nothing, so callers
 need no `if process_index() == 0` of their own.
+
+TensorFlow (tf.summary, for the event files) is imported only when a writer is
+made, so this module belongs to the TensorFlow-free core; where TensorFlow is
+absent, the writer keeps metrics.jsonl and says that it skips TensorBoard.
+metrics.jsonl is strict JSON: a value that is not finite is written as null.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
 from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter:
@@ -19,29 +27,70 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self._summary = None
+    self._tf = None
     if not enabled:
       return
-    import tensorflow as tf  # only the writer of event files needs it
     os.makedirs(workdir, exist_ok=True)
-    self._summary = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      logging.warning("TensorFlow is not installed: no TensorBoard event files, "
+                      "only %s", METRICS_FILE)
+    else:
+      self._tf = tf
+      self._summary = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    import tensorflow as tf
-    with self._summary.as_default(step=step):
-      for name, value in metrics.items():
-        tf.summary.scalar(name, value)
-    self._summary.flush()
-    record = {"step": step, "time": time.time()} | {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps(record) + "\n")
+    if self._summary is not None:
+      with self._summary.as_default(step=step):
+        for name, value in metrics.items():
+          self._tf.summary.scalar(name, value)
+      self._summary.flush()
+    record = {"step": step, "time": time.time()} | {
+        k: float(v) if math.isfinite(float(v)) else None for k, v in metrics.items()}
+    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
     self._jsonl.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._summary.close()
+      if self._summary is not None:
+        self._summary.close()
       self._jsonl.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of `<workdir>/metrics.jsonl` ([] if there is none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def drop_records_after(workdir: str, step: int) -> int:
+  """Removes the records of steps after `step` (logged after the checkpoint a run
+  resumes from, they will be logged again); returns how many were removed."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short by a kill: drop it
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return len(lines) - len(kept)
 
 
 class Throughput:

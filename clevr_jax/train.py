@@ -4,15 +4,23 @@ Resumes from the newest checkpoint in `workdir` (step, parameters, optimizer
 and BatchNorm state, RNG; the data position follows from the step), saves
 every `checkpoint_every_steps` and at each epoch's end, evaluates after each
 epoch, and runs the full evaluation (`evaluate.py`) when training ends.
+
+Guards: process 0 holds the workdir's lock (see `workdir.py`); a loss that is
+not finite (checked at each log step, where it is fetched anyway, and the state
+before each save) stops the run with the last good checkpoint kept; a resumed
+run first drops the log records of steps it will run again, and evaluates an
+epoch whose final checkpoint was saved but whose evaluation was cut off.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -22,7 +30,35 @@ from clevr_jax import metrics
 from clevr_jax import plots
 from clevr_jax import steps
 from clevr_jax.data import pipeline
-from clevr_jax import schema
+from clevr_jax import guards
+
+
+class TrainingDiverged(ValueError):
+  """The loss (or the state about to be saved) is no longer finite."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _diverged(config: ml_collections.ConfigDict, manager, step: int, what: str
+              ) -> TrainingDiverged:
+  manager.wait_until_finished()
+  last = manager.latest_step()
+  lr = config.optimizer.learning_rate
+  kept = (f"the checkpoint of step {last} is the last good state and is kept"
+          if last is not None else "no checkpoint was saved")
+  return TrainingDiverged(
+      f"training diverged at step {step}: {what}. Stopped without saving that state; "
+      f"{kept}. Lower the learning rate (now {lr:g}; e.g. "
+      f"--config.optimizer.learning_rate={lr / 10:g}) or warm it up "
+      "(--config.optimizer.warmup_steps=100)"
+      + (", or compute in float32 (--config.model.dtype=float32)"
+         if config.model.dtype != "float32" else "")
+      + ", then run again "
+      + ("(it resumes from that checkpoint)." if last is not None else "."))
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:
@@ -69,15 +105,24 @@ def write_preview(config: ml_collections.ConfigDict, path: str, state: steps.Tra
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the configured model in `workdir`; returns the last test metrics."""
   steps.check_config(config)
+  guards.check_image_size(config)  # before rendering a dataset the model cannot take
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  guards.check_writable(workdir)
+  if is_chief:
+    with guards.lock(workdir):
+      return _train_and_evaluate(config, workdir)
+  return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  is_chief = jax.process_index() == 0
   prepare_data(config)
   train_split = pipeline.Split(config, "train")
   test_split = pipeline.Split(config, "test")
   # Fails early, with the override to use, when the batch does not divide.
   pipeline.per_device_batch(config.batch_size, jax.process_count(), jax.local_device_count())
   pipeline.per_device_batch(config.eval.batch_size, jax.process_count(),
-                            jax.local_device_count())
+                            jax.local_device_count(), flag="--config.eval.batch_size")
 
   steps_per_epoch = train_split.steps_per_epoch(config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
@@ -87,10 +132,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = steps.init_state(config, model, tx, steps.input_shape(config))
   manager = checkpoints.make_manager(workdir, config)
   if manager.latest_step() is not None:
-    state = checkpoints.restore(manager, state, mesh)
+    state, damaged = checkpoints.restore_newest(manager, state, mesh)
+    if is_chief:
+      checkpoints.set_aside(manager, damaged)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("damaged checkpoints set aside")
+      manager.reload()
     logging.info("Resumed from the checkpoint of step %d in %s", int(state.step), workdir)
   else:
     state = steps.replicate(state, mesh)
+  if is_chief:  # the steps after the checkpoint run again: log them once
+    dropped = logs.drop_records_after(workdir, int(state.step))
+    if dropped:
+      logging.info("Dropped %d record(s) of metrics.jsonl logged after step %d",
+                   dropped, int(state.step))
   train_step = steps.make_train_step(config, model, tx, mesh)
   eval_step = steps.make_eval_step(config, model, mesh)
   predict = steps.make_predict_fn(steps.make_model(config))
@@ -102,7 +157,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.name, total_steps, config.num_epochs, steps_per_epoch,
                jax.device_count(), config.batch_size)
   test_metrics: dict[str, float] = {}
+
+  def end_epoch(epoch: int) -> dict[str, float]:
+    """The epoch's test metrics (logged) and preview."""
+    result = evaluate_epoch(config, state, eval_step, test_split, mesh)
+    logging.info("epoch %d  %s", epoch + 1,
+                 "  ".join(f"{k} {v:.5f}" for k, v in result.items()))
+    writer.write(step, result | {"epoch": epoch + 1})
+    os.makedirs(os.path.join(workdir, "previews"), exist_ok=True)
+    write_preview(config, os.path.join(workdir, "previews", f"epoch_{epoch + 1:03d}.png"),
+                  state, predict, test_split, mesh)
+    return result
+
+  def save_if_finite() -> None:
+    if not bool(_all_finite(state)):
+      raise _diverged(config, manager, step, "the parameters or optimizer state are not "
+                      "finite")
+    checkpoints.save(manager, state)
+
   try:
+    if step and step % steps_per_epoch == 0 and _evaluation_missing(workdir, step):
+      # Killed after the epoch's final checkpoint, before its evaluation.
+      test_metrics = end_epoch(step // steps_per_epoch - 1)
     for epoch in range(step // steps_per_epoch, config.num_epochs):
       batches = train_split.train_batches(
           epoch, skip_batches=step - epoch * steps_per_epoch,
@@ -113,24 +189,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step += 1
         if step % config.log_every_steps == 0 or step == total_steps:
           train_metrics = {f"train/{k}": float(v) for k, v in train_metrics.items()}
+          bad = {k: v for k, v in train_metrics.items() if not math.isfinite(v)}
+          if bad:
+            raise _diverged(config, manager, step, ", ".join(  # the loss first
+                f"{k.removeprefix('train/')} is {v}" for k, v in sorted(
+                    bad.items(), key=lambda item: item[0] != "train/loss")))
           images_per_second, left = throughput.update(step)
           logging.info("step %d/%d  epoch %d  loss %.5f  %.1f images/s  %s left",
                        step, total_steps, epoch + 1, train_metrics["train/loss"],
                        images_per_second, logs.format_duration(left))
           writer.write(step, train_metrics | {"train/images_per_second": images_per_second})
         if step % config.checkpoint_every_steps == 0:
-          checkpoints.save(manager, state)
-      checkpoints.save(manager, state)
-      test_metrics = evaluate_epoch(config, state, eval_step, test_split, mesh)
-      logging.info("epoch %d  %s", epoch + 1,
-                   "  ".join(f"{k} {v:.5f}" for k, v in test_metrics.items()))
-      writer.write(step, test_metrics | {"epoch": epoch + 1})
-      os.makedirs(os.path.join(workdir, "previews"), exist_ok=True)
-      write_preview(config, os.path.join(workdir, "previews", f"epoch_{epoch + 1:03d}.png"),
-                    state, predict, test_split, mesh)
+          save_if_finite()
+      save_if_finite()
+      test_metrics = end_epoch(epoch)
   except KeyboardInterrupt:
-    logging.warning("Interrupted: saving step %d before exiting", step)
-    checkpoints.save(manager, state, force=True)
+    if manager.latest_step() != step and bool(_all_finite(state)):
+      logging.warning("Interrupted: saving step %d before exiting", step)
+      checkpoints.save(manager, state, force=True)
     raise
   finally:
     manager.wait_until_finished()
@@ -138,3 +214,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not test_metrics:  # resumed a finished run: report its figures again
     test_metrics = evaluate_epoch(config, state, eval_step, test_split, mesh)
   return test_metrics
+
+
+def _evaluation_missing(workdir: str, step: int) -> bool:
+  """Whether the log lacks the test metrics of the epoch that ends at `step`
+  (decided by process 0, so that every process runs the same collectives)."""
+  missing = jax.process_index() == 0 and not any(
+      "test/loss" in r and r["step"] == step for r in logs.read_metrics(workdir))
+  if jax.process_count() > 1:
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing

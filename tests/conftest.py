@@ -26,22 +26,26 @@ Session fixtures (each built once, on first use):
                    (simulated) CPU devices: JAX_PLATFORMS=cpu and
                    XLA_FLAGS=--xla_force_host_platform_device_count=N; this
                    process keeps JAX's default devices.
-  start_python     the same, without waiting: `start_python(args, devices=None)`
+  start_python     the same, without waiting: `start_python(args, devices=None,
+                   env=None)` (`env`: variables to set in the child)
                    returns a started `Child`; `child.result(timeout=600)` waits
                    for it. On two cores, a child overlaps with the work of this
                    process (compiling is single-threaded). Children still running
                    when the session ends are killed.
   data_parallel_run
-                   factory: `data_parallel_run(devices, wait=True)` returns a
-                   DataParallelRun in which `tests/helpers/data_parallel.py`
-                   ran, on `devices` devices, 3 train steps of
-                   `unet_gray:test` with Adam's eps=1 (see the helper) on the
-                   first global batch of the training split, wrote the state
-                   and the step metrics to `.npz` and saved the state as an
-                   orbax checkpoint in `.checkpoint_dir`. One child per device
-                   count, started by the first call; `wait=False` only starts
-                   it (a module may start it early, to overlap it with its own
-                   work), `wait=True` also checks it succeeded.
+                   factory: `data_parallel_run(devices, wait=True,
+                   float64=False)` returns a DataParallelRun in which
+                   `tests/helpers/data_parallel.py` ran, on `devices` devices,
+                   3 train steps of `unet_gray:test` with Adam's eps=1 (see the
+                   helper) on the first global batch of the training split,
+                   wrote the state and the step metrics to `.npz` and (float32
+                   only) saved the state as an orbax checkpoint in
+                   `.checkpoint_dir`. `float64=True`: the steps in float64 (the
+                   helper's --float64), on a smaller network (depth 2, width 4),
+                   for comparisons across device counts. One child per
+                   (devices, float64), started by the first call; `wait=False`
+                   only starts it (a module may start it early, to overlap it
+                   with its own work), `wait=True` also checks it succeeded.
 
 Compiled work is shared through JAX's persistent compilation cache. Compiling
 the U-Net (its threefry initialisation above all) takes tens of seconds on a
@@ -67,9 +71,6 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = os.path.join(REPO_ROOT, "tests", "helpers")
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-
-if REPO_ROOT not in sys.path:  # `configs/*.py` import `configs.default`
-  sys.path.insert(0, REPO_ROOT)
 
 # Before JAX is imported anywhere in this process: its config reads the
 # environment at import, and children inherit the variable.
@@ -131,7 +132,8 @@ def trained_workdir(tmp_path_factory, test_config) -> str:
   return workdir
 
 
-def child_env(devices: int | None = None) -> dict[str, str]:
+def child_env(devices: int | None = None, extra: dict[str, str] | None = None
+              ) -> dict[str, str]:
   """This process's environment, for a child on `devices` CPU devices if given.
 
   Without `devices` the child runs where this process does. The device-count
@@ -145,6 +147,7 @@ def child_env(devices: int | None = None) -> dict[str, str]:
     if devices > 1:
       flags.append(f"{_DEVICE_COUNT_FLAG}={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
+  env.update(extra or {})
   env["PYTHONPATH"] = os.pathsep.join(
       [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   return env
@@ -157,12 +160,12 @@ class Child:
   holds would otherwise stop until someone reads it.
   """
 
-  def __init__(self, args, devices: int | None = None):
+  def __init__(self, args, devices: int | None = None, env: dict[str, str] | None = None):
     self.args = [sys.executable, *map(str, args)]
     self.devices = devices
     self._stdout = tempfile.TemporaryFile("w+")
     self._stderr = tempfile.TemporaryFile("w+")
-    self._process = subprocess.Popen(self.args, cwd=REPO_ROOT, env=child_env(devices),
+    self._process = subprocess.Popen(self.args, cwd=REPO_ROOT, env=child_env(devices, env),
                                      stdout=self._stdout, stderr=self._stderr, text=True)
     self._result = None
     _CHILDREN.append(self)
@@ -216,18 +219,24 @@ class DataParallelRun:
 @pytest.fixture(scope="session")
 def data_parallel_run(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("data_parallel")
-  runs: dict[int, DataParallelRun] = {}
+  runs: dict[tuple[int, bool], DataParallelRun] = {}
 
-  def get(devices: int, wait: bool = True) -> DataParallelRun:
-    if devices not in runs:
-      npz, checkpoint_dir = str(root / f"devices{devices}.npz"), str(root / f"checkpoint{devices}")
-      runs[devices] = DataParallelRun(devices, npz, checkpoint_dir, Child(
+  def get(devices: int, wait: bool = True, float64: bool = False) -> DataParallelRun:
+    key = (devices, float64)
+    if key not in runs:
+      name = f"devices{devices}{'_float64' if float64 else ''}"
+      npz, checkpoint_dir = str(root / f"{name}.npz"), str(root / f"checkpoint_{name}")
+      if float64:
+        extra = ["--float64", "--config.model.depth=2", "--config.model.base_width=4"]
+      else:
+        extra = [f"--save_checkpoint={checkpoint_dir}"]
+      runs[key] = DataParallelRun(devices, npz, checkpoint_dir, Child(
           [os.path.join(HELPERS, "data_parallel.py"),
            f"--config={REPO_ROOT}/configs/unet_gray.py:test",
            f"--config.data.data_dir={data_dir}", "--config.optimizer.eps=1.0",
-           "--steps=3", f"--out={npz}", f"--save_checkpoint={checkpoint_dir}"],
+           "--steps=3", f"--out={npz}", *extra],
           devices=devices))
-    run = runs[devices]
+    run = runs[key]
     if wait:
       result = run.child.result()
       assert result.returncode == 0, f"{devices} device(s):\n{result.stderr[-5000:]}"

@@ -9,9 +9,22 @@ EVAL_WORKDIR, and (process 0) writes the trained parameters and the evaluation
 table to OUT.npz/json.
 """
 
+import importlib.util
 import json
 import os
 import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_run_file(name: str):
+  """configs/<name>.py loaded by its path, as --config=configs/<name>.py does:
+  the run files are not a package on sys.path."""
+  path = os.path.join(REPO_ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"run_file_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def main() -> None:
@@ -19,17 +32,15 @@ def main() -> None:
   data_dir, workdir, eval_workdir, out = sys.argv[5:9]
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   os.environ["JAX_PLATFORMS"] = "cpu"
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if num_processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id,
                                initialization_timeout=60)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import unet_rgb  # pylint: disable=g-import-not-at-top
   from clevr_jax import evaluate, train  # pylint: disable=g-import-not-at-top
 
-  config = unet_rgb.get_config("test")
+  config = load_run_file("unet_rgb").get_config("test")
   with config.unlocked():
     config.data.data_dir = data_dir
     config.num_epochs = 1

@@ -5,6 +5,7 @@ real builder reads a tiny official-format file the tests write themselves
 (rendered scenes plus the two real samples), so no download is needed.
 """
 
+import os
 import pathlib
 
 import numpy as np
@@ -562,3 +563,73 @@ def test_eval_file_is_read_whole_as_the_test_split(synthetic, tmp_path):
     np.testing.assert_array_equal(batch["instance_labels"][i],
                                   schema.masks_to_labels(record["mask"]))
     assert batch["num_masks"][i] == _objects(record) + 1
+
+
+# ------------------------------------------------ messages that point the right way
+
+
+def test_uncompressed_tfrecord_is_named_as_not_gzip(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "plain.tfrecords"
+  with tf.io.TFRecordWriter(str(path)) as writer:  # no GZIP
+    for record in _small_records(1):
+      writer.write(official.serialize_record(record))
+  with pytest.raises(official.RecordError, match="not GZIP-compressed") as error:
+    list(official.read_records(str(path), height=24, width=32))
+  assert "download it again" not in str(error.value)
+
+
+def test_records_of_another_image_size_name_theirs_and_the_settings(tmp_path):
+  path = tmp_path / "small.tfrecords"
+  official.write_records(str(path), _small_records(1))  # 24x32 images
+  with pytest.raises(official.RecordError) as error:
+    list(official.read_records(str(path), height=48, width=64))
+  message = str(error.value)
+  assert "Its images are 24x32, not 48x64" in message
+  assert "--config.data.image_height" in message and "--config.data.image_width" in message
+
+
+def test_eval_file_that_is_missing_or_a_directory_is_named_without_download_advice(
+    synthetic, tmp_path):
+  config, _ = synthetic
+  missing = _test_config(config.data.data_dir, eval_file=str(tmp_path / "none.tfrecords"))
+  with pytest.raises(FileNotFoundError, match="eval_file=.*none.tfrecords does not exist") as e:
+    pipeline.Split(missing, "test")
+  assert "10.5 GB" not in str(e.value)
+  directory = _test_config(config.data.data_dir, eval_file=str(tmp_path))
+  with pytest.raises(ValueError, match="is a directory"):
+    pipeline.Split(directory, "test")
+
+
+def test_eval_batch_that_does_not_divide_names_the_eval_flag(synthetic):
+  config, _ = synthetic
+  config = _test_config(config.data.data_dir)
+  config.eval.batch_size = 6
+  split = pipeline.Split(config, "test")
+  with pytest.raises(ValueError, match=r"--config.eval.batch_size=4 or 8\.$"):
+    next(split.eval_batches(local_devices=4))
+
+
+def _incomplete_folders(root):
+  return [os.path.join(d, n) for d, names, _ in os.walk(root) for n in names
+          if n.startswith("incomplete.")]
+
+
+def test_interrupted_prepare_leaves_no_incomplete_folder(tmp_path, monkeypatch):
+  config = _test_config(tmp_path, image_height=24, image_width=32)
+  config.data.synthetic.num_train, config.data.synthetic.num_test = 2, 1
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(renderer, "render_scenes", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.prepare(config)
+  assert _incomplete_folders(tmp_path) == []
+  monkeypatch.undo()
+  # One left by a build that was killed (no cleanup could run) goes with the next build.
+  builder = pipeline.make_builder(config)
+  leftover = os.path.join(os.path.dirname(str(builder.data_dir)), "incomplete.KILLED_1.0.0")
+  os.makedirs(leftover)
+  assert pipeline.prepare(config).is_prepared()
+  assert _incomplete_folders(tmp_path) == []

@@ -11,27 +11,44 @@ from clevr_jax import evaluate
 from clevr_jax import steps
 from clevr_jax import train
 
+# The seed sets the initial network and the order of the batches: runs that
+# differ only in it show how far apart two equally good float32 runs end.
+_FLOAT32_SEEDS = (2, 3, 4)
+
 
 def _train_losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
 
 
-def test_bfloat16_run_trains_and_ends_within_ten_percent_of_float32(tmp_path, test_config):
-  final = {}
-  for dtype in ("float32", "bfloat16"):
-    config = test_config("unet_rgb")
-    config.model.dtype = dtype
-    # Past the steep start of the curve (8 steps are not), where two runs that
-    # differ by rounding alone land at comparable losses.
-    config.num_epochs = 6
-    config.checkpoint_every_steps = 1000
-    workdir = str(tmp_path / dtype)
-    final[dtype] = train.train_and_evaluate(config, workdir)["test/loss"]
-    losses = _train_losses(workdir)
-    assert losses[-1] < 0.5 * losses[0], dtype  # it trains
+def _final_test_loss(tmp_path, test_config, dtype, seed):
+  config = test_config("unet_rgb")
+  config.model.dtype = dtype
+  config.seed = seed
+  # Past the steep start of the curve (8 steps are not), where runs that
+  # differ by rounding or by seed land at comparable losses.
+  config.num_epochs = 6
+  config.checkpoint_every_steps = 1000
+  workdir = str(tmp_path / f"{dtype}_seed{seed}")
+  final = train.train_and_evaluate(config, workdir)["test/loss"]
+  losses = _train_losses(workdir)
+  assert losses[-1] < 0.5 * losses[0], (dtype, seed, losses)  # it trains
+  return final, config, workdir
 
-  assert abs(final["bfloat16"] - final["float32"]) <= 0.1 * final["float32"], final
+
+def test_bfloat16_run_ends_within_float32s_seed_to_seed_spread(tmp_path, test_config):
+  float32 = [_final_test_loss(tmp_path, test_config, "float32", seed)[0]
+             for seed in _FLOAT32_SEEDS]
+  bfloat16, config, workdir = _final_test_loss(tmp_path, test_config, "bfloat16",
+                                               _FLOAT32_SEEDS[0])
+  # The margin is float32's own spread, measured here rather than tuned on one
+  # CPU: bfloat16 rounding perturbs the run, and a perturbed run is as good as
+  # float32 when it ends among the endings float32 itself reaches with other
+  # seeds. bfloat16 may land as far outside their range as the range is wide.
+  # (A bfloat16 run that does not learn ends at several times these losses.)
+  spread = max(float32) - min(float32)
+  assert min(float32) - spread <= bfloat16 <= max(float32) + spread, (bfloat16, float32)
+
   state, _ = evaluate.restore_state(config, workdir, steps.make_mesh())
   dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)}

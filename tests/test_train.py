@@ -11,8 +11,11 @@ overlap with the tests that run in this process.
 
 import glob
 import json
+import math
 import os
+import shutil
 import signal
+import socket
 
 import jax
 import numpy as np
@@ -20,6 +23,7 @@ from PIL import Image
 import pytest
 
 from clevr_jax import checkpoints
+from clevr_jax import guards
 from clevr_jax import steps
 from clevr_jax import train
 
@@ -29,9 +33,44 @@ DATA_PARALLEL = os.path.join(REPO_ROOT, "tests", "helpers", "data_parallel.py")
 MAIN = ("-m", "clevr_jax.main")
 
 
+def _reject_constant(name):
+  raise ValueError(f"not strict JSON: {name}")
+
+
 def _metrics(workdir):
+  """The records of metrics.jsonl, read as strict JSON (NaN/Infinity rejected)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    return [json.loads(line, parse_constant=_reject_constant) for line in f]
+
+
+def _error_line(result):
+  """The one `error:` line of a CLI run that stopped on bad input (exit status 2)."""
+  assert "Traceback" not in result.stderr, result.stderr[-5000:]
+  assert result.returncode == 2, result.stderr[-5000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1, result.stderr[-5000:]
+  return lines[0]
+
+
+def _copy_checkpoints(source, workdir):
+  """A workdir with `source`'s checkpoints and metrics.jsonl (the trained run's)."""
+  os.makedirs(workdir)
+  shutil.copytree(os.path.join(source, "checkpoints"), os.path.join(workdir, "checkpoints"))
+  shutil.copy(os.path.join(source, "metrics.jsonl"), workdir)
+  return workdir
+
+
+def _damage(workdir, step, how):
+  """What a full disk or a copy cut short leaves: data files cut in half, or no _METADATA."""
+  root = os.path.join(workdir, "checkpoints", str(step))
+  if how == "truncated":
+    files = glob.glob(os.path.join(root, "default", "ocdbt.process_*", "d", "*"))
+    assert files
+    for path in files:
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  else:
+    os.remove(os.path.join(root, "default", "_METADATA"))
 
 
 def _restore(config, workdir, step=None):
@@ -71,12 +110,26 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir, data_pa
   After trained_workdir: the training child then loads its programs from the
   compilation cache instead of compiling them beside this process.
   """
-  del trained_workdir
   data_parallel_run(4, wait=False)  # the checkpoint saved on 4 devices
   tmp = tmp_path_factory.mktemp("train_children")
   killed = str(tmp / "killed")
+  test_config = ("--config=configs/unet_rgb.py:test", f"--config.data.data_dir={data_dir}")
+  empty_data_dir = tmp / "no_data"
+  empty_data_dir.mkdir()
+  a_file = tmp / "a_file"
+  a_file.write_text("not a directory")
+  locked = tmp / "locked"
+  locked.mkdir()
+  # Held by this (live) process, on this host.
+  (locked / guards.LOCK_FILE).write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": os.getpid()}))
+  all_damaged = _copy_checkpoints(trained_workdir, str(tmp / "all_damaged"))
+  _damage(all_damaged, 4, "truncated")
+  _damage(all_damaged, 8, "no_metadata")
   return {
       "killed_workdir": killed,
+      "nan_workdir": str(tmp / "nan"),
+      "empty_data_dir": str(empty_data_dir),
       # A first save at step 3: mid-epoch (4 steps per epoch).
       "killed": start_python(_train_args("unet_rgb", data_dir, killed,
                                          "--config.checkpoint_every_steps=3",
@@ -87,6 +140,27 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir, data_pa
       "typo": start_python([*MAIN, "--config=configs/unet_rgb.py:test",
                             "--config.model.skipp=1"]),
       "unknown_preset": start_python([*MAIN, "--config=configs/unet_rgb.py:quik"]),
+      "no_config_file": start_python([*MAIN, "--config=configs/unet_rbg.py:test"]),
+      # Diverges at once; a one-level network (and the faster, non-partitionable
+      # random init) compiles in seconds. Checks every step, saves every step.
+      "nan": start_python(
+          [*MAIN, *test_config, f"--workdir={tmp / 'nan'}", "--config.optimizer.learning_rate=1e9",
+           "--config.model.depth=1", "--config.model.base_width=4",
+           "--config.log_every_steps=1", "--config.checkpoint_every_steps=1"],
+          env={"JAX_THREEFRY_PARTITIONABLE": "false"}),
+      "locked": start_python([*MAIN, *test_config, f"--workdir={locked}"]),
+      "workdir_is_file": start_python(
+          [*MAIN, "--config=configs/unet_rgb.py:test", "--mode=baselines",
+           f"--config.data.data_dir={empty_data_dir}", f"--workdir={a_file}"]),
+      "workdir_in_file": start_python([*MAIN, *test_config, f"--workdir={a_file}/run"]),
+      "all_checkpoints_damaged": start_python(
+          [*MAIN, *test_config, "--mode=evaluate", f"--workdir={all_damaged}"]),
+      "image_height_50": start_python(
+          [*MAIN, "--config=configs/unet_rgb.py:test", f"--config.data.data_dir={empty_data_dir}",
+           "--config.data.image_height=50", f"--workdir={tmp / 'h50'}"]),
+      "eval_file_is_a_dir": start_python(
+          [*MAIN, *test_config, f"--config.data.eval_file={tmp}", f"--workdir={tmp / 'ev1'}"]),
+      "prepare_log_all": start_python([*MAIN, *test_config, "--mode=prepare", "--log_all"]),
       "no_real_dataset": start_python([*MAIN, "--config=configs/unet_rgb.py",
                                        "--mode=prepare",
                                        f"--config.data.data_dir={tmp / 'empty'}"]),
@@ -223,27 +297,28 @@ def test_batch_that_does_not_divide_over_the_devices_names_the_flag(_children):
 
 
 def test_cli_config_typo_names_the_key(_children):
-  result = _children["typo"].result()
-  assert result.returncode != 0
-  assert "skipp" in result.stderr
-  assert 'Did you mean "skip"' in result.stderr
+  line = _error_line(_children["typo"].result())
+  assert "--config.model.skipp" in line and 'Did you mean "skip"' in line
 
 
 def test_cli_unknown_preset_lists_the_presets(_children):
-  result = _children["unknown_preset"].result()
-  assert result.returncode != 0
-  assert "unknown preset 'quik'" in result.stderr
-  assert "'quick', 'synthetic', 'test'" in result.stderr
+  line = _error_line(_children["unknown_preset"].result())
+  assert "unknown preset 'quik'" in line
+  assert "'quick', 'synthetic', 'test'" in line
+
+
+def test_cli_missing_config_file_names_it(_children):
+  line = _error_line(_children["no_config_file"].result())
+  assert "configs/unet_rbg.py" in line and "No such file" in line
+  assert "--config=configs/unet_rgb.py:quick" in line
 
 
 def test_cli_without_the_real_dataset_says_how_to_get_it(_children):
-  result = _children["no_real_dataset"].result()
-  assert result.returncode == 2
-  assert "error: no clevr_with_masks TFRecord at" in result.stderr
+  line = _error_line(_children["no_real_dataset"].result())
+  assert line.startswith("error: no clevr_with_masks TFRecord at")
   for hint in ("clevr_with_masks_train.tfrecords", "--config.data.manual_dir",
                "':synthetic'", "':quick'"):
-    assert hint in result.stderr, hint
-  assert "Traceback" not in result.stderr
+    assert hint in line, hint
 
 
 def test_cli_prepare_prints_the_resolved_config(_children, data_dir):
@@ -253,3 +328,156 @@ def test_cli_prepare_prints_the_resolved_config(_children, data_dir):
                "name: unet_rgb", "preset: test", "batch_size: 8"):
     assert line in result.stdout, line
   assert "'train'" in result.stdout and "num_examples=32" in result.stdout
+  # Only the project's lines by default; TFDS's INFO lines come back with --log_all.
+  assert "Load dataset info" not in result.stderr, result.stderr[-3000:]
+  assert "Using custom data configuration" not in result.stderr
+  log_all = _children["prepare_log_all"].result()
+  assert log_all.returncode == 0, log_all.stderr[-5000:]
+  assert "Load dataset info" in log_all.stderr
+
+
+# --- guards: divergence, the workdir, damaged checkpoints, bad settings ------------
+
+
+def test_cli_stops_at_a_non_finite_loss_keeping_the_last_good_checkpoint(_children):
+  result = _children["nan"].result()
+  line = _error_line(result)
+  assert "training diverged at step" in line and "--config.optimizer.learning_rate=1e+08" in line
+  diverged_at = int(line.split("training diverged at step ")[1].split(":")[0])
+  workdir = _children["nan_workdir"]
+  # Saved every step up to the last finite state, none after.
+  saved = _checkpoint_steps(workdir)
+  assert saved and max(saved) < diverged_at, (saved, diverged_at)
+  assert f"the checkpoint of step {max(saved)} is the last good state" in line
+  # Strict JSON, finite numbers only; nothing logged past the divergence.
+  records = _metrics(workdir)
+  assert records and all(r["step"] < diverged_at for r in records)
+  assert all(math.isfinite(v) for r in records for v in r.values())
+  # No evaluation of a diverged run.
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  # The default output: the project's lines, not TFDS's INFO lines nor JAX's libtpu probe.
+  assert "step 1/8" in result.stderr
+  for noise in ("Load dataset info", "Creating a tf.data.Dataset", "libtpu",
+                "Using custom data configuration"):
+    assert noise not in result.stderr, noise
+
+
+def test_cli_second_run_on_a_locked_workdir_names_the_holder(_children):
+  line = _error_line(_children["locked"].result())
+  assert f"host {socket.gethostname()}, pid {os.getpid()}" in line
+  assert "another --workdir" in line
+
+
+def test_cli_workdir_that_cannot_be_written_fails_before_any_work(_children):
+  line = _error_line(_children["workdir_is_file"].result())
+  assert "is a file, not a directory" in line and "--workdir" in line
+  # --mode=baselines stopped before it built (or even looked for) any data.
+  assert os.listdir(_children["empty_data_dir"]) == []
+  line = _error_line(_children["workdir_in_file"].result())
+  assert "cannot write in --workdir=" in line and "Not a directory" in line
+
+
+def test_cli_evaluate_with_every_checkpoint_damaged_says_so(_children):
+  line = _error_line(_children["all_checkpoints_damaged"].result())
+  assert "restores" in line and "step 4" in line and "step 8" in line
+
+
+def test_cli_image_size_the_network_cannot_take_fails_before_rendering(_children):
+  line = _error_line(_children["image_height_50"].result())
+  assert "config.data.image_height=50 is not divisible by 16" in line
+  assert "--config.data.image_height=48" in line
+  assert os.listdir(_children["empty_data_dir"]) == []  # nothing rendered
+
+
+def test_cli_eval_file_that_is_a_directory_says_so(_children):
+  line = _error_line(_children["eval_file_is_a_dir"].result())
+  assert "eval_file" in line and "is a directory" in line
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, trained_workdir,
+                                                            test_config, caplog):
+  # The newest checkpoint (8) cut short: the run warns, naming it, resumes from 4,
+  # drops what was logged after step 4, and ends where training straight through did.
+  config = test_config("unet_rgb")
+  workdir = _copy_checkpoints(trained_workdir, str(tmp_path / "run"))
+  _damage(workdir, 8, "truncated")
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config, workdir)
+  damaged = os.path.join(workdir, "checkpoints", "8")
+  assert any(damaged in r.getMessage() and "does not restore" in r.getMessage()
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  assert os.path.isdir(os.path.join(workdir, "damaged_checkpoints", "8"))  # kept aside
+  assert _checkpoint_steps(workdir) == [4, 8]
+  _assert_same_state(_restore(config, workdir, 8), _restore(config, trained_workdir, 8))
+  # The log agrees with the checkpoints: each step once, in order.
+  records = _metrics(workdir)
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6, 8]
+  assert [(r["step"], r["epoch"]) for r in records if "test/loss" in r] == [(4, 1), (8, 2)]
+
+
+@pytest.mark.parametrize("how", ["truncated", "no_metadata"])
+def test_restore_uses_the_newest_checkpoint_that_restores(how, tmp_path, trained_workdir,
+                                                          test_config):
+  config = test_config("unet_rgb")
+  workdir = _copy_checkpoints(trained_workdir, str(tmp_path / "run"))
+  _damage(workdir, 8, how)
+  _assert_same_state(_restore(config, workdir), _restore(config, trained_workdir, 4))
+  _damage(workdir, 4, how)
+  with pytest.raises(ValueError, match=r"no checkpoint in .* restores \(step 8: .*step 4: "):
+    _restore(config, workdir)
+
+
+def test_run_stopped_between_its_last_checkpoint_and_evaluation_evaluates_on_resume(
+    tmp_path, monkeypatch, trained_workdir, test_config):
+  # As if killed right after the epoch's final save: no test loss, no preview.
+  config = test_config("unet_rgb")
+  workdir = str(tmp_path / "run")
+
+  def killed(*args, **kwargs):
+    raise SystemExit("killed")
+
+  monkeypatch.setattr(train, "evaluate_epoch", killed)
+  with pytest.raises(SystemExit):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  assert _checkpoint_steps(workdir) == [4]
+  assert not [r for r in _metrics(workdir) if "test/loss" in r]
+  assert not os.path.exists(os.path.join(workdir, "previews", "epoch_001.png"))
+
+  train.train_and_evaluate(config, workdir)
+  records = _metrics(workdir)
+  tests = [(r["step"], r["epoch"], r["test/loss"]) for r in records if "test/loss" in r]
+  straight = [(r["step"], r["epoch"], r["test/loss"]) for r in _metrics(trained_workdir)
+              if "test/loss" in r]
+  assert [t[:2] for t in tests] == [(4, 1), (8, 2)]
+  np.testing.assert_allclose([t[2] for t in tests], [t[2] for t in straight], rtol=1e-6)
+  assert os.path.exists(os.path.join(workdir, "previews", "epoch_001.png"))
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6, 8]
+
+
+def test_state_that_turns_non_finite_between_log_steps_is_never_saved(
+    tmp_path, monkeypatch, test_config):
+  # The update of step 6 poisons the parameters; the loss logged at step 6 was
+  # computed before it and is finite. The check before the save of step 6
+  # stops the run, keeping the last finite checkpoint (4, the epoch's end).
+  config = test_config("unet_rgb")
+  config.checkpoint_every_steps = 3
+  workdir = str(tmp_path / "run")
+  make_train_step = steps.make_train_step
+
+  def poisoned_train_step(*args, **kwargs):
+    train_step = make_train_step(*args, **kwargs)
+
+    def step(state, batch):
+      state, metrics = train_step(state, batch)
+      if int(state.step) >= 6:
+        state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+      return state, metrics
+    return step
+
+  monkeypatch.setattr(steps, "make_train_step", poisoned_train_step)
+  with pytest.raises(train.TrainingDiverged,
+                     match=r"at step 6: the parameters .* not finite.*step 4 is the last"):
+    train.train_and_evaluate(config, workdir)
+  assert _checkpoint_steps(workdir) == [3, 4]
+  assert [r["step"] for r in _metrics(workdir) if "train/loss" in r] == [2, 4, 6]

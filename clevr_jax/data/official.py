@@ -92,6 +92,49 @@ def check_exists(path: str) -> None:
         "synthetic data with a ':synthetic' or ':quick' preset.")
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def check_gzip(path: str) -> None:
+  """The official format is a GZIP TFRecord; a plain one would read as 'corrupt'."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    head = f.read(2)
+  if head and head != _GZIP_MAGIC:
+    raise RecordError(
+        f"{path} is not GZIP-compressed: clevr_with_masks files are GZIP TFRecords. "
+        "Compress it (`gzip -c FILE > FILE.gz`, then use FILE.gz) or write it with "
+        "tf.io.TFRecordWriter(path, options='GZIP').")
+
+
+def check_eval_file(path: str) -> None:
+  """--config.data.eval_file: an existing file (not the official file's download advice)."""
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(
+        f"--config.data.eval_file={path} does not exist: give the path of a GZIP "
+        "TFRecord of official-format records (README: 'The real clevr_with_masks'), "
+        "or '' to evaluate on the dataset's test split.")
+  if tf.io.gfile.isdir(path):
+    raise ValueError(
+        f"--config.data.eval_file={path} is a directory: give the TFRecord file in it.")
+
+
+def _image_size_hint(path: str, height: int, width: int) -> str:
+  """The size of the first record's images, when it is not height x width."""
+  try:
+    raw = next(iter(tf.data.TFRecordDataset(path, compression_type="GZIP").take(1)))
+    example = tf.train.Example.FromString(raw.numpy())
+    pixels = len(example.features.feature["image"].bytes_list.value) // 3
+  except Exception:  # pylint: disable=broad-except  (only a hint)
+    return ""
+  if not pixels or pixels == height * width:
+    return ""
+  # Same aspect ratio as the configured size (240x320 for clevr_with_masks)?
+  h = round((pixels * height / width) ** 0.5)
+  size = f"{h}x{pixels // h}" if h and pixels % h == 0 else f"{pixels} pixels"
+  return (f" Its images are {size}, not {height}x{width}: set "
+          "--config.data.image_height and --config.data.image_width to their size.")
+
+
 def read_records(path: str, start: int = 0, stop: int | None = None,
                  height: int = schema.IMAGE_HEIGHT,
                  width: int = schema.IMAGE_WIDTH,
@@ -102,6 +145,7 @@ def read_records(path: str, start: int = 0, stop: int | None = None,
   10.5 GB file (or of its gs:// copy) are read without reading the rest.
   """
   check_exists(path)
+  check_gzip(path)
   dataset = tf.data.TFRecordDataset(path, compression_type="GZIP")
   dataset = dataset.skip(start)
   if stop is not None:
@@ -120,10 +164,12 @@ def read_records(path: str, start: int = 0, stop: int | None = None,
           f"{path}: record {index} is truncated or corrupt ({e.message.splitlines()[0]}). "
           "The file is damaged: download it again.") from None
     except tf.errors.InvalidArgumentError as e:
+      hint = _image_size_hint(path, height, width) if index == 0 else ""
       raise RecordError(
           f"{path}: record {index} is not a clevr_with_masks record of "
           f"{height}x{width} images with {schema.MAX_SLOTS} slots "
-          f"({e.message.splitlines()[0]}). Is this the official file?") from None
+          f"({e.message.splitlines()[0]})."
+          + (hint or " Is this the official file?")) from None
     yield index, {k: v.numpy() for k, v in example.items()}
     index += 1
 

@@ -22,6 +22,7 @@ Each host batch is a dict of numpy arrays:
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Iterator
 
 os.environ.setdefault("NO_GCE_CHECK", "true")  # no metadata-server probes offline
@@ -74,13 +75,35 @@ def make_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """Builds the dataset into data_dir if it is not there yet; returns the builder."""
+  """Builds the dataset into data_dir if it is not there yet; returns the builder.
+
+  A build that fails or is interrupted leaves no `incomplete.*` folder behind
+  (TFDS builds into one and renames it when done); one left by a killed build
+  is removed by the next.
+  """
   builder = make_builder(config)
   manual_dir = config.data.manual_dir or official.default_manual_dir(
       os.path.dirname(os.path.dirname(os.path.dirname(str(builder.data_dir)))))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.expanduser(manual_dir), try_download_gcs=False))
+  if builder.is_prepared():
+    return builder
+  version_dir = str(builder.data_dir)  # <data_dir>/<name>/<config>/<version>
+  _remove_incomplete(os.path.dirname(version_dir))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(manual_dir), try_download_gcs=False))
+  except BaseException:  # KeyboardInterrupt too: nothing half-built stays
+    _remove_incomplete(os.path.dirname(version_dir))
+    raise
   return builder
+
+
+def _remove_incomplete(config_dir: str) -> None:
+  """TFDS's unfinished build folders (`incomplete.<random>_<version>`) in `config_dir`."""
+  if "://" in config_dir or not os.path.isdir(config_dir):
+    return
+  for name in os.listdir(config_dir):
+    if name.startswith("incomplete."):
+      shutil.rmtree(os.path.join(config_dir, name), ignore_errors=True)
 
 
 def _source_dataset(config: ml_collections.ConfigDict, split: str
@@ -88,6 +111,7 @@ def _source_dataset(config: ml_collections.ConfigDict, split: str
   """Stored-form examples of a split (only the fields we use), and their count."""
   if split == "test" and config.data.eval_file:
     path = config.data.eval_file
+    official.check_eval_file(path)
     examples = [official.to_compact(example, path=path, index=index) | {"index": index}
                 for index, example in official.read_records(
                     path, height=config.data.image_height, width=config.data.image_width)]
@@ -131,22 +155,26 @@ def preprocess(batch: dict[str, tf.Tensor], grayscale: bool) -> dict[str, tf.Ten
   }
 
 
-def per_device_batch(global_batch: int, process_count: int, local_devices: int) -> int:
+def per_device_batch(global_batch: int, process_count: int, local_devices: int,
+                     flag: str = "--config.batch_size") -> int:
+  """`global_batch` split over all devices; `flag` is the setting an error names."""
   devices = process_count * local_devices
   if global_batch % devices:
     lower = max(devices, global_batch // devices * devices)
+    also = (" (and --config.eval.batch_size likewise). The poster used batch 10."
+            if flag == "--config.batch_size" else ".")
     raise ValueError(
         f"the global batch {global_batch} does not divide over {devices} devices "
         f"({process_count} process(es) x {local_devices}): set e.g. "
-        f"--config.batch_size={lower} or {lower + devices} (and "
-        "--config.eval.batch_size likewise). The poster used batch 10.")
+        f"{flag}={lower} or {lower + devices}{also}")
   return global_batch // devices
 
 
 def _to_host_batches(global_batches: tf.data.Dataset, config: ml_collections.ConfigDict,
                      global_batch: int, process_index: int, process_count: int,
-                     local_devices: int) -> Iterator[dict[str, np.ndarray]]:
-  per_device = per_device_batch(global_batch, process_count, local_devices)
+                     local_devices: int, flag: str = "--config.batch_size"
+                     ) -> Iterator[dict[str, np.ndarray]]:
+  per_device = per_device_batch(global_batch, process_count, local_devices, flag)
   per_process = per_device * local_devices
   start = process_index * per_process
 
@@ -202,7 +230,7 @@ class Split:
       dataset = dataset.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
     dataset = dataset.batch(global_batch, drop_remainder=True)
     return _to_host_batches(dataset, self.config, global_batch, process_index,
-                            process_count, local_devices)
+                            process_count, local_devices, flag="--config.eval.batch_size")
 
   def num_eval_batches(self, max_examples: int = 0) -> int:
     count = min(self.num_examples, max_examples) if max_examples else self.num_examples

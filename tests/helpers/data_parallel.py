@@ -17,6 +17,13 @@ Writes to `--out` every leaf of the state (keys from `jax.tree_util.keystr`),
 `metrics/loss` and `metrics/grad_norm` per step, `device_count`, and
 `replicated`: whether every leaf is a global array replicated over all devices.
 
+--float64: the comparison mode (jax_enable_x64). The network computes in
+float64 on a float64 copy of the initial state and batch, so two device counts
+differ only by float64 rounding. Only what the code pins to float32 stays so:
+the network's output is rounded to float32 and the losses are computed in
+float32; their gradient reaches the network elementwise (the same on any device
+count), so the state stays float64-exact. No checkpoint in this mode.
+
 Comparing runs on different device counts: use Adam's eps=1 (a flag override).
 With eps=1e-8 Adam's first update is about lr * g/|g| per parameter, so float
 noise in near-zero gradients (sums in another order) flips whole updates; with
@@ -38,6 +45,7 @@ _OUT = flags.DEFINE_string("out", None, "The .npz to write.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Train steps on the fixed batch.")
 _SAVE = flags.DEFINE_string("save_checkpoint", None, "Save the final state in DIR/checkpoints.")
 _RESTORE = flags.DEFINE_string("restore", None, "Restore the newest checkpoint of DIR.")
+_FLOAT64 = flags.DEFINE_bool("float64", False, "Run the steps in float64 (see above).")
 
 
 def main(argv) -> None:
@@ -45,12 +53,22 @@ def main(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  if _FLOAT64.value:
+    jax.config.update("jax_enable_x64", True)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def to_float64(tree):
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
   from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from clevr_jax import steps  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   mesh = steps.make_mesh()
   model = steps.make_model(config, axis_name=steps.AXIS)
+  if _FLOAT64.value:
+    model = model.clone(dtype=jnp.float64)  # compute dtype; params are cast below
   tx = steps.make_optimizer(config, max(_STEPS.value, 1))
   if _RESTORE.value:
     # Only shapes and dtypes are read from `like`; no need to compile the init.
@@ -58,14 +76,20 @@ def main(argv) -> None:
     state = checkpoints.restore(checkpoints.make_manager(_RESTORE.value, read_only=True),
                                 like, mesh)
   else:
-    state = steps.replicate(
-        steps.init_state(config, model, tx, steps.input_shape(config)), mesh)
+    state = steps.init_state(config, model, tx, steps.input_shape(config))
+    if _FLOAT64.value:
+      params = to_float64(state.params)
+      state = state.replace(params=params, batch_stats=to_float64(state.batch_stats),
+                            opt_state=tx.init(params))
+    state = steps.replicate(state, mesh)
 
   losses, grad_norms = [], []
   if _STEPS.value:
     from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     host_batch = next(pipeline.Split(config, "train").train_batches(
         0, local_devices=jax.local_device_count()))
+    if _FLOAT64.value:
+      host_batch = to_float64(host_batch)
     batch = steps.global_batch(host_batch, mesh)
     train_step = steps.make_train_step(config, model, tx, mesh)
     for _ in range(_STEPS.value):
@@ -73,6 +97,8 @@ def main(argv) -> None:
       losses.append(float(metrics["loss"]))
       grad_norms.append(float(metrics["grad_norm"]))
   if _SAVE.value:
+    if _FLOAT64.value:
+      raise ValueError("--save_checkpoint is for float32 runs")
     manager = checkpoints.make_manager(_SAVE.value, config)
     checkpoints.save(manager, state)
     manager.wait_until_finished()
