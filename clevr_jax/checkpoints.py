@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from clevr_jax import steps
+from clevr_jax import state as state_lib
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -29,20 +29,20 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None,
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, state: steps.TrainState, *,
+def save(manager: ocp.CheckpointManager, state: state_lib.TrainState, *,
          force: bool = False) -> None:
   manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, like: steps.TrainState,
-            mesh: jax.sharding.Mesh, step: int | None = None) -> steps.TrainState:
+def restore(manager: ocp.CheckpointManager, like: state_lib.TrainState,
+            mesh: jax.sharding.Mesh, step: int | None = None) -> state_lib.TrainState:
   """The newest (or given) checkpoint, replicated over `mesh`, shaped like `like`."""
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(
         f"no checkpoint in {manager.directory}: train first "
         "(`python -m clevr_jax.main --mode=train --config=... --workdir=...`)")
-  sharding = steps.replicated(mesh)
+  sharding = state_lib.replicated(mesh)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
