@@ -90,9 +90,16 @@ def derive(batch: dict[str, jax.Array], config: ml_collections.ConfigDict
     labels = batch["labels"].astype(jnp.int32)
     out["instance_labels"] = labels
     if "shape" in batch:
-      table = jnp.asarray(schema.SHAPE_CODE_TO_CLASS)
-      classes = table[batch["shape"].astype(jnp.int32)]  # [b, S]
-      out["semantic"] = jax.vmap(lambda c, l: c[l])(classes, labels)
+      # Lookups as selects over the few codes and slots, not gathers: they fuse
+      # into one elementwise pass, and keep the batch's sharding under plain jit.
+      codes = batch["shape"].astype(jnp.int32)
+      classes = jnp.zeros_like(codes)  # [b, S]
+      for code, cls in enumerate(schema.SHAPE_CODE_TO_CLASS):
+        classes = jnp.where(codes == code, int(cls), classes)
+      semantic = jnp.zeros_like(labels)
+      for slot in range(codes.shape[-1]):
+        semantic = jnp.where(labels == slot, classes[:, slot, None, None], semantic)
+      out["semantic"] = semantic
   if "visibility" in batch:
     out["num_masks"] = jnp.sum(batch["visibility"].astype(jnp.int32), -1)
   return out
