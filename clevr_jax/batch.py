@@ -148,6 +148,13 @@ def gather(data: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[str,
   return picked | {k: v for k, v in batch.items() if k != POSITION}
 
 
+def make_gather(mesh: jax.sharding.Mesh
+                ) -> Callable[[dict[str, jax.Array], dict[str, jax.Array]], dict[str, jax.Array]]:
+  """`gather` as the train step runs it (each device picks its own examples), jitted."""
+  return jax.jit(jax.shard_map(gather, mesh=mesh, in_specs=(P(), P(state_lib.AXIS)),
+                               out_specs=P(state_lib.AXIS)))
+
+
 def stored_like(config: ml_collections.ConfigDict, batch_size: int,
                 names: Sequence[str] = STORED, seed: int = 0) -> dict[str, np.ndarray]:
   """A random host batch of stored fields (benchmarks, tests): no dataset needed."""

@@ -607,9 +607,9 @@ def test_device_resident_split_gives_the_streamed_batches(synthetic):
     assert len(positions) == len(streamed) == split.steps_per_epoch(config.batch_size) - skip
     gathered = [{k: v[p["position"]] for k, v in arrays.items()} for p in positions]
     _assert_batches_equal(gathered, streamed)
-    on_devices = [
-        {k: np.asarray(v) for k, v in batch_lib.gather(
-            data.arrays, batch_lib.to_global(p, mesh)).items()} for p in positions]
+    gather = batch_lib.make_gather(mesh)
+    on_devices = [{k: np.asarray(v) for k, v in gather(
+        data.arrays, batch_lib.to_global(p, mesh)).items()} for p in positions]
     _assert_batches_equal(on_devices, streamed)
   halves = [list(split.position_batches(0, process_index=p, process_count=2))
             for p in range(2)]

@@ -208,7 +208,7 @@ def run(config: Any, *, batches: int = 0, cached_epochs: int = 3,
   resident = None
   if device_resident:
     data = batch_lib.DeviceData(split.stored_arrays(fields), mesh)
-    gather = jax.jit(batch_lib.gather)
+    gather = batch_lib.make_gather(mesh)
 
     def gathered(host_batch):
       jax.block_until_ready(gather(data.arrays, batch_lib.to_global(host_batch, mesh)))
