@@ -49,12 +49,13 @@ from clevr_jax.data import renderer
 
 _OUT = flags.DEFINE_string('out', 'gpu_check.md', 'Markdown file to write.')
 _REDUCED = flags.DEFINE_bool('reduced', False, 'Toy sizes: seconds on a CPU.')
-_TORCH = flags.DEFINE_bool('torch', True, 'PyTorch twin beside the train step '
-                           '(skipped when PyTorch is not installed).')
+# (train_benchmark, imported here, defines --torch and --per_device_batch.)
+_SKIP_TORCH = flags.DEFINE_bool('skip_torch', False, 'No PyTorch twin beside the train '
+                                'step (skipped anyway when PyTorch is not installed).')
 _PROTOCOL_IMAGES = flags.DEFINE_integer('protocol_images', None,
                                         'Images of the protocol (default 1000; 8 reduced).')
-_PER_DEVICE_BATCH = flags.DEFINE_integer('per_device_batch', None,
-                                         'Train-step batch per device (default 16; 2 reduced).')
+_TRAIN_BATCH = flags.DEFINE_integer('train_batch', None,
+                                    'Train-step batch per device (default 16; 2 reduced).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +317,8 @@ def run(plan: Plan, out: str, *, torch: bool = True, label: str = 'full',
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _TORCH.value:
+  torch = not _SKIP_TORCH.value
+  if torch:
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # shared with PyTorch
     if jax.devices()[0].platform == 'cpu':
       os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
@@ -324,10 +326,10 @@ def main(argv: Sequence[str]) -> None:
   overrides = {}
   if _PROTOCOL_IMAGES.value:
     overrides['protocol_images'] = _PROTOCOL_IMAGES.value
-  if _PER_DEVICE_BATCH.value:
-    overrides['per_device_batch'] = _PER_DEVICE_BATCH.value
+  if _TRAIN_BATCH.value:
+    overrides['per_device_batch'] = _TRAIN_BATCH.value
   plan = dataclasses.replace(plan, **overrides)
-  run(plan, _OUT.value, torch=_TORCH.value, label='reduced' if _REDUCED.value else 'full')
+  run(plan, _OUT.value, torch=torch, label='reduced' if _REDUCED.value else 'full')
   with open(_OUT.value, encoding='utf-8') as f:
     print(f.read())
 

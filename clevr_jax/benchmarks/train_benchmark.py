@@ -205,7 +205,8 @@ class CompiledStep:
 
 
 def compile_step(config: ml_collections.ConfigDict, per_device_batch: int,
-                 seed: int = 0) -> CompiledStep:
+                 seed: int = 0, compiler_options: dict[str, Any] | None = None
+                 ) -> CompiledStep:
   """Builds the mesh, state and a batch in the pipeline's form, and compiles the real step.
 
   The batch holds the stored fields the step is sent in training
@@ -224,7 +225,9 @@ def compile_step(config: ml_collections.ConfigDict, per_device_batch: int,
   batch = batch_lib.to_global(host_batch, mesh)
   train_step = train_step_lib.make_train_step(config, model, tx, mesh)
   start = time.perf_counter()
-  compiled = train_step.jitted.lower(state, batch, {}).compile()
+  # compiler_options: XLA DebugOptions for this compile only (e.g. XLA:CPU's
+  # library fusions), so that variants can be timed side by side in one process.
+  compiled = train_step.jitted.lower(state, batch, {}).compile(compiler_options)
   compile_s = time.perf_counter() - start
   return CompiledStep(config=config, mesh=mesh, step=compiled, state=state,
                       batch=batch, compile_s=compile_s,
