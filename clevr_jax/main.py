@@ -16,6 +16,10 @@ import os
 import sys
 
 os.environ.setdefault("NO_GCE_CHECK", "true")
+# Compiled programs persist between runs (JAX's cache; a user's setting wins): the
+# quick preset's first train step compiled in 26 s here, and loads in about 2 s.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "clevr_jax", "jax"))
 
 from absl import app  # pylint: disable=g-import-not-at-top  (after NO_GCE_CHECK)
 from absl import flags
