@@ -1,6 +1,6 @@
 r"""XLA:CPU compiler options side by side on the real train step, PyTorch beside them.
 
-  python -m clevr_jax.benchmarks.xla_cpu_options [--per_device_batch=2]
+  python -m clevr_jax.benchmarks.xla_cpu_options [--batch=2]
       [--rounds=5] [--variants=default,xnn_greedy,onednn]
 
 Each variant is the step train.py runs (`train_benchmark.compile_step`: 240x320,
@@ -37,7 +37,7 @@ VARIANTS = {
     'ynn_conv': {'xla_cpu_experimental_ynn_fusion_type': 'individual_convolution'},
 }
 
-_BATCH = flags.DEFINE_integer('per_device_batch', 2, 'Images per step.')
+_BATCH = flags.DEFINE_integer('batch', 2, 'Images per step (one device).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds of 2 steps each.')
 _VARIANTS = flags.DEFINE_list('variants', ['default', 'xnn_greedy', 'onednn'],
                               f'Which of {sorted(VARIANTS)}.')
