@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from clevr_jax import batch as batch_lib
-from clevr_jax import models
 from clevr_jax import schema
 from clevr_jax import state as state_lib
 from clevr_jax import train_step

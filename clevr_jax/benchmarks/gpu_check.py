@@ -34,7 +34,6 @@ from typing import Any, Callable, Iterator, Sequence
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
