@@ -244,6 +244,7 @@ def test_gpu_check_runs_every_part_in_reduced_mode(tmp_path):
   text = out.read_text()
   assert text.count('\n|') == len(lines) + 2  # header, rule, one row per line
   assert 'images/s' in text and 'Seconds per part' in text
+  assert 'mIoU (oracle K) nan' not in lines[-2].note  # the raw-pixel baseline is scored
   if importlib.util.find_spec('sklearn'):
     assert 'scikit-learn' in lines[-3].reference
   if importlib.util.find_spec('torch'):
