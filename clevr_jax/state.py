@@ -131,8 +131,8 @@ def init_variables(model: models.UNet, shape: tuple[int, ...], seed: int) -> dic
   values follow flax's default initialisers (LeCun-normal kernels, zero biases,
   unit BatchNorm scales), one NumPy stream per leaf seeded by `seed` and the
   leaf's path. XLA:CPU spent 25-50 s compiling the threefry draws of
-  `jax.jit(model.init)` for this network; this takes milliseconds and gives the
-  same values on every backend and process count. (The values differ from
+  `jax.jit(model.init)` for this network; this takes about half a second
+  (mostly tracing) and gives the same values on every backend and process count. (The values differ from
   `model.init`'s; their distribution does not: tests/test_steps.py.)
   """
   abstract = jax.eval_shape(functools.partial(model.init, train=False),
