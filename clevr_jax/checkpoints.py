@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from clevr_jax import steps
+from clevr_jax import state as state_lib
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -35,12 +35,12 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None,
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, state: steps.TrainState, *,
+def save(manager: ocp.CheckpointManager, state: state_lib.TrainState, *,
          force: bool = False) -> None:
   manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
 
 
-def _restore_step(manager: ocp.CheckpointManager, abstract, step: int) -> steps.TrainState:
+def _restore_step(manager: ocp.CheckpointManager, abstract, step: int) -> state_lib.TrainState:
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
@@ -50,8 +50,8 @@ def _reason(error: Exception) -> str:
   return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def restore_newest(manager: ocp.CheckpointManager, like: steps.TrainState,
-                   mesh: jax.sharding.Mesh) -> tuple[steps.TrainState, list[int]]:
+def restore_newest(manager: ocp.CheckpointManager, like: state_lib.TrainState,
+                   mesh: jax.sharding.Mesh) -> tuple[state_lib.TrainState, list[int]]:
   """The newest checkpoint that restores, and the (newer) steps that did not.
 
   Raises FileNotFoundError when there is no checkpoint and ValueError when none
@@ -83,8 +83,8 @@ def restore_newest(manager: ocp.CheckpointManager, like: steps.TrainState,
       "folder to train from scratch, or use another --workdir.")
 
 
-def restore(manager: ocp.CheckpointManager, like: steps.TrainState,
-            mesh: jax.sharding.Mesh, step: int | None = None) -> steps.TrainState:
+def restore(manager: ocp.CheckpointManager, like: state_lib.TrainState,
+            mesh: jax.sharding.Mesh, step: int | None = None) -> state_lib.TrainState:
   """The newest restorable (or the given) checkpoint, replicated over `mesh`, shaped like `like`."""
   if step is None:
     return restore_newest(manager, like, mesh)[0]
@@ -112,7 +112,7 @@ def set_aside(manager: ocp.CheckpointManager, damaged: list[int]) -> None:
   manager.reload()
 
 
-def _abstract(like: steps.TrainState, mesh: jax.sharding.Mesh):
-  sharding = steps.replicated(mesh)
+def _abstract(like: state_lib.TrainState, mesh: jax.sharding.Mesh):
+  sharding = state_lib.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       like)

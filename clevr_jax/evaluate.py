@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from absl import logging
 import jax
@@ -32,8 +32,11 @@ from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import models
 from clevr_jax import plots
-from clevr_jax import steps
-from clevr_jax.data import pipeline
+from clevr_jax import batch as batch_lib
+from clevr_jax import state as state_lib
+
+if TYPE_CHECKING:  # imported where a split is read: the scoring itself is TF-free
+  from clevr_jax.data import pipeline
 from clevr_jax import schema
 
 K_MODES = ("oracle_k", "fixed_k")
@@ -64,8 +67,8 @@ def make_cluster_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
   # Each device clusters its own images, with no collective: the varying-axis
   # type check (which K-Means' loop carries would need annotating for) adds nothing.
-  return jax.jit(jax.shard_map(cluster, mesh=mesh, in_specs=P(steps.AXIS),
-                               out_specs=P(steps.AXIS), check_vma=False))
+  return jax.jit(jax.shard_map(cluster, mesh=mesh, in_specs=P(state_lib.AXIS),
+                               out_specs=P(state_lib.AXIS), check_vma=False))
 
 
 def image_keys(seed: int, index: jax.Array) -> jax.Array:
@@ -86,11 +89,12 @@ def _host_batches(config: ml_collections.ConfigDict, split: pipeline.Split,
                   mesh: jax.sharding.Mesh
                   ) -> Iterable[tuple[dict[str, jax.Array], dict[str, np.ndarray]]]:
   """(global device batch, the same batch whole on the host) over the test split."""
+  derive = batch_lib.make_derive(config)
   for host_batch in split.eval_batches(
       process_index=jax.process_index(), process_count=jax.process_count(),
-      local_devices=jax.local_device_count(), max_examples=config.eval.max_images):
-    batch = steps.global_batch(host_batch, mesh)
-    whole = {k: steps.to_host(batch[k]) for k in
+      max_examples=config.eval.max_images, fields=batch_lib.fields(config, "evaluate")):
+    batch = derive(batch_lib.to_global(host_batch, mesh))
+    whole = {k: state_lib.to_host(batch[k]) for k in
              ("image", "instance_labels", "num_masks", "semantic", "valid", "index")}
     yield batch, whole
 
@@ -119,12 +123,12 @@ def cluster_and_score(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
       for mode in K_MODES:
         k = batch["num_masks"] if mode == "oracle_k" else _fixed_k(
             batch, config.eval.kmeans.fixed_k)
-        labels = steps.to_host(cluster(features[name], k, keys))
+        labels = state_lib.to_host(cluster(features[name], k, keys))
         scores = _score(accumulators[name, mode], labels, whole, k_max(config))
         if keep_first and not first.get("done") and mode == "oracle_k":
           first.setdefault("labels", {})[name] = labels[:keep_first]
           first.setdefault("scores", {})[name] = scores
-          first.setdefault("features", {})[name] = steps.to_host(features[name])[:keep_first]
+          first.setdefault("features", {})[name] = state_lib.to_host(features[name])[:keep_first]
     if keep_first and not first.get("done"):
       first.update({k: whole[k][:keep_first] for k in whole}, done=True)
   table = {n: {m: accumulators[n, m].result() for m in K_MODES} for n in names}
@@ -132,27 +136,25 @@ def cluster_and_score(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 
 
 def _tap_features_fn(state, model, taps):
-  predict = steps.make_predict_fn(model, taps)
+  predict = state_lib.make_predict_fn(model, taps)
   return lambda batch: predict(state, batch["image"])[1]
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str,
-                  mesh: jax.sharding.Mesh) -> tuple[steps.TrainState, models.UNet]:
-  model = steps.make_model(config)
-  tx = steps.make_optimizer(config, 1)
-  like = jax.eval_shape(lambda: steps.init_state(config, model, tx, steps.input_shape(config)))
+                  mesh: jax.sharding.Mesh) -> tuple[state_lib.TrainState, models.UNet]:
   manager = checkpoints.make_manager(workdir, read_only=True)
-  return checkpoints.restore(manager, like, mesh), model
+  return (checkpoints.restore(manager, state_lib.abstract_state(config), mesh),
+          state_lib.make_model(config))
 
 
 def _supervised(config, state, model, split, mesh) -> tuple[dict[str, float], dict[str, Any]]:
-  predict = steps.make_predict_fn(model)
+  predict = state_lib.make_predict_fn(model)
   accumulator = metrics.SupervisedAccumulator(schema.NUM_SEMANTIC_CLASSES,
                                               schema.SEMANTIC_CLASSES)
   first = {}
   for batch, whole in _host_batches(config, split, mesh):
     logits, _ = predict(state, batch["image"])
-    pred = steps.to_host(jnp.argmax(logits, -1))
+    pred = state_lib.to_host(jnp.argmax(logits, -1))
     accumulator.add(metrics.score_supervised(
         whole["semantic"], pred, whole["valid"], num_classes=schema.NUM_SEMANTIC_CLASSES))
     if not first:
@@ -166,8 +168,9 @@ def _supervised(config, state, model, split, mesh) -> tuple[dict[str, float], di
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Scores the newest checkpoint of `workdir`; writes results and figures there."""
-  steps.check_config(config)
-  mesh = steps.make_mesh()
+  state_lib.check_config(config)
+  mesh = state_lib.make_mesh()
+  from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   split = pipeline.Split(config, "test")
   state, model = restore_state(config, workdir, mesh)
   step = int(jax.device_get(state.step))
@@ -194,7 +197,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """K-Means on raw pixels (RGB; RGB plus xy) and random masks: every table's floor."""
-  mesh = steps.make_mesh()
+  mesh = state_lib.make_mesh()
+  from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   split = pipeline.Split(config, "test")
   height, width = config.data.image_height, config.data.image_width
   yx = np.stack(np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width),
@@ -309,12 +313,12 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
   if not 1 <= num_clusters <= 255:
     raise ValueError(f"--num_clusters={num_clusters} must be in 1..255")
   files = _png_files(paths)
-  mesh = steps.make_mesh()
+  mesh = state_lib.make_mesh()
   if tap == "input":
     state, predict = None, None  # raw pixels: no checkpoint needed
   else:
     state, model = restore_state(config, workdir, mesh)
-    predict = steps.make_predict_fn(model, (tap,))  # one jit: images of a size share it
+    predict = state_lib.make_predict_fn(model, (tap,))  # one jit: images of a size share it
   km = config.eval.kmeans
   run_kmeans = jax.jit(functools.partial(
       kmeans.kmeans, k_max=num_clusters, num_restarts=km.num_restarts,

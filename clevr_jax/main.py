@@ -21,6 +21,10 @@ import re
 import sys
 
 os.environ.setdefault("NO_GCE_CHECK", "true")
+# Compiled programs persist between runs (JAX's cache; a user's setting wins): the
+# quick preset's first train step compiled in 26 s here, and loads in about 2 s.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "clevr_jax", "jax"))
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # TensorFlow/TFDS warnings that concern their own setup, not the run.

@@ -24,11 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clevr_jax import batch as batch_lib
 from clevr_jax import checkpoints
 from clevr_jax import logs
 from clevr_jax import metrics
 from clevr_jax import plots
-from clevr_jax import steps
+from clevr_jax import state as state_lib
+from clevr_jax import train_step as train_step_lib
 from clevr_jax.data import pipeline
 from clevr_jax import guards
 
@@ -69,15 +71,15 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     multihost_utils.sync_global_devices("dataset prepared")
 
 
-def evaluate_epoch(config: ml_collections.ConfigDict, state: steps.TrainState,
+def evaluate_epoch(config: ml_collections.ConfigDict, state: state_lib.TrainState,
                    eval_step, split: pipeline.Split, mesh: jax.sharding.Mesh
                    ) -> dict[str, float]:
   """Test loss (and supervised pixel metrics) over the whole test split."""
   totals = None
   for host_batch in split.eval_batches(process_index=jax.process_index(),
                                        process_count=jax.process_count(),
-                                       local_devices=jax.local_device_count()):
-    sums = eval_step(state, steps.global_batch(host_batch, mesh))
+                                       fields=batch_lib.fields(config, "eval_loss")):
+    sums = eval_step(state, batch_lib.to_global(host_batch, mesh))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.tree.map(np.asarray, totals)
   result = {"test/loss": float(totals["loss_sum"] / totals["count"])}
@@ -88,23 +90,23 @@ def evaluate_epoch(config: ml_collections.ConfigDict, state: steps.TrainState,
   return result
 
 
-def write_preview(config: ml_collections.ConfigDict, path: str, state: steps.TrainState,
+def write_preview(config: ml_collections.ConfigDict, path: str, state: state_lib.TrainState,
                   predict, split: pipeline.Split, mesh: jax.sharding.Mesh) -> None:
   host_batch = next(split.eval_batches(process_index=jax.process_index(),
                                        process_count=jax.process_count(),
-                                       local_devices=jax.local_device_count()))
-  batch = steps.global_batch(host_batch, mesh)
+                                       fields=("image", "labels", "shape")))
+  batch = batch_lib.make_derive(config)(batch_lib.to_global(host_batch, mesh))
   output, _ = predict(state, batch["image"])
   n = config.num_preview_images
-  images, outputs = steps.to_host(batch["image"])[:n], steps.to_host(output)[:n]
-  semantic = steps.to_host(batch["semantic"])[:n]
+  images, outputs = state_lib.to_host(batch["image"])[:n], state_lib.to_host(output)[:n]
+  semantic = state_lib.to_host(batch["semantic"])[:n]
   if jax.process_index() == 0:
     plots.save_preview(path, images, outputs, config.task, semantic)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the configured model in `workdir`; returns the last test metrics."""
-  steps.check_config(config)
+  state_lib.check_config(config)
   guards.check_image_size(config)  # before rendering a dataset the model cannot take
   is_chief = jax.process_index() == 0
   guards.check_writable(workdir)
@@ -126,10 +128,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   steps_per_epoch = train_split.steps_per_epoch(config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
-  mesh = steps.make_mesh()
-  model = steps.make_model(config, axis_name=steps.AXIS)
-  tx = steps.make_optimizer(config, total_steps)
-  state = steps.init_state(config, model, tx, steps.input_shape(config))
+  mesh = state_lib.make_mesh()
+  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
+  tx = state_lib.make_optimizer(config, total_steps)
+  state = state_lib.create_state(config, tx)
   manager = checkpoints.make_manager(workdir, config)
   if manager.latest_step() is not None:
     state, damaged = checkpoints.restore_newest(manager, state, mesh)
@@ -140,15 +142,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       manager.reload()
     logging.info("Resumed from the checkpoint of step %d in %s", int(state.step), workdir)
   else:
-    state = steps.replicate(state, mesh)
+    state = state_lib.replicate(state, mesh)
   if is_chief:  # the steps after the checkpoint run again: log them once
     dropped = logs.drop_records_after(workdir, int(state.step))
     if dropped:
       logging.info("Dropped %d record(s) of metrics.jsonl logged after step %d",
                    dropped, int(state.step))
-  train_step = steps.make_train_step(config, model, tx, mesh)
-  eval_step = steps.make_eval_step(config, model, mesh)
-  predict = steps.make_predict_fn(steps.make_model(config))
+  train_step = train_step_lib.make_train_step(config, model, tx, mesh)
+  eval_step = train_step_lib.make_eval_step(config, model, mesh)
+  predict = state_lib.make_predict_fn(state_lib.make_model(config))
+  # The training split on the devices once (config.data.device_resident): each
+  # step then gets its examples' positions only. Otherwise streamed per step.
+  device_data = None
+  if config.data.device_resident:
+    device_data = batch_lib.DeviceData(
+        train_split.stored_arrays(batch_lib.fields(config, "train")), mesh)
+    logging.info("Training split on the devices: %.2f GB per device",
+                 device_data.nbytes() / 1e9)
 
   writer = logs.MetricWriter(workdir, enabled=is_chief)
   step = int(state.step)
@@ -180,12 +190,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       # Killed after the epoch's final checkpoint, before its evaluation.
       test_metrics = end_epoch(step // steps_per_epoch - 1)
     for epoch in range(step // steps_per_epoch, config.num_epochs):
-      batches = train_split.train_batches(
-          epoch, skip_batches=step - epoch * steps_per_epoch,
-          process_index=jax.process_index(), process_count=jax.process_count(),
-          local_devices=jax.local_device_count())
+      where = dict(skip_batches=step - epoch * steps_per_epoch,
+                   process_index=jax.process_index(), process_count=jax.process_count())
+      if device_data is None:
+        batches = train_split.train_batches(
+            epoch, fields=batch_lib.fields(config, "train"), **where)
+      else:
+        batches = train_split.position_batches(epoch, **where)
+      data = device_data.arrays if device_data is not None else None
       for host_batch in batches:
-        state, train_metrics = train_step(state, steps.global_batch(host_batch, mesh))
+        state, train_metrics = train_step(state, batch_lib.to_global(host_batch, mesh), data)
         step += 1
         if step % config.log_every_steps == 0 or step == total_steps:
           train_metrics = {f"train/{k}": float(v) for k, v in train_metrics.items()}

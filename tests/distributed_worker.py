@@ -51,7 +51,7 @@ def main() -> None:
     config.eval.taps = ("input", "enc2", "output")
   train.train_and_evaluate(config, workdir)
   results = evaluate.evaluate(config, eval_workdir)
-  state, _ = evaluate.restore_state(config, workdir, evaluate.steps.make_mesh())
+  state, _ = evaluate.restore_state(config, workdir, evaluate.state_lib.make_mesh())
   leaves = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.batch_stats)))
   if jax.process_index() == 0:
     np.savez(out + ".npz", *leaves)

@@ -23,7 +23,7 @@ H, W = 16, 24
 
 def test_train_benchmark_imports_no_tensorflow():
   # GPU machines may lack TensorFlow: neither module may pull it in.
-  modules = ['clevr_jax.benchmarks.train_benchmark']
+  modules = ['clevr_jax.benchmarks.train_benchmark', 'clevr_jax.benchmarks.gpu_check']
   if importlib.util.find_spec('torch'):
     modules.append('clevr_jax.benchmarks.torch_reference')
   code = (f"import sys, {', '.join(modules)}; "
@@ -103,7 +103,7 @@ def test_median_step_seconds_is_per_step_and_ignores_an_outlier():
 
 
 def test_time_batches_counts_images_respects_limit_and_waits():
-  batches = [{'image': np.zeros((2, 3, 4, 4, 3))} for _ in range(5)]  # 6 images each
+  batches = [{'image': np.zeros((6, 4, 4, 3), np.uint8)} for _ in range(5)]  # 6 images each
   seen, finished = [], []
   timing = pipeline_benchmark.time_batches(
       lambda: iter(batches), seen.append, limit=4,
@@ -214,7 +214,8 @@ def test_pipeline_benchmark_runs_on_the_test_preset(tmp_path):
   from configs import unet_rgb  # pylint: disable=g-import-not-at-top
   config = unet_rgb.get_config('test')
   config.data.data_dir = str(tmp_path)
-  result = pipeline_benchmark.run(config, cached_epochs=2, step_images_per_s=1e9)
+  result = pipeline_benchmark.run(config, cached_epochs=2, step_images_per_s=1e9,
+                                  device_resident=True)
   steps_per_epoch = config.data.synthetic.num_train // config.batch_size
   assert result.first_epoch.batches == result.cached.batches == steps_per_epoch
   assert result.first_epoch.images == steps_per_epoch * config.batch_size
@@ -222,3 +223,30 @@ def test_pipeline_benchmark_runs_on_the_test_preset(tmp_path):
   assert result.prepare_s > 0 and result.loop is None
   assert result.verdicts().startswith('cached: input-bound')  # nothing feeds 1e9/s
   assert 'given' in result.table()
+  # Reconstruction: the uint8 image only, 3 bytes a pixel.
+  assert result.bytes_per_image == 3 * config.data.image_height * config.data.image_width
+  assert result.resident.batches == steps_per_epoch
+
+
+# --- the GPU check -------------------------------------------------------------
+
+
+def test_gpu_check_runs_every_part_in_reduced_mode(tmp_path):
+  from clevr_jax.benchmarks import gpu_check  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'check.md'
+  lines = gpu_check.run(gpu_check.Plan.reduced(), str(out),
+                        torch=importlib.util.find_spec('torch') is not None,
+                        label='reduced', log=lambda _: None)
+  parts = [line.part for line in lines]
+  plan = gpu_check.Plan.reduced()
+  assert parts.count('train step') == len(plan.base_widths) * len(plan.dtypes)
+  assert parts[-3:] == ['K-Means', 'evaluation protocol', 'peak device memory']
+  text = out.read_text()
+  assert text.count('\n|') == len(lines) + 2  # header, rule, one row per line
+  assert 'images/s' in text and 'Seconds per part' in text
+  assert 'mIoU (oracle K) nan' not in lines[-2].note  # the raw-pixel baseline is scored
+  if importlib.util.find_spec('sklearn'):
+    assert 'scikit-learn' in lines[-3].reference
+  if importlib.util.find_spec('torch'):
+    assert all(l.reference.startswith('PyTorch') for l in lines if l.part == 'train step')
+

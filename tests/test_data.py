@@ -5,12 +5,17 @@ real builder reads a tiny official-format file the tests write themselves
 (rendered scenes plus the two real samples), so no download is needed.
 """
 
+import itertools
 import os
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from clevr_jax import batch as batch_lib
 
 from clevr_jax.data import clevr_with_masks
 from clevr_jax.data import official
@@ -19,6 +24,7 @@ from clevr_jax.data import renderer
 from clevr_jax import schema
 from clevr_jax.data import synthetic_clevr
 from clevr_jax import defaults
+from clevr_jax import state as state_lib
 
 tfds.disable_progress_bar()
 
@@ -105,11 +111,6 @@ def _build_real(data_dir, manual_dir, name, **ranges):
   return builder
 
 
-def _flatten(batch):
-  """[devices, per_device, ...] -> [devices * per_device, ...]."""
-  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
-
-
 def _assert_batches_equal(actual, expected):
   assert len(actual) == len(expected)
   for step, (a, e) in enumerate(zip(actual, expected)):
@@ -120,8 +121,35 @@ def _assert_batches_equal(actual, expected):
 
 def _concat_processes(shards):
   """Per-process batch lists -> global batches, process 0's slice first."""
-  return [{k: np.concatenate([_flatten(b)[k] for b in step]) for k in step[0]}
+  return [{k: np.concatenate([b[k] for b in step]) for k in step[0]}
           for step in zip(*shards)]
+
+
+def _derived(batch, config):
+  """Stored host fields -> inputs and targets as the steps derive them on the devices."""
+  out = batch_lib.make_derive(config)({k: jnp.asarray(v) for k, v in batch.items()})
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _tf_preprocess(batch, grayscale):
+  """The host-side preprocessing the pipeline did in tf.data before the devices
+  derived the targets (kept verbatim as the reference `batch.derive` must match)."""
+  batch = {k: tf.constant(v) for k, v in batch.items()}
+  rgb = batch["image"]
+  spread = tf.reduce_max(rgb, -1) - tf.reduce_min(rgb, -1)  # exact on uint8
+  image = tf.cast(rgb, tf.float32) / 255.0
+  if grayscale:
+    image = tf.tensordot(image, tf.constant(schema.LUMINANCE_WEIGHTS), 1)[..., None]
+  labels = tf.cast(batch["labels"], tf.int32)
+  shape_classes = tf.gather(tf.constant(schema.SHAPE_CODE_TO_CLASS),
+                            tf.cast(batch["shape"], tf.int32))
+  semantic = tf.gather(shape_classes, labels, batch_dims=labels.shape.rank - 2)
+  out = {"image": image, "gray_mask": spread <= round(schema.GRAY_TOLERANCE * 255),
+         "instance_labels": labels,
+         "num_masks": tf.cast(tf.reduce_sum(tf.cast(batch["visibility"], tf.float32), -1),
+                              tf.int32),
+         "semantic": semantic, "valid": batch["valid"], "index": batch["index"]}
+  return {k: v.numpy() for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -416,23 +444,22 @@ def test_batches_shapes_dtypes_and_targets(synthetic, stored):
   h, w = config.data.image_height, config.data.image_width
   split = pipeline.Split(config, "train")
   assert split.num_examples == config.data.synthetic.num_train
-  batches = list(split.train_batches(0, local_devices=2))
+  batches = list(split.train_batches(0))
   assert len(batches) == split.steps_per_epoch(config.batch_size) == 4
-  d, b = 2, config.batch_size // 2
-  expected = {"image": ((d, b, h, w, 3), np.float32),
-              "gray_mask": ((d, b, h, w), np.bool_),
-              "instance_labels": ((d, b, h, w), np.int32),
-              "num_masks": ((d, b), np.int32),
-              "semantic": ((d, b, h, w), np.int32),
-              "valid": ((d, b), np.bool_), "index": ((d, b), np.int64)}
+  b, s = config.batch_size, schema.MAX_SLOTS
+  # Bytes, not floats: 4 bytes a pixel (RGB + label) and a few per example.
+  expected = {"image": ((b, h, w, 3), np.uint8), "labels": ((b, h, w), np.uint8),
+              "shape": ((b, s), np.uint8), "visibility": ((b, s), np.uint8),
+              "valid": ((b,), np.bool_), "index": ((b,), np.int32)}
   seen_gray = seen_colour = 0
   for batch in batches:
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
-    flat = _flatten(batch)
+    flat = _derived(batch, config)
     assert flat["valid"].all()
     for i, index in enumerate(flat["index"]):
       source = stored["train"][int(index)]
       rgb, labels = source["image"], source["labels"][..., 0]
+      np.testing.assert_array_equal(batch["image"][i], rgb)
       image = flat["image"][i]
       assert 0 <= image.min() and image.max() <= 1
       np.testing.assert_allclose(image, rgb / 255, atol=1e-7)
@@ -451,18 +478,48 @@ def test_batches_shapes_dtypes_and_targets(synthetic, stored):
   assert seen_gray and seen_colour  # the gray rule was tested both ways
 
 
-def test_grayscale_is_luminance_of_rgb(synthetic):
+@pytest.mark.parametrize("grayscale", [False, True])
+def test_device_derivation_equals_the_old_tf_data_preprocessing(synthetic, grayscale):
+  config = _test_config(synthetic[0].data.data_dir, grayscale=grayscale)
+  split = pipeline.Split(config, "test")
+  for batch in split.eval_batches():  # with padding examples
+    ours, reference = _derived(batch, config), _tf_preprocess(batch, grayscale)
+    assert ours.keys() == reference.keys()
+    for name, expected in reference.items():
+      assert ours[name].dtype == expected.dtype, name
+      if name == "image" and grayscale:
+        # A dot product of three float32 terms in TF, a sum of three products
+        # in XLA: rounded in another order, within a few ulps of 1 (1.2e-7).
+        np.testing.assert_allclose(ours[name], expected, rtol=0, atol=5e-7)
+      elif name == "image":
+        # XLA may compute x / 255 as x * (1 / 255): at most one float32 ulp
+        # (relative 2**-23) from TF's division.
+        np.testing.assert_allclose(ours[name], expected, rtol=2**-23, atol=0)
+      else:  # integer maps and counts: bit for bit
+        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
+
+
+def test_fields_select_what_is_sent(synthetic):
+  config, _ = synthetic
+  split = pipeline.Split(config, "train")
+  (first,) = itertools.islice(split.train_batches(0, fields=("image",)), 1)
+  whole = next(split.train_batches(0))
+  assert list(first) == ["image"]
+  np.testing.assert_array_equal(first["image"], whole["image"])
+  with pytest.raises(ValueError, match="unknown batch field"):
+    split.train_batches(0, fields=("image", "semantic"))
+
+
+def test_grayscale_config_sends_the_same_rgb_bytes(synthetic):
   config, _ = synthetic
   rgb = next(pipeline.Split(config, "train").train_batches(0))
   gray_config = _test_config(config.data.data_dir, grayscale=True)
   gray = next(pipeline.Split(gray_config, "train").train_batches(0))
-  np.testing.assert_array_equal(gray["index"], rgb["index"])
-  assert gray["image"].shape == rgb["image"].shape[:-1] + (1,)
-  r, g, b = (rgb["image"][..., c] for c in range(3))
-  np.testing.assert_allclose(gray["image"][..., 0], 0.299 * r + 0.587 * g + 0.114 * b,
+  _assert_batches_equal([gray], [rgb])  # the devices make the luminance
+  derived = _derived(gray, gray_config)
+  r, g, b = (rgb["image"][..., c].astype(np.float32) / 255 for c in range(3))
+  np.testing.assert_allclose(derived["image"][..., 0], 0.299 * r + 0.587 * g + 0.114 * b,
                              atol=1e-6)
-  for name in ("gray_mask", "instance_labels", "semantic", "num_masks"):
-    np.testing.assert_array_equal(gray[name], rgb[name], err_msg=name)
 
 
 def test_eval_pads_to_whole_batches_and_keeps_every_example_once(synthetic, stored):
@@ -470,31 +527,30 @@ def test_eval_pads_to_whole_batches_and_keeps_every_example_once(synthetic, stor
   split = pipeline.Split(config, "test")
   assert (split.num_examples, config.eval.batch_size) == (12, 8)
   assert split.num_eval_batches() == 2
-  batches = [_flatten(b) for b in split.eval_batches()]
+  batches = list(split.eval_batches())
   assert len(batches) == 2
   valid = np.concatenate([b["valid"] for b in batches])
   index = np.concatenate([b["index"] for b in batches])
   assert valid.sum() == 12 and (~valid).sum() == 4
   assert sorted(index[valid].tolist()) == list(range(12))
-  padding = np.concatenate([b["num_masks"] for b in batches])[~valid]
+  padding = np.concatenate([b["visibility"] for b in batches])[~valid]
   np.testing.assert_array_equal(padding, 0)  # no masks to score
   for batch in batches:
     for i in np.flatnonzero(batch["valid"]):
       np.testing.assert_array_equal(
-          batch["instance_labels"][i],
-          stored["test"][int(batch["index"][i])]["labels"][..., 0])
+          batch["labels"][i], stored["test"][int(batch["index"][i])]["labels"][..., 0])
 
 
 def test_eval_max_examples_then_whole_split(synthetic):
   config, _ = synthetic
   split = pipeline.Split(config, "test")
-  whole_order = np.concatenate([_flatten(b)["index"] for b in split.eval_batches()])
+  whole_order = np.concatenate([b["index"] for b in split.eval_batches()])
   split = pipeline.Split(config, "test")  # a fresh cache, first read partially
   assert split.num_eval_batches(max_examples=5) == 1
-  (first,) = [_flatten(b) for b in split.eval_batches(max_examples=5)]
+  (first,) = list(split.eval_batches(max_examples=5))
   assert first["valid"].sum() == 5
   np.testing.assert_array_equal(first["index"][:5], whole_order[:5])
-  again = np.concatenate([_flatten(b)["index"] for b in split.eval_batches()])
+  again = np.concatenate([b["index"] for b in split.eval_batches()])
   np.testing.assert_array_equal(again, whole_order)
 
 
@@ -502,38 +558,63 @@ def test_same_seed_same_batches_other_epoch_or_seed_other_order(synthetic):
   config, _ = synthetic
   epoch0 = list(pipeline.Split(config, "train").train_batches(0))
   _assert_batches_equal(list(pipeline.Split(config, "train").train_batches(0)), epoch0)
-  order = np.concatenate([b["index"].ravel() for b in epoch0])
+  order = np.concatenate([b["index"] for b in epoch0])
   assert sorted(order.tolist()) == list(range(config.data.synthetic.num_train))
   epoch1 = list(pipeline.Split(config, "train").train_batches(1))
-  assert not np.array_equal(np.concatenate([b["index"].ravel() for b in epoch1]), order)
+  assert not np.array_equal(np.concatenate([b["index"] for b in epoch1]), order)
   reseeded = _test_config(config.data.data_dir)
   reseeded.seed = config.seed + 1
   other = list(pipeline.Split(reseeded, "train").train_batches(0))
-  assert not np.array_equal(np.concatenate([b["index"].ravel() for b in other]), order)
+  assert not np.array_equal(np.concatenate([b["index"] for b in other]), order)
 
 
-@pytest.mark.parametrize("local_devices", [1, 2])
-def test_processes_read_disjoint_shards_of_the_global_batches(synthetic, local_devices):
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_processes_read_disjoint_flat_slices_of_the_global_batches(synthetic, process_count):
   config, _ = synthetic
   split = pipeline.Split(config, "train")
-  single = [_flatten(b) for b in split.train_batches(3)]
-  shards = [list(split.train_batches(3, process_index=p, process_count=2,
-                                     local_devices=local_devices))
-            for p in range(2)]
-  per_device = config.batch_size // (2 * local_devices)
+  single = list(split.train_batches(3))
+  shards = [list(split.train_batches(3, process_index=p, process_count=process_count))
+            for p in range(process_count)]
+  per_process = config.batch_size // process_count
   for shard in shards:
-    assert all(b["image"].shape[:2] == (local_devices, per_device) for b in shard)
+    assert all(b["image"].shape[0] == per_process for b in shard)
   for step in zip(*shards):
-    own = [set(b["index"].ravel().tolist()) for b in step]
-    assert not own[0] & own[1]
+    own = [set(b["index"].tolist()) for b in step]
+    assert sum(map(len, own)) == len(set().union(*own)) == config.batch_size
   _assert_batches_equal(_concat_processes(shards), single)
 
-  eval_single = [_flatten(b) for b in split.eval_batches()]
-  eval_shards = [list(split.eval_batches(process_index=p, process_count=2,
-                                         local_devices=local_devices))
-                 for p in range(2)]
-  assert len(eval_shards[0]) == len(eval_shards[1]) == split.num_eval_batches()
+  eval_single = list(split.eval_batches())
+  eval_shards = [list(split.eval_batches(process_index=p, process_count=process_count))
+                 for p in range(process_count)]
+  assert all(len(s) == split.num_eval_batches() for s in eval_shards)
   _assert_batches_equal(_concat_processes(eval_shards), eval_single)
+  with pytest.raises(ValueError, match="does not divide over 3 processes"):
+    next(split.train_batches(3, process_count=3))
+
+
+def test_device_resident_split_gives_the_streamed_batches(synthetic):
+  # The positions' order is tf.data's shuffle of the same seed and size, and
+  # gathering the stored arrays at them gives the streamed batches, on the
+  # host and on the devices (batch.gather, as the train step does).
+  config, _ = synthetic
+  split = pipeline.Split(config, "train")
+  arrays = split.stored_arrays()
+  mesh = state_lib.make_mesh()
+  data = batch_lib.DeviceData(arrays, mesh)
+  assert data.num_examples == split.num_examples
+  for epoch, skip in ((0, 0), (1, 2)):
+    streamed = list(split.train_batches(epoch, skip_batches=skip))
+    positions = list(split.position_batches(epoch, skip_batches=skip))
+    assert len(positions) == len(streamed) == split.steps_per_epoch(config.batch_size) - skip
+    gathered = [{k: v[p["position"]] for k, v in arrays.items()} for p in positions]
+    _assert_batches_equal(gathered, streamed)
+    gather = batch_lib.make_gather(mesh)
+    on_devices = [{k: np.asarray(v) for k, v in gather(
+        data.arrays, batch_lib.to_global(p, mesh)).items()} for p in positions]
+    _assert_batches_equal(on_devices, streamed)
+  halves = [list(split.position_batches(0, process_index=p, process_count=2))
+            for p in range(2)]
+  _assert_batches_equal(_concat_processes(halves), list(split.position_batches(0)))
 
 
 def test_resume_mid_epoch_gives_the_rest_of_the_epoch(synthetic):
@@ -555,21 +636,20 @@ def test_eval_file_is_read_whole_as_the_test_split(synthetic, tmp_path):
   split = pipeline.Split(_test_config(config.data.data_dir, eval_file=str(path)),
                          "test")
   assert split.num_examples == len(records)
-  (batch,) = [_flatten(b) for b in split.eval_batches()]
+  (batch,) = list(split.eval_batches())
   assert batch["valid"].tolist() == [True] * 5 + [False] * 3
   np.testing.assert_array_equal(batch["index"][:5], np.arange(5))
+  derived = _derived(batch, config)
   for i, record in enumerate(records):
-    np.testing.assert_allclose(batch["image"][i], record["image"] / 255, atol=1e-7)
-    np.testing.assert_array_equal(batch["instance_labels"][i],
-                                  schema.masks_to_labels(record["mask"]))
-    assert batch["num_masks"][i] == _objects(record) + 1
+    np.testing.assert_array_equal(batch["image"][i], record["image"])
+    np.testing.assert_array_equal(batch["labels"][i], schema.masks_to_labels(record["mask"]))
+    assert derived["num_masks"][i] == _objects(record) + 1
 
 
 # ------------------------------------------------ messages that point the right way
 
 
 def test_uncompressed_tfrecord_is_named_as_not_gzip(tmp_path):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   path = tmp_path / "plain.tfrecords"
   with tf.io.TFRecordWriter(str(path)) as writer:  # no GZIP
     for record in _small_records(1):
@@ -606,8 +686,8 @@ def test_eval_batch_that_does_not_divide_names_the_eval_flag(synthetic):
   config = _test_config(config.data.data_dir)
   config.eval.batch_size = 6
   split = pipeline.Split(config, "test")
-  with pytest.raises(ValueError, match=r"--config.eval.batch_size=4 or 8\.$"):
-    next(split.eval_batches(local_devices=4))
+  with pytest.raises(ValueError, match=r"set --config.eval.batch_size to a multiple"):
+    next(split.eval_batches(process_count=4))
 
 
 def _incomplete_folders(root):

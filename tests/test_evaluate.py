@@ -13,7 +13,7 @@ from clevr_jax import evaluate
 from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import models
-from clevr_jax import steps
+from clevr_jax import state as state_lib
 from clevr_jax.data import official
 from clevr_jax import schema
 
@@ -126,12 +126,12 @@ def test_user_images_of_odd_sizes_and_rgba_come_out_at_their_size(
 def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workdir, test_config):
   sklearn_cluster = pytest.importorskip("sklearn.cluster")
   config = test_config("unet_rgb")
-  mesh = steps.make_mesh()
+  mesh = state_lib.make_mesh()
   state, model = evaluate.restore_state(config, trained_workdir, mesh)
   images = np.asarray(Image.open(os.path.join(SAMPLES, "..", "clevr_renders", "img3.png"))
                       .convert("RGB").resize((64, 48)), np.float32)[None] / 255
   for tap in ("enc1", "enc3", "dec4"):
-    feats = np.asarray(steps.make_predict_fn(model, (tap,))(state, images)[1][tap])
+    feats = np.asarray(state_lib.make_predict_fn(model, (tap,))(state, images)[1][tap])
     points = feats.reshape(1, -1, feats.shape[-1])
     k = 6
     ours = kmeans.kmeans(points, np.array([k]), jax.random.key(0), k_max=k,

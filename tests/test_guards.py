@@ -22,10 +22,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # data, and the pipeline benchmark (which measures the data pipeline).
 CORE_MODULES = [
     "clevr_jax.models", "clevr_jax.kmeans", "clevr_jax.metrics", "clevr_jax.losses",
-    "clevr_jax.steps", "clevr_jax.schema", "clevr_jax.checkpoints", "clevr_jax.logs",
+    "clevr_jax.state", "clevr_jax.batch", "clevr_jax.train_step", "clevr_jax.schema", "clevr_jax.checkpoints", "clevr_jax.logs",
     "clevr_jax.defaults", "clevr_jax.guards",
     "clevr_jax.benchmarks.train_benchmark", "clevr_jax.benchmarks.kmeans_benchmark",
-    "clevr_jax.benchmarks.torch_reference",
+    "clevr_jax.benchmarks.torch_reference", "clevr_jax.benchmarks.gpu_check",
+    "clevr_jax.benchmarks.xla_cpu_options",
 ]
 
 _WITHOUT_TENSORFLOW = """

@@ -1,4 +1,4 @@
-"""Tests of clevr_jax.steps: objectives, targets, training on a fixed batch, data parallelism.
+"""Tests of the state, the device-side batch derivation, the objective and the steps.
 
 The data-parallel comparison runs in child processes (this process keeps one
 CPU device): see `data_parallel_run` in conftest.py and
@@ -6,17 +6,19 @@ tests/helpers/data_parallel.py. They start with this module and run beside its
 other tests; its last tests wait for them.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from clevr_jax import steps
-from clevr_jax.data import pipeline
+from clevr_jax import batch as batch_lib
 from clevr_jax import schema
+from clevr_jax import state as state_lib
+from clevr_jax import train_step
+from clevr_jax.data import pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,7 +37,7 @@ def _start_data_parallel_runs(request):
 _SHAPES = np.zeros((2, schema.MAX_SLOTS), np.uint8)
 _SHAPES[0, :4] = [0, 3, 1, 2]  # slot 1 cube, slot 2 sphere, slot 3 cylinder
 _SHAPES[1, :3] = [0, 1, 3]  # slot 1 sphere, slot 2 cube: same slots, other shapes
-_VISIBILITY = np.zeros((2, schema.MAX_SLOTS), np.float32)
+_VISIBILITY = np.zeros((2, schema.MAX_SLOTS), np.uint8)
 _VISIBILITY[0, :4] = 1
 _VISIBILITY[1, :3] = 1
 
@@ -54,12 +56,25 @@ def _stored_batch():
   image[1, 0, 1] = (255, 238, 51)  # yellow
   return {"image": image, "labels": labels, "shape": _SHAPES,
           "visibility": _VISIBILITY, "valid": np.ones(2, bool),
-          "index": np.arange(2, dtype=np.int64)}
+          "index": np.arange(2, dtype=np.int32)}
+
+
+def _derive(stored, grayscale=False):
+  config = _FakeConfig(grayscale)
+  out = batch_lib.make_derive(config)({k: jnp.asarray(v) for k, v in stored.items()})
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+class _FakeConfig:
+  """What `derive` reads of a config."""
+
+  def __init__(self, grayscale):
+    self.data = type("Data", (), {"grayscale": grayscale})()
 
 
 def test_supervised_targets_are_each_pixels_object_shape():
   stored = _stored_batch()
-  out = pipeline.preprocess({k: tf.constant(v) for k, v in stored.items()}, grayscale=False)
+  out = _derive(stored)
   sphere, cylinder, cube = (schema.SEMANTIC_CLASSES.index(s)
                             for s in ("sphere", "cylinder", "cube"))
   expected = np.array([[[0, 0, cube, cube],
@@ -68,29 +83,49 @@ def test_supervised_targets_are_each_pixels_object_shape():
                        [[0, sphere, sphere, 0],
                         [0, 0, cube, cube],
                         [0, 0, 0, 0]]])
-  np.testing.assert_array_equal(out["semantic"].numpy(), expected)
-  np.testing.assert_array_equal(out["instance_labels"].numpy(), stored["labels"])
-  np.testing.assert_array_equal(out["num_masks"].numpy(), [4, 3])  # background included
+  np.testing.assert_array_equal(out["semantic"], expected)
+  np.testing.assert_array_equal(out["instance_labels"], stored["labels"])
+  np.testing.assert_array_equal(out["num_masks"], [4, 3])  # background included
   gray = np.ones(stored["labels"].shape, bool)
   gray[0, 0, 2] = gray[0, 1, 1] = gray[1, 0, 1] = False
-  np.testing.assert_array_equal(out["gray_mask"].numpy(), gray)
-  np.testing.assert_allclose(out["image"].numpy(), stored["image"] / 255.0, atol=1e-7)
+  np.testing.assert_array_equal(out["gray_mask"], gray)
+  # XLA may turn x / 255 into x * (1 / 255): one rounding more, at most one
+  # float32 ulp apart (relative 2**-23).
+  np.testing.assert_allclose(out["image"], stored["image"].astype(np.float32) / 255,
+                             rtol=2**-23, atol=0)
+  np.testing.assert_array_equal(out["valid"], stored["valid"])
+  np.testing.assert_array_equal(out["index"], stored["index"])
 
 
 def test_grayscale_input_is_the_luminance_and_keeps_the_colour_gray_map():
   stored = _stored_batch()
-  rgb = pipeline.preprocess({k: tf.constant(v) for k, v in stored.items()}, grayscale=False)
-  gray = pipeline.preprocess({k: tf.constant(v) for k, v in stored.items()}, grayscale=True)
+  rgb, gray = _derive(stored), _derive(stored, grayscale=True)
   assert gray["image"].shape == stored["labels"].shape + (1,)
   luminance = stored["image"].astype(np.float64) @ np.array(schema.LUMINANCE_WEIGHTS) / 255
-  np.testing.assert_allclose(gray["image"].numpy()[..., 0], luminance, atol=1e-6)
+  # Three float32 products and two sums of values <= 1: a few ulps of 1 (1.2e-7).
+  np.testing.assert_allclose(gray["image"][..., 0], luminance, rtol=0, atol=1e-6)
   # The gray map comes from the colours, which the gray image no longer has.
-  np.testing.assert_array_equal(gray["gray_mask"].numpy(), rgb["gray_mask"].numpy())
+  np.testing.assert_array_equal(gray["gray_mask"], rgb["gray_mask"])
+
+
+def test_fields_send_only_what_the_step_reads(test_config):
+  assert batch_lib.fields(test_config("unet_rgb"), "train") == ("image",)
+  assert batch_lib.fields(test_config("unet_gray"), "train") == ("image",)
+  assert batch_lib.fields(test_config("unet_supervised"), "train") == (
+      "image", "labels", "shape")
+  assert "valid" in batch_lib.fields(test_config("unet_rgb"), "eval_loss")
+  assert batch_lib.fields(test_config("unet_rgb"), "evaluate") == batch_lib.STORED
+  with pytest.raises(ValueError, match="purpose"):
+    batch_lib.fields(test_config("unet_rgb"), "bogus")
 
 
 # --- the objective -----------------------------------------------------------
 
 _A, _B = 0.1, 0.5  # error on gray pixels, on coloured pixels
+
+
+def _loss(config, output, batch):
+  return float(train_step.objective(config, output, {}, batch, None)[0])
 
 
 def _recon_batch(gray_rows):
@@ -111,10 +146,10 @@ def test_weighted_objective_averages_the_gray_and_colour_groups(test_config):
   output, batch = _recon_batch([3, 3])
   weighted = test_config("unet_gray")
   assert weighted.loss.weighted
-  assert float(steps.objective(weighted, output, batch, None)) == pytest.approx(
+  assert _loss(weighted, output, batch) == pytest.approx(
       (_A**2 + _B**2) / 2, rel=1e-6)
   plain = test_config("unet_rgb")
-  assert float(steps.objective(plain, output, batch, None)) == pytest.approx(
+  assert _loss(plain, output, batch) == pytest.approx(
       0.75 * _A**2 + 0.25 * _B**2, rel=1e-6)
 
 
@@ -126,9 +161,9 @@ def test_weighted_objective_counts_gray_pixels_over_the_whole_global_batch(test_
   config = test_config("unet_gray")
   output, batch = _recon_batch([4, 2])
   split = lambda x: x.reshape((2, 1) + x.shape[1:])  # [devices, per-device batch, ...]
-  per_device = jax.vmap(lambda o, b: steps.objective(config, o, b, "batch"),
+  per_device = jax.vmap(lambda o, b: train_step.objective(config, o, {}, b, "batch")[0],
                         axis_name="batch")(split(output), jax.tree.map(split, batch))
-  global_loss = float(steps.objective(config, output, batch, None))
+  global_loss = _loss(config, output, batch)
   assert global_loss == pytest.approx((_A**2 + _B**2) / 2, rel=1e-6)
   assert float(per_device.mean()) == pytest.approx(global_loss, rel=1e-6)
 
@@ -140,32 +175,37 @@ def test_segmentation_objective_is_the_pixel_cross_entropy(test_config):
   # Uniform logits give log(4) per pixel; the first pixel's true class has 2 more.
   first = -math.log(math.exp(2.0) / (math.exp(2.0) + 3))
   expected = (first + 3 * math.log(4)) / 4
-  loss = float(steps.objective(config, logits, {"semantic": labels}, None))
+  loss = _loss(config, logits, {"semantic": labels})
   assert loss == pytest.approx(expected, rel=1e-6)
 
 
 # --- training on a fixed batch -----------------------------------------------
 
 
+def _small(config):
+  # A one-level network of width 4 compiles in seconds (the full one trains in
+  # trained_workdir and in the data-parallel runs).
+  config.model.depth, config.model.base_width = 1, 4
+  return config
+
+
 @pytest.mark.parametrize("name", ["unet_rgb", "unet_gray", "unet_supervised"])
 def test_loss_goes_down_on_a_fixed_batch(name, test_config):
   # The :test configs' task, loss, input and optimizer with the real steps, on
-  # one device; a one-level network of width 4 compiles in seconds (the full
-  # one trains in trained_workdir and in the data-parallel runs).
-  config = test_config(name)
-  config.model.depth, config.model.base_width = 1, 4
-  host_batch = next(pipeline.Split(config, "train").train_batches(0))
-  mesh = steps.make_mesh()
-  model = steps.make_model(config, axis_name=steps.AXIS)
-  tx = steps.make_optimizer(config, 8)
-  with jax.threefry_partitionable(False):  # compiles in seconds, not tens of them
-    state = steps.init_state(config, model, tx, steps.input_shape(config))
-  state = steps.replicate(state, mesh)
-  train_step = steps.make_train_step(config, model, tx, mesh)
-  batch = steps.global_batch(host_batch, mesh)
+  # one device, fed the stored fields the pipeline sends.
+  config = _small(test_config(name))
+  host_batch = next(pipeline.Split(config, "train").train_batches(
+      0, fields=batch_lib.fields(config, "train")))
+  mesh = state_lib.make_mesh()
+  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
+  tx = state_lib.make_optimizer(config, 8)
+  state = state_lib.replicate(state_lib.create_state(config, tx), mesh)
+  step = train_step.make_train_step(config, model, tx, mesh)
+  batch = batch_lib.to_global(host_batch, mesh)
+  assert batch["image"].dtype == jnp.uint8
   losses = []
   for _ in range(6):
-    state, metrics = train_step(state, batch)
+    state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))  # the loss before this step's update
     assert math.isfinite(float(metrics["grad_norm"]))
   # Measured: every step lowers the loss (by 3% at least); after 6 steps it
@@ -173,6 +213,78 @@ def test_loss_goes_down_on_a_fixed_batch(name, test_config):
   assert all(b < a for a, b in zip(losses, losses[1:])), losses
   assert losses[-1] < 0.5 * losses[0], losses
   assert int(state.step) == 6
+
+
+@pytest.mark.parametrize("name", ["unet_rgb", "unet_gray", "unet_supervised"])
+def test_eval_loss_is_the_train_objective_in_eval_mode(name, test_config):
+  # The eval step sums example_losses over valid examples; the train step
+  # averages the same function. On a batch with padding, the eval loss must be
+  # the objective of the valid examples alone (padding out of the weighted
+  # loss's counts too).
+  config = _small(test_config(name))
+  mesh = state_lib.make_mesh()
+  model = state_lib.make_model(config)
+  host_state = state_lib.create_state(config)
+  state = state_lib.replicate(host_state, mesh)
+  stored = batch_lib.stored_like(config, config.eval.batch_size, seed=3)
+  stored["valid"][5:] = False
+  sums = train_step.make_eval_step(config, model, mesh)(state, batch_lib.to_global(
+      {k: stored[k] for k in batch_lib.fields(config, "eval_loss")}, mesh))
+  eval_loss = float(sums["loss_sum"] / sums["count"])
+  assert float(sums["count"]) == 5
+  valid = batch_lib.derive({k: jnp.asarray(v[:5]) for k, v in stored.items()}, config)
+  output, _ = model.apply({"params": host_state.params, "batch_stats": host_state.batch_stats},
+                          valid["image"], train=False)
+  train_loss = float(train_step.objective(config, output, {}, valid, None)[0])
+  # The same float32 terms summed in another order: a few ulps.
+  assert eval_loss == pytest.approx(train_loss, rel=1e-5)
+  if name == "unet_supervised":
+    assert int(np.asarray(sums["confusion"]).sum()) == 5 * np.prod(stored["labels"].shape[1:])
+
+
+# --- the state -----------------------------------------------------------------
+
+
+def test_initial_state_is_reproducible_and_has_flax_initialisers_statistics(test_config):
+  config = test_config("unet_rgb")
+  model = state_lib.make_model(config)
+  shape = state_lib.input_shape(config)
+  ours = state_lib.init_variables(model, shape, seed=config.seed)
+  theirs = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((1,) + shape))
+  assert jax.tree.structure(ours) == jax.tree.structure(jax.tree.map(np.asarray, theirs))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    assert (a.shape, a.dtype) == (b.shape, b.dtype)
+  again = state_lib.init_variables(model, shape, seed=config.seed)
+  other = state_lib.init_variables(model, shape, seed=config.seed + 1)
+  kernels = {jax.tree_util.keystr(p): x for p, x in
+             jax.tree_util.tree_leaves_with_path(ours["params"]) if "kernel" in str(p[-1])}
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(ours)))
+  assert not np.array_equal(jax.tree.leaves(other["params"])[1],
+                            jax.tree.leaves(ours["params"])[1])
+  # LeCun normal (flax's default): truncated at 2 sigma of a normal whose
+  # truncated standard deviation is sqrt(1 / fan_in). Pooled over all kernels
+  # (n ~ 4.9e5 values) the standard deviation of z = x * sqrt(fan_in) has a
+  # sampling error ~ 1e-3; 1e-2 is ten of them.
+  z = np.concatenate([(x * math.sqrt(np.prod(x.shape[:-1]))).ravel()
+                      for x in kernels.values()])
+  assert z.size > 4e5
+  assert abs(z.std() - 1) < 1e-2 and abs(z.mean()) < 1e-2
+  assert np.abs(z).max() <= 2 / 0.87962566103423978 + 1e-5
+  for path, x in jax.tree_util.tree_leaves_with_path(ours):
+    name = str(path[-1])
+    if "bias" in name or "mean" in name:
+      assert not x.any(), path
+    elif "scale" in name or "var" in name:
+      assert (x == 1).all(), path
+
+
+def test_abstract_state_is_what_a_checkpoint_restores_into(test_config):
+  config = test_config("unet_rgb")
+  abstract = state_lib.abstract_state(config)
+  fresh = state_lib.create_state(config)
+  assert jax.tree.structure(abstract) == jax.tree.structure(fresh)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
 
 
 # --- data parallelism: 4 devices equal 1 ------------------------------------

@@ -24,8 +24,9 @@ import pytest
 
 from clevr_jax import checkpoints
 from clevr_jax import guards
-from clevr_jax import steps
+from clevr_jax import state as state_lib
 from clevr_jax import train
+from clevr_jax import train_step as train_step_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_RUN = os.path.join(REPO_ROOT, "tests", "helpers", "train_run.py")
@@ -75,12 +76,10 @@ def _damage(workdir, step, how):
 
 def _restore(config, workdir, step=None):
   """The state of a workdir's checkpoint, as train.py restores it (on one device)."""
-  model = steps.make_model(config)
-  tx = steps.make_optimizer(config, 1)
-  like = jax.eval_shape(lambda: steps.init_state(config, model, tx, steps.input_shape(config)))
   manager = checkpoints.make_manager(workdir, read_only=True)
   assert step is None or step in manager.all_steps(), (step, manager.all_steps())
-  return checkpoints.restore(manager, like, steps.make_mesh(), step=step)
+  return checkpoints.restore(manager, state_lib.abstract_state(config), state_lib.make_mesh(),
+                             step=step)
 
 
 def _assert_same_state(actual, expected):
@@ -214,20 +213,20 @@ def test_interrupted_mid_epoch_then_resumed_equals_training_straight(
   # epoch), so the resumed run must also skip the batches the first one used.
   config = test_config("unet_rgb")
   workdir = str(tmp_path / "run")
-  make_train_step = steps.make_train_step
+  make_train_step = train_step_lib.make_train_step
 
   def interrupting_train_step(*args, **kwargs):
     train_step = make_train_step(*args, **kwargs)
 
-    def step(state, batch):
+    def step(state, batch, data=None):
       # Before the call, as when Ctrl-C lands while the next batch is read:
       # the state has not been donated to the step yet.
       if int(state.step) == 2:
         raise KeyboardInterrupt
-      return train_step(state, batch)
+      return train_step(state, batch, data)
     return step
 
-  monkeypatch.setattr(steps, "make_train_step", interrupting_train_step)
+  monkeypatch.setattr(train_step_lib, "make_train_step", interrupting_train_step)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, workdir)
   assert _checkpoint_steps(workdir) == [2]  # train.py saved before re-raising
@@ -463,19 +462,19 @@ def test_state_that_turns_non_finite_between_log_steps_is_never_saved(
   config = test_config("unet_rgb")
   config.checkpoint_every_steps = 3
   workdir = str(tmp_path / "run")
-  make_train_step = steps.make_train_step
+  make_train_step = train_step_lib.make_train_step
 
   def poisoned_train_step(*args, **kwargs):
     train_step = make_train_step(*args, **kwargs)
 
-    def step(state, batch):
-      state, metrics = train_step(state, batch)
+    def step(state, batch, data=None):
+      state, metrics = train_step(state, batch, data)
       if int(state.step) >= 6:
         state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
       return state, metrics
     return step
 
-  monkeypatch.setattr(steps, "make_train_step", poisoned_train_step)
+  monkeypatch.setattr(train_step_lib, "make_train_step", poisoned_train_step)
   with pytest.raises(train.TrainingDiverged,
                      match=r"at step 6: the parameters .* not finite.*step 4 is the last"):
     train.train_and_evaluate(config, workdir)

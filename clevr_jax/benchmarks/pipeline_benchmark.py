@@ -6,12 +6,15 @@ r"""Is training input-bound? tf.data's delivery rate beside the train step's.
 
 Prepares the configured dataset if needed (`pipeline.prepare`; the `quick`
 preset renders its synthetic scenes in about a minute), then times, on the
-host batches `pipeline.Split(config, 'train').train_batches` yields, each put
-on the devices whole with `steps.global_batch` as train.py does (unless
-`--nodevice_put`):
+host batches `pipeline.Split(config, 'train').train_batches` yields (the
+stored fields the train step reads, `batch.fields(config, 'train')`: uint8
+images for reconstruction), each made global device arrays with
+`batch.to_global` as train.py does (unless `--nodevice_put`):
 
   - the first epoch: read, decode and (with config.data.cache) fill the cache;
   - later epochs from the cache (median of `--cached_epochs`);
+  - with `--device_resident`, the split put on the devices once and each
+    batch's positions sent instead (config.data.device_resident);
   - the train step alone on random images of the same shape (compiled once;
     or `--step_images_per_s`, e.g. a GPU's figure from train_benchmark);
   - the train loop: the pipeline feeding the step, sharing the host.
@@ -37,13 +40,16 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from clevr_jax import steps
+from clevr_jax import batch as batch_lib
+from clevr_jax import state as state_lib
 from clevr_jax.benchmarks import train_benchmark
 from clevr_jax.data import pipeline
 
+# configs/ beside the package, in a checkout.
+_QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'configs', 'unet_rgb.py') + ':quick'
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(_REPO_ROOT, 'configs', 'unet_rgb.py') + ':quick',
-    'A configs/*.py file, optionally with :preset.')
+    'config', _QUICK, 'A configs/*.py file, optionally with :preset.')
 _BATCHES = flags.DEFINE_integer(
     'batches', 0, 'Batches per cached epoch and in the train loop (0: a whole '
     'epoch).')
@@ -55,6 +61,8 @@ _DEVICE_PUT = flags.DEFINE_bool(
 _STEP_IMAGES_PER_S = flags.DEFINE_float(
     'step_images_per_s', None, 'What the train step consumes, if measured '
     'elsewhere (e.g. on a GPU); skips timing the step and the train loop here.')
+_DEVICE_RESIDENT = flags.DEFINE_bool(
+    'device_resident', False, 'Also time the device-resident path (positions only).')
 _STEP_STEPS = flags.DEFINE_integer('step_steps', 5, 'Steps per timed run of the step.')
 _STEP_REPEATS = flags.DEFINE_integer('step_repeats', 5, 'Timed runs of the step (median).')
 
@@ -97,7 +105,7 @@ def time_batches(make_batches: Callable[[], Iterator[dict[str, np.ndarray]]],
     if first is None:
       first = time.perf_counter() - start
     count += 1
-    images += int(np.prod(batch['image'].shape[:2]))  # [devices, per device, ...]
+    images += len(next(iter(batch.values())))  # flat: [per-process batch, ...]
   if not count:
     raise ValueError('the iterator yielded no batches')
   if finish is not None:
@@ -138,8 +146,10 @@ class Result:
   first_epoch: Timing
   cached: Timing  # the median cached epoch
   step_images_per_s: float
+  bytes_per_image: int  # host bytes sent per training image
   step_note: str = ''  # how the step's figure was obtained
   loop: Timing | None = None  # None when the step's figure was given
+  resident: Timing | None = None  # positions of a device-resident split
 
   def table(self) -> str:
     rows = [
@@ -148,8 +158,11 @@ class Result:
         _row('tf.data, first epoch (read, decode, fill cache)', self.first_epoch,
              note=('dataset already prepared' if self.prepare_s is None
                    else f'prepared in {self.prepare_s:.1f} s')),
-        _row('tf.data, cached epoch (median)', self.cached),
-        _row('train step alone', None, self.step_images_per_s, self.step_note)]
+        _row('tf.data, cached epoch (median)', self.cached,
+             note=f'{self.bytes_per_image / 1e3:.1f} kB per image sent')]
+    if self.resident is not None:
+      rows.append(_row('device-resident split (positions sent)', self.resident))
+    rows.append(_row('train step alone', None, self.step_images_per_s, self.step_note))
     if self.loop is not None:
       rows.append(_row(
           'train loop (tf.data feeding the step)', self.loop,
@@ -163,45 +176,59 @@ class Result:
 
 def run(config: Any, *, batches: int = 0, cached_epochs: int = 3,
         device_put: bool = True, step_images_per_s: float | None = None,
-        step_steps: int = 5, step_repeats: int = 5) -> Result:
+        step_steps: int = 5, step_repeats: int = 5,
+        device_resident: bool = False) -> Result:
   """Prepares the data if needed, then times the stages (see module docstring)."""
-  mesh = steps.make_mesh()
-  local_devices = jax.local_device_count()
+  mesh = state_lib.make_mesh()
   per_device = pipeline.per_device_batch(config.batch_size, jax.process_count(),
-                                         local_devices)
+                                         jax.local_device_count())
   start = time.perf_counter()
   was_prepared = pipeline.make_builder(config).is_prepared()
   builder = pipeline.prepare(config)
   prepare_s = None if was_prepared else time.perf_counter() - start
   split = pipeline.Split(config, 'train')
+  fields = batch_lib.fields(config, 'train')
   description = (
       f'{builder.name}/{builder.builder_config.name}: {split.num_examples} train '
       f'images {config.data.image_height}x{config.data.image_width}, global batch '
-      f'{config.batch_size}, cache={config.data.cache}, batches put on the '
-      f'devices: {device_put}')
+      f'{config.batch_size}, cache={config.data.cache}, fields sent {list(fields)}, '
+      f'made device arrays: {device_put}')
 
   def to_devices(host_batch):
     if device_put:
-      jax.block_until_ready(steps.global_batch(host_batch, mesh))
+      jax.block_until_ready(batch_lib.to_global(host_batch, mesh))
 
   epochs = itertools.count()
-  make = lambda: split.train_batches(next(epochs), local_devices=local_devices)
+  make = lambda: split.train_batches(next(epochs), fields=fields)
   first = time_batches(make, to_devices)  # whole: a partial read fills no cache
   cached = median_timing([time_batches(make, to_devices, batches)
                           for _ in range(cached_epochs)])
+  sample = next(make())
+  bytes_per_image = sum(v.nbytes for v in sample.values()) // len(sample['image'])
+  resident = None
+  if device_resident:
+    data = batch_lib.DeviceData(split.stored_arrays(fields), mesh)
+    gather = batch_lib.make_gather(mesh)
+
+    def gathered(host_batch):
+      jax.block_until_ready(gather(data.arrays, batch_lib.to_global(host_batch, mesh)))
+
+    resident = median_timing([
+        time_batches(lambda: split.position_batches(next(epochs)), gathered, batches)
+        for _ in range(cached_epochs)])
   if step_images_per_s:
     return Result(description, prepare_s, first, cached, step_images_per_s,
-                  'given')
+                  bytes_per_image, 'given', resident=resident)
   compiled = train_benchmark.compile_step(config, per_device)
   compiled.run(1)
   times = train_benchmark.step_seconds(compiled.run, step_steps, step_repeats)
   seconds = statistics.median(times)
   loop = time_batches(make, compiled.step_on, batches, compiled.wait)
   return Result(description, prepare_s, first, cached,
-                compiled.global_batch_size / seconds,
-                f'random images: {1e3 * seconds:.0f} ms/step (runs '
+                compiled.global_batch_size / seconds, bytes_per_image,
+                f'uint8 batch: {1e3 * seconds:.0f} ms/step (runs '
                 f'{1e3 * min(times):.0f}-{1e3 * max(times):.0f}), compile '
-                f'{compiled.compile_s:.1f} s', loop)
+                f'{compiled.compile_s:.1f} s', loop, resident)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -212,7 +239,8 @@ def main(argv: Sequence[str]) -> None:
   result = run(_CONFIG.value, batches=_BATCHES.value,
                cached_epochs=_CACHED_EPOCHS.value, device_put=_DEVICE_PUT.value,
                step_images_per_s=_STEP_IMAGES_PER_S.value,
-               step_steps=_STEP_STEPS.value, step_repeats=_STEP_REPEATS.value)
+               step_steps=_STEP_STEPS.value, step_repeats=_STEP_REPEATS.value,
+               device_resident=_DEVICE_RESIDENT.value)
   print(result.description)
   print(result.table())
   print(f'{result.verdicts()}. Load average at the end {train_benchmark.load_average()}.')

@@ -5,9 +5,11 @@ r"""Throughput of the real train step, optionally beside a PyTorch reference.
       [--per_device_batch=1,2,4,8,10] [--steps=20 --repeats=5] [--torch]
       [--full]
 
-The step is `steps.make_train_step` (jit over shard_map on the mesh of all
-devices, state donated) of the poster's U-Net (reconstruction, MSE, AdamW) on
-random images, per-device batch swept. Without flags a CPU runs a short sweep
+The step is the one train.py runs, `train_step.make_train_step` (jit over
+shard_map on the mesh of all devices, state donated), of the poster's U-Net
+(reconstruction, MSE, AdamW), fed what the pipeline sends it (random uint8
+images, `batch.stored_like`; the step derives its float input on the device),
+per-device batch swept. Without flags a CPU runs a short sweep
 (base width 8, per-device batch 1 and 2, both dtypes, few steps: minutes); an
 accelerator, or `--full`, runs base widths 8 (the poster) and 64 (the original
 U-Net paper) with per-device batch 1, 2, 4, 8, 10. Explicit flags override
@@ -45,8 +47,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from clevr_jax import batch as batch_lib
 from clevr_jax import defaults
-from clevr_jax import steps
+from clevr_jax import state as state_lib
+from clevr_jax import train_step as train_step_lib
 
 _SIZES = flags.DEFINE_list('sizes', ['240x320'], 'Image sizes as HxW.')
 _BASE_WIDTHS = flags.DEFINE_list(
@@ -151,52 +155,43 @@ def bench_config(base_width: int, dtype: str, height: int, width: int,
 
 
 @functools.cache
-def _host_state(base_width: int, depth: int, channels: int) -> Any:
-  """A freshly initialised state on the host (numpy), one per network shape.
+def _host_state(config_key: tuple[Any, ...]) -> Any:
+  """A fresh state on the host (numpy), one per network: `state.create_state`.
 
   Numpy, because a device array put on the mesh unchanged could be the very
-  buffer the donating step deletes. The 'rbg' generator for the init: XLA on
-  CPU takes a minute and more to compile this network's threefry draws; the
-  weights' distribution is unchanged, and the step keeps the default generator.
+  buffer the donating step deletes.
   """
+  base_width, depth, grayscale, task = config_key
   config = bench_config(base_width, 'float32', 2**depth, 2**depth, depth)
-  model = steps.make_model(config, axis_name=steps.AXIS)
-  tx = steps.make_optimizer(config, 1)
-  with jax.default_prng_impl('rbg'):
-    state = steps.init_state(config, model, tx, (2**depth, 2**depth, channels))
-  state = state.replace(rng=jax.random.key_data(jax.random.key(config.seed)))
-  return jax.device_get(state)
+  config.data.grayscale, config.task = grayscale, task
+  return state_lib.create_state(config)
 
 
 @dataclasses.dataclass
 class CompiledStep:
-  """The train step compiled for one config and batch, with its live state."""
+  """The train step train.py builds, compiled for one config and batch, with its state."""
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   step: Any  # the compiled executable; donates `state`
-  state: steps.TrainState
+  state: state_lib.TrainState
   batch: dict[str, jax.Array]
   compile_s: float
   flops: float | None  # per device per step
 
   @property
   def global_batch_size(self) -> int:
-    return self.batch['image'].shape[0]
+    return next(iter(self.batch.values())).shape[0]
 
   def run(self, num_steps: int) -> float:
-    """`num_steps` steps on the random batch; blocks and returns the last loss."""
+    """`num_steps` steps on the fixed batch; blocks and returns the last loss."""
     metrics = None
     for _ in range(num_steps):
-      self.state, metrics = self.step(self.state, self.batch)
+      self.state, metrics = self.step(self.state, self.batch, {})
     return self._finish(metrics)
 
   def step_on(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Dispatches one step on a host batch [local devices, per device, ...].
-
-    Only 'image' goes to the devices: it is all the reconstruction step reads.
-    """
-    batch = steps.global_batch({'image': host_batch['image']}, self.mesh)
-    self.state, metrics = self.step(self.state, batch)
+    """Dispatches one step on a host batch as the pipeline yields it (stored fields)."""
+    self.state, metrics = self.step(self.state, batch_lib.to_global(host_batch, self.mesh), {})
     return metrics
 
   def wait(self) -> None:
@@ -210,21 +205,29 @@ class CompiledStep:
 
 
 def compile_step(config: ml_collections.ConfigDict, per_device_batch: int,
-                 seed: int = 0) -> CompiledStep:
-  """Builds the mesh, state and a random batch, and compiles the real step."""
-  mesh = steps.make_mesh()
-  model = steps.make_model(config, axis_name=steps.AXIS)
-  tx = steps.make_optimizer(config, total_steps=1000)
-  shape = steps.input_shape(config)
-  state = steps.replicate(
-      _host_state(config.model.base_width, config.model.depth, shape[-1]), mesh)
-  rng = np.random.default_rng(seed)
-  images = rng.random((jax.local_device_count(), per_device_batch) + shape,
-                      dtype=np.float32)
-  batch = steps.global_batch({'image': images}, mesh)
-  train_step = steps.make_train_step(config, model, tx, mesh)
+                 seed: int = 0, compiler_options: dict[str, Any] | None = None
+                 ) -> CompiledStep:
+  """Builds the mesh, state and a batch in the pipeline's form, and compiles the real step.
+
+  The batch holds the stored fields the step is sent in training
+  (`batch.fields(config, 'train')`: uint8 images, for reconstruction), random,
+  so that the benchmark needs no dataset (nor TensorFlow).
+  """
+  mesh = state_lib.make_mesh()
+  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
+  tx = state_lib.make_optimizer(config, total_steps=1000)
+  state = state_lib.replicate(_host_state(
+      (config.model.base_width, config.model.depth, config.data.grayscale, config.task)),
+      mesh)
+  per_process = per_device_batch * jax.local_device_count()
+  host_batch = batch_lib.stored_like(config, per_process,
+                                     batch_lib.fields(config, 'train'), seed=seed)
+  batch = batch_lib.to_global(host_batch, mesh)
+  train_step = train_step_lib.make_train_step(config, model, tx, mesh)
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  # compiler_options: XLA DebugOptions for this compile only (e.g. XLA:CPU's
+  # library fusions), so that variants can be timed side by side in one process.
+  compiled = train_step.jitted.lower(state, batch, {}).compile(compiler_options)
   compile_s = time.perf_counter() - start
   return CompiledStep(config=config, mesh=mesh, step=compiled, state=state,
                       batch=batch, compile_s=compile_s,

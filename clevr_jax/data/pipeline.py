@@ -1,4 +1,4 @@
-"""TFDS -> tf.data -> host batches shaped [local_devices, per_device_batch, ...].
+"""TFDS -> tf.data -> flat per-process host batches of stored fields (uint8).
 
 Determinism across process counts: every process reads the whole split in the
 same seeded order, forms the same *global* batches, and keeps its own slice of
@@ -9,21 +9,18 @@ Evaluation pads the split with invalid examples to a whole number of global
 batches, so no test image is dropped and every process runs the same number of
 collective steps (uneven shards make collectives hang).
 
-Each host batch is a dict of numpy arrays:
-  image            float32 [D, b, H, W, C] in [0, 1]; C = 1 for grayscale
-  gray_mask        bool    [D, b, H, W]  RGB channels within 10/255 (the source's)
-  instance_labels  int32   [D, b, H, W]  0 background, i = slot i
-  num_masks        int32   [D, b]        true masks incl. background (oracle K)
-  semantic         int32   [D, b, H, W]  0 background, 1 sphere, 2 cylinder, 3 cube
-  valid            bool    [D, b]        False for evaluation padding
-  index            int64   [D, b]        the example's index in its source
+Each host batch is a dict of numpy arrays, this process's slice of a global
+batch ([per-process batch, ...]), holding the stored fields of clevr_jax/batch.py
+(uint8 image and labels, shape codes, visibility, valid, index), or only those
+asked for (`fields`): the devices derive the model's inputs and targets from
+them inside the jitted steps (`batch.derive`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterator
+from typing import Iterator, Sequence
 
 os.environ.setdefault("NO_GCE_CHECK", "true")  # no metadata-server probes offline
 
@@ -133,28 +130,6 @@ def _source_dataset(config: ml_collections.ConfigDict, split: str
   return dataset, builder.info.splits[split].num_examples
 
 
-def preprocess(batch: dict[str, tf.Tensor], grayscale: bool) -> dict[str, tf.Tensor]:
-  """Stored form (any leading batch dims) -> model inputs and targets."""
-  rgb = batch["image"]
-  spread = tf.reduce_max(rgb, -1) - tf.reduce_min(rgb, -1)  # exact on uint8
-  image = tf.cast(rgb, tf.float32) / 255.0
-  if grayscale:
-    image = tf.tensordot(image, tf.constant(schema.LUMINANCE_WEIGHTS), 1)[..., None]
-  labels = tf.cast(batch["labels"], tf.int32)
-  shape_classes = tf.gather(tf.constant(schema.SHAPE_CODE_TO_CLASS),
-                            tf.cast(batch["shape"], tf.int32))
-  semantic = tf.gather(shape_classes, labels, batch_dims=labels.shape.rank - 2)
-  return {
-      "image": image,
-      "gray_mask": spread <= round(schema.GRAY_TOLERANCE * 255),
-      "instance_labels": labels,
-      "num_masks": tf.cast(tf.reduce_sum(batch["visibility"], -1), tf.int32),
-      "semantic": semantic,
-      "valid": batch["valid"],
-      "index": batch["index"],
-  }
-
-
 def per_device_batch(global_batch: int, process_count: int, local_devices: int,
                      flag: str = "--config.batch_size") -> int:
   """`global_batch` split over all devices; `flag` is the setting an error names."""
@@ -170,22 +145,35 @@ def per_device_batch(global_batch: int, process_count: int, local_devices: int,
   return global_batch // devices
 
 
+def per_process_batch(global_batch: int, process_count: int,
+                      flag: str = "--config.batch_size") -> int:
+  """`global_batch` split over the processes; `flag` is the setting an error names."""
+  if global_batch % process_count:
+    raise ValueError(
+        f"the global batch {global_batch} does not divide over {process_count} processes: "
+        f"set {flag} to a multiple of it")
+  return global_batch // process_count
+
+
 def _to_host_batches(global_batches: tf.data.Dataset, config: ml_collections.ConfigDict,
                      global_batch: int, process_index: int, process_count: int,
-                     local_devices: int, flag: str = "--config.batch_size"
-                     ) -> Iterator[dict[str, np.ndarray]]:
-  per_device = per_device_batch(global_batch, process_count, local_devices, flag)
-  per_process = per_device * local_devices
+                     flag: str = "--config.batch_size") -> Iterator[dict[str, np.ndarray]]:
+  """Each global batch's slice of this process, flat: [per-process batch, ...]."""
+  per_process = per_process_batch(global_batch, process_count, flag)
   start = process_index * per_process
+  if process_count > 1:
+    global_batches = global_batches.map(
+        lambda batch: {k: v[start:start + per_process] for k, v in batch.items()})
+  return global_batches.prefetch(config.data.prefetch_batches).as_numpy_iterator()
 
-  def own_slice(batch):
-    batch = {k: v[start:start + per_process] for k, v in batch.items()}
-    batch = preprocess(batch, config.data.grayscale)
-    return {k: tf.reshape(v, [local_devices, per_device] + v.shape[1:].as_list())
-            for k, v in batch.items()}
 
-  dataset = global_batches.map(own_slice, num_parallel_calls=tf.data.AUTOTUNE)
-  return dataset.prefetch(config.data.prefetch_batches).as_numpy_iterator()
+def _select(dataset: tf.data.Dataset, fields: Sequence[str] | None) -> tf.data.Dataset:
+  if fields is None:
+    return dataset
+  unknown = sorted(set(fields) - set(dataset.element_spec))
+  if unknown:
+    raise ValueError(f"unknown batch field(s) {unknown}; stored: {sorted(dataset.element_spec)}")
+  return dataset.map(lambda e: {k: e[k] for k in fields})
 
 
 class Split:
@@ -195,29 +183,63 @@ class Split:
     self.config = config
     self.split = split
     dataset, self.num_examples = _source_dataset(config, split)
-    dataset = dataset.map(lambda e: e | {"valid": tf.constant(True)})
+    dataset = dataset.map(_stored_form, num_parallel_calls=tf.data.AUTOTUNE)
     self._dataset = dataset.cache() if config.data.cache else dataset
 
   def steps_per_epoch(self, global_batch: int) -> int:
     return self.num_examples // global_batch
 
-  def train_batches(self, epoch: int, *, skip_batches: int = 0, process_index: int = 0,
-                    process_count: int = 1, local_devices: int = 1
-                    ) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of shuffled, whole global batches, from batch `skip_batches` on."""
+  def _epoch_seed(self, epoch: int) -> int:
+    return int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0])
+
+  def _check_train_batch(self) -> int:
     global_batch = self.config.batch_size
     if self.num_examples < global_batch:
       raise ValueError(f"the {self.split} split has {self.num_examples} examples, fewer "
                        f"than one global batch ({global_batch})")
-    seed = int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0])
-    dataset = self._dataset.shuffle(self.num_examples, seed=seed,
-                                    reshuffle_each_iteration=False)
+    return global_batch
+
+  def train_batches(self, epoch: int, *, skip_batches: int = 0, process_index: int = 0,
+                    process_count: int = 1, fields: Sequence[str] | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of shuffled, whole global batches, from batch `skip_batches` on.
+
+    Yields this process's flat slice of each global batch, with the stored
+    `fields` (all when None).
+    """
+    global_batch = self._check_train_batch()
+    dataset = _select(self._dataset, fields).shuffle(
+        self.num_examples, seed=self._epoch_seed(epoch), reshuffle_each_iteration=False)
     dataset = dataset.batch(global_batch, drop_remainder=True).skip(skip_batches)
     return _to_host_batches(dataset, self.config, global_batch, process_index,
-                            process_count, local_devices)
+                            process_count)
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """int32 [steps per epoch * global batch]: the split positions `train_batches`
+    visits in `epoch`, in order (tf.data's shuffle of the same seed and size)."""
+    global_batch = self._check_train_batch()
+    order = tf.data.Dataset.range(self.num_examples).shuffle(
+        self.num_examples, seed=self._epoch_seed(epoch), reshuffle_each_iteration=False)
+    order = np.fromiter(order.as_numpy_iterator(), np.int64, self.num_examples)
+    return order[:self.steps_per_epoch(global_batch) * global_batch].astype(np.int32)
+
+  def position_batches(self, epoch: int, *, skip_batches: int = 0, process_index: int = 0,
+                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """`train_batches` for a device-resident split: the examples' positions only."""
+    global_batch = self.config.batch_size
+    per_process = per_process_batch(global_batch, process_count)
+    order = self.epoch_order(epoch).reshape(-1, global_batch)
+    for positions in order[skip_batches:]:
+      own = positions[process_index * per_process:(process_index + 1) * per_process]
+      yield {"position": own}
+
+  def stored_arrays(self, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The whole split's stored fields, stacked in split order (for DeviceData)."""
+    chunks = list(_select(self._dataset, fields).batch(256).as_numpy_iterator())
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
   def eval_batches(self, *, process_index: int = 0, process_count: int = 1,
-                   local_devices: int = 1, max_examples: int = 0
+                   max_examples: int = 0, fields: Sequence[str] | None = None
                    ) -> Iterator[dict[str, np.ndarray]]:
     """Every example in order, padded with invalid ones to whole global batches."""
     global_batch = self.config.eval.batch_size
@@ -228,10 +250,18 @@ class Split:
       blank = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
                                     dataset.element_spec)
       dataset = dataset.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-    dataset = dataset.batch(global_batch, drop_remainder=True)
+    dataset = _select(dataset, fields).batch(global_batch, drop_remainder=True)
     return _to_host_batches(dataset, self.config, global_batch, process_index,
-                            process_count, local_devices, flag="--config.eval.batch_size")
+                            process_count, flag="--config.eval.batch_size")
 
   def num_eval_batches(self, max_examples: int = 0) -> int:
     count = min(self.num_examples, max_examples) if max_examples else self.num_examples
     return -(-count // self.config.eval.batch_size)
+
+
+def _stored_form(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """A source example as the host sends it (batch.STORED): bytes, not floats."""
+  return {"image": example["image"], "labels": example["labels"],
+          "shape": tf.cast(example["shape"], tf.uint8),
+          "visibility": tf.cast(example["visibility"] > 0, tf.uint8),
+          "valid": tf.constant(True), "index": tf.cast(example["index"], tf.int32)}

@@ -8,8 +8,9 @@ Run it with XLA_FLAGS=--xla_force_host_platform_device_count=N for N devices.
 
 Steps: initialises the state from the config's seed, replicates it over a mesh
 of all devices and runs `--steps` train steps on one fixed global batch (the
-first of the training split's epoch 0, split over the devices by the real
-pipeline), then optionally saves the state with `checkpoints.save`.
+first of the training split's epoch 0, as the real pipeline sends it, split
+over the devices by `batch.to_global`), then optionally saves the state with
+`checkpoints.save`.
 Restore: `checkpoints.restore` of the newest checkpoint in `--restore` onto
 this process's mesh, as `train.py` resumes.
 
@@ -61,39 +62,37 @@ def main(argv) -> None:
     return jax.tree.map(
         lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
+  from clevr_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
   from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from clevr_jax import steps  # pylint: disable=g-import-not-at-top
+  from clevr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from clevr_jax import train_step  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
-  mesh = steps.make_mesh()
-  model = steps.make_model(config, axis_name=steps.AXIS)
+  mesh = state_lib.make_mesh()
+  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
   if _FLOAT64.value:
     model = model.clone(dtype=jnp.float64)  # compute dtype; params are cast below
-  tx = steps.make_optimizer(config, max(_STEPS.value, 1))
+  tx = state_lib.make_optimizer(config, max(_STEPS.value, 1))
   if _RESTORE.value:
-    # Only shapes and dtypes are read from `like`; no need to compile the init.
-    like = jax.eval_shape(lambda: steps.init_state(config, model, tx, steps.input_shape(config)))
     state = checkpoints.restore(checkpoints.make_manager(_RESTORE.value, read_only=True),
-                                like, mesh)
+                                state_lib.abstract_state(config), mesh)
   else:
-    state = steps.init_state(config, model, tx, steps.input_shape(config))
+    state = state_lib.create_state(config, tx)
     if _FLOAT64.value:
       params = to_float64(state.params)
       state = state.replace(params=params, batch_stats=to_float64(state.batch_stats),
                             opt_state=tx.init(params))
-    state = steps.replicate(state, mesh)
+    state = state_lib.replicate(state, mesh)
 
   losses, grad_norms = [], []
   if _STEPS.value:
     from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     host_batch = next(pipeline.Split(config, "train").train_batches(
-        0, local_devices=jax.local_device_count()))
-    if _FLOAT64.value:
-      host_batch = to_float64(host_batch)
-    batch = steps.global_batch(host_batch, mesh)
-    train_step = steps.make_train_step(config, model, tx, mesh)
+        0, fields=batch_lib.fields(config, "train")))
+    batch = batch_lib.to_global(host_batch, mesh)  # uint8: derived on the device
+    step = train_step.make_train_step(config, model, tx, mesh)
     for _ in range(_STEPS.value):
-      state, metrics = train_step(state, batch)
+      state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
       grad_norms.append(float(metrics["grad_norm"]))
   if _SAVE.value:

@@ -1,0 +1,157 @@
+"""The objective and the data-parallel train and eval steps that train.py runs.
+
+The steps follow the pmap programming model (per-device code, named-axis
+collectives over `AXIS`) but run as `jax.jit` over `jax.shard_map` on a mesh of
+all devices of all processes. Their inputs and outputs are global `jax.Array`s:
+the state is replicated, batches are split along their first axis and hold
+stored fields (uint8 images and labels: clevr_jax/batch.py), which each step
+turns into inputs and targets on the devices (`batch.derive`).
+
+The train and eval steps compute their loss with the same functions
+(`example_losses`), so the test loss is the train loss on test data.
+
+No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import optax
+
+from clevr_jax import batch as batch_lib
+from clevr_jax import losses
+from clevr_jax import metrics
+from clevr_jax import models
+from clevr_jax import schema
+from clevr_jax.state import AXIS, TrainState
+
+Batch = dict[str, jax.Array]
+Data = dict[str, jax.Array]  # a device-resident split (batch.DeviceData.arrays), or {}
+
+
+def objective_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Taps (models.tap_names) the objective reads besides the output."""
+  del config  # the poster's losses read the output only
+  return ()
+
+
+def example_losses(config: ml_collections.ConfigDict, output: jax.Array,
+                   batch: Batch, axis_name: str | None) -> jax.Array:
+  """Each example's data loss [b]: MSE (plain or gray-weighted) or cross-entropy.
+
+  batch["valid"], when present, marks padding: it is left out of the weighted
+  loss's group counts (its losses are still computed; callers mask them).
+  """
+  if config.task == "segmentation":
+    return jax.vmap(losses.pixel_cross_entropy)(output, batch["semantic"])
+  if config.loss.weighted:
+    valid = batch.get("valid")
+    weights = losses.inverse_frequency_weights(
+        batch["gray_mask"], None if valid is None else valid[:, None, None],
+        axis_name=axis_name)
+    return jax.vmap(losses.weighted_mse)(output, batch["image"], weights)
+  return jax.vmap(losses.mse)(output, batch["image"])
+
+
+def objective(config: ml_collections.ConfigDict, output: jax.Array,
+              taps: dict[str, jax.Array], batch: Batch, axis_name: str | None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The training loss of one (per-device) batch, and its terms for the logs.
+
+  Every example has the same number of pixels, so the mean of the examples'
+  losses is the mean over all pixels.
+
+  Extension point: a further loss term (e.g. from clevr_jax/objectives.py)
+  is computed here from `output`, `taps` (ask for them in `objective_taps`)
+  and `batch`, added to `loss` and listed in `terms`. The eval step reports
+  the data term only (`example_losses`).
+  """
+  del taps
+  data = jnp.mean(example_losses(config, output, batch, axis_name))
+  terms = {"data_loss": data}
+  loss = data
+  return loss, terms
+
+
+def _train_step(state: TrainState, batch: Batch, data: Data, *, model: models.UNet,
+                tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """Per-device code: gradients and BatchNorm statistics averaged over AXIS.
+
+  The loss is averaged over AXIS inside the differentiated function: shard_map
+  transposes the replication of the (invariant) parameters into a sum over
+  devices, so the gradient of the averaged loss is the global batch's gradient,
+  with no separate gradient all-reduce.
+  """
+  batch = batch_lib.derive(batch_lib.gather(data, batch), config)
+  rng = jax.random.fold_in(jax.random.fold_in(
+      jax.random.wrap_key_data(state.rng), state.step), jax.lax.axis_index(AXIS))
+
+  def loss_fn(params):
+    (output, taps), updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+        train=True, taps=objective_taps(config), mutable=["batch_stats"],
+        rngs={"dropout": rng})
+    loss, terms = objective(config, output, taps, batch, AXIS)
+    return jax.lax.pmean(loss, AXIS), (updates["batch_stats"], terms)
+
+  (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=batch_stats, opt_state=opt_state)
+  step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  if len(terms) > 1:
+    step_metrics |= jax.lax.pmean(terms, AXIS)
+  return new_state, step_metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: models.UNet,
+                    tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Jitted data-parallel step(state, batch, data={}); `model` must use axis_name=AXIS.
+
+  `batch` holds stored fields (batch.fields(config, 'train')), or the
+  positions of its examples in `data`, a device-resident split. Donates the state.
+  """
+  step = functools.partial(_train_step, model=model, tx=tx, config=config)
+  step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+                       out_specs=(P(), P()))
+  jitted = jax.jit(step, donate_argnums=(0,))
+
+  def train_step(state: TrainState, batch: Batch, data: Data | None = None):
+    return jitted(state, batch, data or {})
+  train_step.jitted = jitted  # for .lower(...) in the benchmarks
+  return train_step
+
+
+def _eval_step(state: TrainState, batch: Batch, *, model: models.UNet,
+               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Per-device sums over valid examples, psum'd: loss_sum, count, confusion."""
+  batch = batch_lib.derive(batch, config)
+  output, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                          batch["image"], train=False)
+  valid = batch["valid"]
+  per_example = example_losses(config, output, batch, AXIS)
+  if config.task == "segmentation":
+    confusion = metrics.confusion_matrix(batch["semantic"], jnp.argmax(output, -1),
+                                         schema.NUM_SEMANTIC_CLASSES, valid)
+  else:
+    confusion = jnp.zeros((1, 1), jnp.int32)
+  sums = {"loss_sum": jnp.sum(jnp.where(valid, per_example, 0.0)),
+          "count": jnp.sum(valid.astype(jnp.float32)), "confusion": confusion}
+  return jax.lax.psum(sums, AXIS)
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: models.UNet,
+                   mesh: jax.sharding.Mesh) -> Callable[[TrainState, Batch], dict[str, Any]]:
+  """Jitted eval step on stored fields (batch.fields(config, 'eval_loss'))."""
+  step = functools.partial(_eval_step, model=model, config=config)
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
