@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   # An official-format TFRecord (GZIP) read whole as the test split instead of
   # the dataset's own, e.g. your own CLEVR-format data. '' -> the dataset's test split.
   data.eval_file = ""
+  # Its image size when it is neither the configured size nor the official
+  # 240x320 (the format does not store it); it is resized to the configured size.
+  data.eval_file_height = 0
+  data.eval_file_width = 0
   data.image_height = 240
   data.image_width = 320
   data.grayscale = False

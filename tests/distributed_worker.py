@@ -27,7 +27,7 @@ def main() -> None:
                                initialization_timeout=60)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import unet_rgb  # pylint: disable=g-import-not-at-top
-  from clevr_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from clevr_jax import evaluation, steps, train  # pylint: disable=g-import-not-at-top
 
   config = unet_rgb.get_config("test")
   with config.unlocked():
@@ -39,13 +39,13 @@ def main() -> None:
     config.optimizer.eps = 1.0
     config.eval.taps = ("input", "enc2", "output")
   train.train_and_evaluate(config, workdir)
-  results = evaluate.evaluate(config, eval_workdir)
-  state, _ = evaluate.restore_state(config, workdir, evaluate.steps.make_mesh())
+  results = evaluation.evaluate(config, eval_workdir)
+  state, _ = evaluation.restore_state(config, workdir, steps.make_mesh())
   leaves = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.batch_stats)))
   if jax.process_index() == 0:
     np.savez(out + ".npz", *leaves)
     with open(out + ".json", "w") as f:
-      json.dump({"taps": results["taps"], "devices": jax.device_count(),
+      json.dump({"segmenters": results["segmenters"], "devices": jax.device_count(),
                  "processes": jax.process_count()}, f)
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clevr_jax import evaluate
+from clevr_jax import evaluation
 from clevr_jax import steps
 from clevr_jax import train
 
@@ -32,7 +32,7 @@ def test_bfloat16_run_trains_and_ends_within_ten_percent_of_float32(tmp_path, te
     assert losses[-1] < 0.5 * losses[0], dtype  # it trains
 
   assert abs(final["bfloat16"] - final["float32"]) <= 0.1 * final["float32"], final
-  state, _ = evaluate.restore_state(config, workdir, steps.make_mesh())
+  state, _ = evaluation.restore_state(config, workdir, steps.make_mesh())
   dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)}
   assert dtypes == {np.dtype(np.float32)}
