@@ -208,8 +208,8 @@ def test_split_and_merge_separates_two_same_coloured_objects_that_kmeans_joins()
               _segmenter("predict", pixel_transforms="lab", metric="euclidean", k="predict",
                          num_clusters=6, split=True, min_area=5e-3, merge=True,
                          merge_threshold=0.1)):
-    x, labels = segmenters.transform_and_cluster(seg, km, jnp.asarray(image), num_masks, keys,
-                                                 is_pixels=True)
+    x, labels = segmenters.transform_and_cluster(
+        seg, km, jnp.asarray(image), segmenters.cluster_k(seg, num_masks), keys, is_pixels=True)
     labels = np.asarray(labels)
     if seg.post_processes:
       labels = segmenters.postprocess_batch(seg, labels, np.asarray(x), np.array([4]), 11)

@@ -121,7 +121,8 @@ def main(argv):
       x, labels = jax.jit(lambda f, k, key, s=segmenter, pix=(c == 3 and h == 240):
                           segmenters_lib.transform_and_cluster(
                               s, config.eval.kmeans, f, k, key, is_pixels=pix))(
-                                  feats, jnp.asarray(ks), keys)
+                                  feats, segmenters_lib.cluster_k(segmenter, jnp.asarray(ks)),
+                                  keys)
       x, labels = np.asarray(x), np.asarray(labels)
       rows = []
       for b in range(len(images)):

@@ -114,10 +114,10 @@ class Runner:
     self.config, self.mesh = config, mesh
     self.segmenters = list(segmenters)
     self.slots = num_pred_slots(self.segmenters)
-    self._fns: dict[tuple[str, bool], Callable[..., Any]] = {}
+    self._fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
   def _fn(self, segmenter, is_pixels):
-    key = (segmenter.name, is_pixels)
+    key = (segmenter.device_key, is_pixels)
     if key not in self._fns:
       self._fns[key] = segmenters_lib.make_device_fn(
           segmenter, self.config, self.mesh, is_pixels=is_pixels, num_pred_slots=self.slots)
@@ -128,7 +128,8 @@ class Runner:
           want_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """(global contingency tables [B, T, P] on the host, this process's labels or None)."""
     fn = self._fn(segmenter, tap in segmenters_lib.PIXEL_TAPS)
-    out = fn(features, batch["num_masks"], keys, batch["instance_labels"])
+    out = fn(features, segmenters_lib.cluster_k(segmenter, batch["num_masks"]), keys,
+             batch["instance_labels"])
     if not segmenter.post_processes:
       tables, labels = out
       return steps.to_host(tables), (_local_rows(labels) if want_labels else None)

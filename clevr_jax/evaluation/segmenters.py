@@ -76,6 +76,13 @@ class Segmenter:
   def predicts_k(self) -> bool:
     return self.k == "predict"
 
+  @property
+  def device_key(self) -> tuple[Any, ...]:
+    """What the device half depends on (K is an input): segmenters that agree
+    on it share one compiled program."""
+    return (self.pixel_transforms, self.tap_transforms, self.pca_dim, self.xy_weight,
+            self.metric, self.k_max, self.post_processes)
+
   def transforms_for(self, tap: str) -> tuple[str, ...]:
     return self.pixel_transforms if tap in PIXEL_TAPS else self.tap_transforms
 
@@ -134,12 +141,12 @@ def cluster_k(segmenter: Segmenter, num_masks: jax.Array) -> jax.Array:
 
 
 def transform_and_cluster(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
-                          features: jax.Array, num_masks: jax.Array, keys: jax.Array,
+                          features: jax.Array, num_clusters: jax.Array, keys: jax.Array,
                           *, is_pixels: bool, point_weights: jax.Array | None = None
                           ) -> tuple[jax.Array, jax.Array]:
   """(transformed features [B, h, w, c'], cluster labels [B, h, w]) of one tap.
 
-  Jittable; K-Means runs at the tap's own resolution (see kmeans.py on why
+  `num_clusters` [B]: K-Means' K per image (see `cluster_k`). Jittable; K-Means runs at the tap's own resolution (see kmeans.py on why
   that equals clustering the upsampled map).
   """
   x = transforms.apply(features.astype(jnp.float32), segmenter.transforms_for(
@@ -147,7 +154,7 @@ def transform_and_cluster(segmenter: Segmenter, kmeans_config: ml_collections.Co
                        xy_weight=segmenter.xy_weight)
   b, h, w, c = x.shape
   result = kmeans.kmeans(
-      x.reshape(b, h * w, c), cluster_k(segmenter, num_masks), keys, k_max=segmenter.k_max,
+      x.reshape(b, h * w, c), num_clusters, keys, k_max=segmenter.k_max,
       num_restarts=kmeans_config.num_restarts, max_iter=kmeans_config.max_iter,
       tol=kmeans_config.tol, metric=segmenter.metric, init=kmeans_config.init,
       point_weights=point_weights)
@@ -159,7 +166,7 @@ def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
                    ) -> Callable[..., Any]:
   """The device half of a segmenter, sharded: each device its own images.
 
-  Without post-processing: (features, num_masks, keys, true labels) ->
+  Without post-processing: (features, K-Means' K per image, keys, true labels) ->
   (contingency tables [B, T, P], labels [B, H, W]); only the tables need to
   reach the host. With post-processing: -> (cluster labels [B, h, w],
   transformed features [B, h, w, c']) for the host to finish.
@@ -167,8 +174,8 @@ def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
   height, width = config.data.image_height, config.data.image_width
   km = config.eval.kmeans
 
-  def run(features, num_masks, keys, true_labels):
-    x, labels = transform_and_cluster(segmenter, km, features, num_masks, keys,
+  def run(features, num_clusters, keys, true_labels):
+    x, labels = transform_and_cluster(segmenter, km, features, num_clusters, keys,
                                       is_pixels=is_pixels)
     if segmenter.post_processes:
       return labels, x

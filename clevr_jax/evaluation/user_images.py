@@ -119,7 +119,8 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     _, h, w, _ = features.shape
     f = image.shape[0] // h
     weights = real.reshape(h, f, w, f).sum((1, 3)).reshape(1, h * w)
-    transformed, labels = cluster(features, jnp.array([num_clusters]),
+    transformed, labels = cluster(features, segmenters_lib.cluster_k(
+        segmenter, jnp.array([num_clusters])),
                                   jax.random.key(config.seed), jnp.asarray(weights))
     labels = np.asarray(labels)
     if segmenter.post_processes:
