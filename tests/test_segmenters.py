@@ -251,3 +251,19 @@ def test_host_contingency_equals_the_device_one():
   host = metrics.contingency_host(true, pred, 5, 7)
   device = np.asarray(metrics.contingency(jnp.asarray(true), jnp.asarray(pred), 5, 7))
   np.testing.assert_array_equal(host, device)
+
+
+def test_segmenter_benchmark_runs_and_the_engine_imports_no_tensorflow(run_python):
+  # The GPU machine may lack TensorFlow: the engine and its benchmark may not pull it in.
+  code = ("import sys, clevr_jax.evaluation, "
+          "clevr_jax.benchmarks.segmenter_benchmark; "
+          "print(sorted(m for m in sys.modules if m.startswith('tensorflow') "
+          "or m.startswith('clevr_jax.data')))")
+  imported = run_python(["-c", code])
+  assert imported.returncode == 0, imported.stderr[-2000:]
+  assert imported.stdout.strip() == "[]"
+  result = run_python(["-m", "clevr_jax.benchmarks.segmenter_benchmark", "--images=1",
+                       "--repeats=1", "--taps=30x40x8"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [line for line in result.stdout.splitlines() if line.startswith("| 30x40x8 |")]
+  assert {row.split("|")[2].strip() for row in rows} == {"split_merge", "split_merge_predict_k"}
