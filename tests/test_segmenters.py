@@ -267,3 +267,16 @@ def test_segmenter_benchmark_runs_and_the_engine_imports_no_tensorflow(run_pytho
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [line for line in result.stdout.splitlines() if line.startswith("| 30x40x8 |")]
   assert {row.split("|")[2].strip() for row in rows} == {"split_merge", "split_merge_predict_k"}
+
+
+def test_hypercolumns_are_scored_after_the_taps_and_need_no_extra_config():
+  from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
+  config = defaults.base_config()
+  config.eval.taps = ("input", "output")
+  config.eval.hypercolumns = ("enc1+dec4",)
+  needed, scored = model_eval.scored_taps(config)
+  assert needed == ("input", "output", "enc1", "dec4")
+  assert scored == ("input", "output", "enc1+dec4")
+  config.eval.hypercolumns = ("enc1+dec9",)
+  with pytest.raises(ValueError, match="dec9"):
+    model_eval.scored_taps(config)
