@@ -128,15 +128,17 @@ def test_baselines_on_four_devices_equal_one_device(tmp_path, test_config, run_p
       assert four["random_masks"][k][metric] == pytest.approx(value, abs=1e-9)
 
 
-def _write_samples(path, indices=(0, 1)):
+def _write_samples(path, indices=(0, 1), crop=(240, 320)):
   examples = []
   for index in indices:
     data = np.load(os.path.join(SAMPLES, f"sample_{index}.npz"))
-    example = {"image": data["image"], "mask": data["mask"],
+    h, w = crop
+    image, mask = data["image"][:h, :w], data["mask"][:, :h, :w]
+    example = {"image": image, "mask": mask,
                "pixel_coords": np.zeros((schema.MAX_SLOTS, 3), np.float32)}
     for name in schema.FLOAT_FEATURES:
       example[name] = np.zeros(schema.MAX_SLOTS, np.float32)
-    example["visibility"] = (data["mask"].reshape(schema.MAX_SLOTS, -1).max(1) > 0
+    example["visibility"] = (mask.reshape(schema.MAX_SLOTS, -1).max(1) > 0
                              ).astype(np.float32)
     for name in schema.CODE_FEATURES:
       example[name] = np.zeros(schema.MAX_SLOTS, np.uint8)
@@ -190,10 +192,16 @@ def test_an_eval_file_of_another_size_is_resized_and_scored(tmp_path, test_confi
   assert results["num_images"] == 2
   row = results["segmenters"]["kmeans"]["pixels"]
   assert row["poster_miou"] > results["random_masks"]["oracle"]["poster_miou"] + 0.1
-  # A size that matches nothing is one clear error.
-  config.data.image_height, config.data.image_width = 32, 32
-  with pytest.raises(ValueError, match="eval_file_height"):
+  # The format does not store the size: one that is neither the configured nor the
+  # official one must be given, else one clear error says how.
+  odd = str(tmp_path / "odd.tfrecords")
+  _write_samples(odd, crop=(24, 40))
+  config.data.eval_file = odd
+  with pytest.raises(ValueError, match="eval_file_height=H"):
     pipeline.Split(config, "test")
+  config.data.eval_file_height, config.data.eval_file_width = 24, 40
+  batch = next(pipeline.Split(config, "test").eval_batches())
+  assert batch["image"].shape[2:] == (48, 64, 3)  # enlarged (bilinear)
 
 
 def test_resize_compact_drops_objects_that_vanish():
