@@ -38,6 +38,9 @@ def main() -> None:
     # cross-process all-reduce sums in another order) would flip whole updates.
     config.optimizer.eps = 1.0
     config.eval.taps = ("input", "enc2", "output")
+    # One plain segmenter (device tables) and one post-processing one (host
+    # regions, tables exchanged between processes): both paths of the protocol.
+    config.eval.segmenter_names = ("kmeans", "split_merge_predict_k")
   train.train_and_evaluate(config, workdir)
   results = evaluation.evaluate(config, eval_workdir)
   state, _ = evaluation.restore_state(config, workdir, steps.make_mesh())
