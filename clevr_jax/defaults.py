@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   # An official-format TFRecord (GZIP) read whole as the test split instead of
   # the dataset's own, e.g. your own CLEVR-format data. '' -> the dataset's test split.
   data.eval_file = ""
+  # Its image size when it is neither the configured size nor the official
+  # 240x320 (the format does not store it); it is resized to the configured size.
+  data.eval_file_height = 0
+  data.eval_file_width = 0
   data.image_height = 240
   data.image_width = 320
   data.grayscale = False
@@ -93,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   ev.batch_size = 10  # global
   ev.taps = ("input", "enc1", "enc2", "enc3", "enc4", "bottleneck",
              "dec1", "dec2", "dec3", "dec4", "output")
+  # Hypercolumns scored as extra feature maps: 'enc1+dec4' = those taps, each
+  # standardised and upsampled to the finest one's size, concatenated.
+  ev.hypercolumns = ()
   ev.max_images = 0  # 0: the whole test split
   ev.num_figure_images = 4
   ev.kmeans = km = ml_collections.ConfigDict()
@@ -104,9 +111,56 @@ def base_config() -> ml_collections.ConfigDict:
   # K per image: 'oracle' = number of true masks (the poster), and a fixed K
   # (the honest setting). Both are reported.
   km.fixed_k = 11
-  # Baselines (--mode=baselines): raw-pixel K-Means and random masks.
+  # Segmenters (clevr_jax/evaluation/segmenters.py documents the fields): every
+  # tap, and the raw pixels in --mode=baselines, is scored through each one
+  # named in segmenter_names, in that order. 'kmeans' is the poster's protocol.
+  ev.segmenters = ml_collections.ConfigDict()
+  ev.segmenters.kmeans = segmenter()  # plain cosine K-Means, oracle K
+  ev.segmenters.kmeans_fixed_k = segmenter(k="fixed")
+  # Lab colour, K-Means with the oracle K, clusters split into connected
+  # components, specks absorbed, adjacent regions merged back to K.
+  # Tuned on 200 synthetic 240x320 test scenes (README, "Segmenters").
+  ev.segmenters.split_merge = segmenter(
+      pixel_transforms="lab", tap_transforms="standardize", metric="euclidean",
+      modal_size=3, split=True, min_area=1e-3, merge=True)
+  # No oracle: K0 clusters, split, absorb, merge while the closest adjacent
+  # regions' mean features are nearer than merge_threshold (K is predicted).
+  ev.segmenters.split_merge_predict_k = segmenter(
+      pixel_transforms="lab", tap_transforms="standardize", metric="euclidean",
+      k="predict", num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
+      merge_threshold=0.2)
+  ev.segmenter_names = ("kmeans", "kmeans_fixed_k", "split_merge", "split_merge_predict_k")
+  # Baselines (--mode=baselines): raw pixels through every segmenter, and random masks.
   ev.baselines_seed = 0
+  # Progress lines of long evaluation loops, at most this often.
+  ev.progress_every_s = 10.0
+  # --mode=segment: the segmenter applied to user images (its K: --num_clusters).
+  ev.user_segmenter = "kmeans"
   return config
+
+
+def segmenter(**overrides) -> ml_collections.ConfigDict:
+  """One segmenter's settings: every field present, so any can be overridden
+  from the command line (--config.eval.segmenters.NAME.FIELD=...)."""
+  spec = ml_collections.ConfigDict({
+      "pixel_transforms": "",  # e.g. 'lab', 'lab,xy'; '' = the features as they are
+      "tap_transforms": "",    # e.g. 'standardize', 'standardize,pca', 'l2'
+      "pca_dim": 8,
+      "xy_weight": 0.0,
+      "metric": "cosine",      # 'cosine' or 'euclidean'
+      "k": "oracle",           # 'oracle', 'fixed' (eval.kmeans.fixed_k) or 'predict'
+      "num_clusters": 0,       # K-Means clusters; 0 = K; more over-clusters (K0)
+      "modal_size": 0,         # majority filter window; 0 = none
+      "split": False,          # connected components of each cluster
+      "min_area": 0.0,         # absorb regions under this fraction of the image
+      "merge": False,          # merge adjacent regions (to K, or under the threshold)
+      "merge_threshold": 0.0,  # 'predict': merge while mean distance < this
+  })
+  for key, value in overrides.items():
+    if key not in spec:
+      raise ValueError(f"unknown segmenter field {key!r}")
+    spec[key] = value
+  return spec
 
 
 def apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:

@@ -44,7 +44,8 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, logs, results); default runs/<config>[_<preset>].")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode=report: the runs to merge.")
-_IMAGES = flags.DEFINE_list("images", [], "--mode=segment: PNG files or folders of PNGs.")
+_IMAGES = flags.DEFINE_list(
+    "images", [], "--mode=segment: image files (any format Pillow reads) or folders of them.")
 _TAP = flags.DEFINE_string("tap", "input", "--mode=segment: the tap to cluster.")
 _NUM_CLUSTERS = flags.DEFINE_integer("num_clusters", 11, "--mode=segment: K.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "--mode=segment/report: where to write.")
@@ -109,25 +110,25 @@ def _run(config, workdir: str) -> None:
   logging.info("JAX %s: %d process(es), %d device(s) (%s)", jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
   if mode == "train":
-    from clevr_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+    from clevr_jax import evaluation, train  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:  # held through the final evaluation too
       with guards.lock(workdir):
         train.train_and_evaluate(config, workdir)
-        evaluate.evaluate(config, workdir)
+        evaluation.evaluate(config, workdir)
     else:
       train.train_and_evaluate(config, workdir)
-      evaluate.evaluate(config, workdir)
+      evaluation.evaluate(config, workdir)
   elif mode == "evaluate":
-    from clevr_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.evaluate(config, workdir)
+    from clevr_jax import evaluation  # pylint: disable=g-import-not-at-top
+    evaluation.evaluate(config, workdir)
   elif mode == "baselines":
-    from clevr_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.baselines(config, workdir)
+    from clevr_jax import evaluation  # pylint: disable=g-import-not-at-top
+    evaluation.baselines(config, workdir)
   elif mode == "segment":
-    from clevr_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from clevr_jax import evaluation  # pylint: disable=g-import-not-at-top
     if not _IMAGES.value:
       raise ValueError("--mode=segment needs --images=FILE_OR_DIR[,...]")
-    evaluate.segment_images(config, workdir, _IMAGES.value, tap=_TAP.value,
+    evaluation.segment_images(config, workdir, _IMAGES.value, tap=_TAP.value,
                             num_clusters=_NUM_CLUSTERS.value,
                             output_dir=_OUTPUT_DIR.value or os.path.join(workdir, "segments"))
 

@@ -149,14 +149,6 @@ def foreground_ari(table: jax.Array) -> jax.Array:
   return adjusted_rand_index(table[..., 1:, :])
 
 
-@functools.partial(jax.jit, static_argnames=_SLOT_ARGS)
-def _instance_device_stats(true_labels, pred_labels, *, num_true_slots,
-                           num_pred_slots):
-  table = contingency(true_labels, pred_labels, num_true_slots, num_pred_slots)
-  return (table, iou_from_contingency(table), adjusted_rand_index(table),
-          foreground_ari(table))
-
-
 @functools.partial(jax.jit, static_argnames=("num_classes",))
 def confusion_matrix(true_classes: jax.Array, pred_classes: jax.Array,
                      num_classes: int, valid: jax.Array | None = None
@@ -286,21 +278,94 @@ class InstanceScores(NamedTuple):
 INSTANCE_METRICS = tuple(f for f in InstanceScores._fields if f != "valid")
 
 
+def contingency_host(true_labels: np.ndarray, pred_labels: np.ndarray,
+                     num_true_slots: int, num_pred_slots: int) -> np.ndarray:
+  """`contingency` in NumPy, for label maps already on the host: int64 [B, T, P].
+
+  For post-processed labels, which are made on the host: counting them here
+  saves sending them back to a device. Out-of-range labels count nowhere.
+  """
+  true_labels = np.asarray(true_labels).reshape(len(true_labels), -1).astype(np.int64)
+  pred_labels = np.asarray(pred_labels).reshape(len(pred_labels), -1).astype(np.int64)
+  if true_labels.shape != pred_labels.shape:
+    raise ValueError(f"label maps differ in shape: {true_labels.shape} vs {pred_labels.shape}")
+  inside = ((true_labels >= 0) & (true_labels < num_true_slots)
+            & (pred_labels >= 0) & (pred_labels < num_pred_slots))
+  cells = num_true_slots * num_pred_slots
+  codes = np.where(inside, true_labels * num_pred_slots + pred_labels, cells)
+  codes += (np.arange(len(codes)) * (cells + 1))[:, None]
+  counts = np.bincount(codes.ravel(), minlength=len(codes) * (cells + 1))
+  return counts.reshape(len(codes), cells + 1)[:, :cells].reshape(
+      -1, num_true_slots, num_pred_slots)
+
+
+@jax.jit
+def _table_stats(table):
+  return iou_from_contingency(table), adjusted_rand_index(table), foreground_ari(table)
+
+
+def score_tables(tables: np.ndarray, num_true: np.ndarray,
+                 valid: np.ndarray | None = None) -> InstanceScores:
+  """Scores a batch of contingency tables [B, T, P] (true slots x predicted labels).
+
+  Args:
+    tables: int [B, T, P] pixel counts (see `contingency`).
+    num_true: int [B], the number of true slots of each image (background
+      included); slots at or above it are not masks. Empty slots below it
+      are skipped too.
+    valid: bool [B]; False marks padding images, which are not scored.
+
+  Returns:
+    InstanceScores with one entry per image.
+  """
+  tables = np.asarray(tables)
+  num_images, num_true_slots, _ = tables.shape
+  iou, ari, fg_ari = jax.device_get(_table_stats(jnp.asarray(tables, jnp.int32)))
+  num_true = np.broadcast_to(np.asarray(num_true), (num_images,))
+  valid = (np.ones(num_images, bool) if valid is None else
+           np.broadcast_to(np.asarray(valid, bool), (num_images,)))
+  scores = {name: np.full(num_images, np.nan) for name in INSTANCE_METRICS}
+  scores["ari"][valid] = ari[valid]
+  scores["fg_ari"][valid] = fg_ari[valid]
+  slots = np.arange(num_true_slots)
+  for b in np.flatnonzero(valid):
+    true_present = (tables[b].sum(axis=1) > 0) & (slots < num_true[b])
+    pred_present = tables[b].sum(axis=0) > 0
+    scores["poster_miou"][b] = hungarian_miou(iou[b], true_present)
+    scores["clevrtex_miou"][b], scores["clevrtex_miou_fg"][b] = clevrtex_miou(
+        iou[b], true_present, pred_present)
+    scores["mbo"][b] = mean_best_overlap(iou[b], true_present)
+    scores["mbo_fg"][b] = mean_best_overlap(iou[b], true_present & (slots > 0))
+  return InstanceScores(valid=valid, **scores)
+
+
+class KScores(NamedTuple):
+  """|predicted K - true K| per image, for segmenters that predict K."""
+  k_error: np.ndarray
+  valid: np.ndarray
+
+
+def k_error(tables: np.ndarray, num_true: np.ndarray, valid: np.ndarray) -> KScores:
+  """Predicted K = non-empty predicted masks; true K = `num_true` (background included)."""
+  predicted = (np.asarray(tables).sum(axis=1) > 0).sum(axis=1)
+  error = np.abs(predicted - np.asarray(num_true)).astype(np.float64)
+  return KScores(np.where(valid, error, np.nan), np.asarray(valid, bool))
+
+
 def score_instances(true_labels: jax.Array, pred_labels: jax.Array,
                     num_true: jax.Array, valid: jax.Array | None = None, *,
                     num_true_slots: int, num_pred_slots: int
                     ) -> InstanceScores:
   """Scores a batch of instance label maps against the truth.
 
-  One jitted device call (contingency, IoU, ARI, FG-ARI), then the per-image
-  Hungarian matching on the host.
+  The contingency tables are counted on the device (jitted, batched), then
+  scored by `score_tables`.
 
   Args:
     true_labels: int [..., H, W] true instance slots, 0 the background.
     pred_labels: int [..., H, W] cluster ids in [0, num_pred_slots).
     num_true: int [...], the number of true slots of each image (background
-      included); slots at or above it are not masks. Empty slots below it
-      are skipped too.
+      included).
     valid: bool [...]; False marks padding images, which are not scored.
     num_true_slots: static T, e.g. 11 (`schema.MAX_SLOTS`).
     num_pred_slots: static P, the largest number of clusters.
@@ -308,29 +373,14 @@ def score_instances(true_labels: jax.Array, pred_labels: jax.Array,
   Returns:
     InstanceScores with one entry per image (leading dims flattened).
   """
-  table, iou, ari, fg_ari = jax.device_get(_instance_device_stats(
-      true_labels, pred_labels, num_true_slots=num_true_slots,
-      num_pred_slots=num_pred_slots))
+  table = np.asarray(jax.device_get(contingency(
+      true_labels, pred_labels, num_true_slots, num_pred_slots)))
+  lead = table.shape[:-2]
   table = table.reshape(-1, num_true_slots, num_pred_slots)
-  iou = iou.reshape(table.shape)
-  num_images = table.shape[0]
-  num_true = np.broadcast_to(np.asarray(num_true), ari.shape).reshape(-1)
-  valid = (np.ones(num_images, bool) if valid is None else
-           np.broadcast_to(np.asarray(valid, bool), ari.shape).reshape(-1))
-
-  scores = {name: np.full(num_images, np.nan) for name in INSTANCE_METRICS}
-  scores["ari"][valid] = ari.reshape(-1)[valid]
-  scores["fg_ari"][valid] = fg_ari.reshape(-1)[valid]
-  slots = np.arange(num_true_slots)
-  for b in np.flatnonzero(valid):
-    true_present = (table[b].sum(axis=1) > 0) & (slots < num_true[b])
-    pred_present = table[b].sum(axis=0) > 0
-    scores["poster_miou"][b] = hungarian_miou(iou[b], true_present)
-    scores["clevrtex_miou"][b], scores["clevrtex_miou_fg"][b] = clevrtex_miou(
-        iou[b], true_present, pred_present)
-    scores["mbo"][b] = mean_best_overlap(iou[b], true_present)
-    scores["mbo_fg"][b] = mean_best_overlap(iou[b], true_present & (slots > 0))
-  return InstanceScores(valid=valid, **scores)
+  num_true = np.broadcast_to(np.asarray(num_true), lead).reshape(-1)
+  if valid is not None:
+    valid = np.broadcast_to(np.asarray(valid, bool), lead).reshape(-1)
+  return score_tables(table, num_true, valid)
 
 
 class MeanAccumulator:

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from clevr_jax import metrics
 from clevr_jax import schema
 
 # Background black, then the three shapes, as distinct colours.
@@ -68,19 +69,22 @@ def _match_colors(true_labels: np.ndarray, pred_labels: np.ndarray, num_pred: in
   """Maps each predicted cluster to the true slot it overlaps best (Hungarian on IoU),
   so matched masks share a colour across panels; unmatched clusters get new ones."""
   from scipy.optimize import linear_sum_assignment  # pylint: disable=g-import-not-at-top
-  t, p = int(true_labels.max()) + 1, num_pred
-  table = np.zeros((t, p))
-  np.add.at(table, (true_labels.ravel(), pred_labels.ravel()), 1)
-  union = table.sum(1, keepdims=True) + table.sum(0, keepdims=True) - table
-  rows, cols = linear_sum_assignment(np.where(union > 0, table / np.maximum(union, 1), 0),
-                                     maximize=True)
-  mapping = np.arange(p) + t  # unmatched clusters: colours after the true slots
+  t = int(true_labels.max()) + 1
+  rows, cols = linear_sum_assignment(_iou(true_labels, pred_labels, t, num_pred), maximize=True)
+  mapping = np.arange(num_pred) + t  # unmatched clusters: colours after the true slots
   mapping[cols] = rows
   return mapping[pred_labels]
 
 
+def _iou(true_labels: np.ndarray, pred_labels: np.ndarray, t: int, p: int) -> np.ndarray:
+  """The IoU matrix [t, p] of one image, from metrics (IoU is computed in one place)."""
+  table = metrics.contingency_host(true_labels[None], pred_labels[None], t, p)
+  return np.asarray(metrics.iou_from_contingency(table))[0]
+
+
 def tap_mean_iou_chart(path: str, series: dict[str, dict[str, float]], taps: list[str],
-                       title: str, poster: dict[str, float] | None = None) -> None:
+                       title: str, poster: dict[str, float] | None = None,
+                       ylabel: str = "mean IoU (Hungarian)") -> None:
   """The poster's chart: one line per model, mean IoU against the tap."""
   fig, ax = plt.subplots(figsize=(8, 3.6))
   x = np.arange(len(taps))
@@ -91,7 +95,7 @@ def tap_mean_iou_chart(path: str, series: dict[str, dict[str, float]], taps: lis
     ax.scatter(px, [poster[taps[i]] for i in px], marker="*", s=120, color="k",
                label="poster", zorder=5)
   ax.set_xticks(x, taps, rotation=30, fontsize=8)
-  ax.set_ylabel("mean IoU (Hungarian)")
+  ax.set_ylabel(ylabel)
   ax.set_ylim(0, 1)
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
@@ -114,48 +118,61 @@ def pca_colors(features: np.ndarray) -> np.ndarray:
   return np.clip((x - lo) / np.maximum(hi - lo, 1e-8), 0, 1).reshape(h, w, 3)
 
 
+def _best(table: dict) -> tuple[str, str]:
+  """(segmenter, tap) of the highest poster mIoU."""
+  pairs = [(row["poster_miou"], seg, tap) for seg, by_tap in table.items()
+           for tap, row in by_tap.items() if row.get("poster_miou") == row.get("poster_miou")]
+  _, seg, tap = max(pairs) if pairs else (0, next(iter(table)), next(iter(next(iter(table.values())))))
+  return seg, tap
+
+
 def save_tap_figures(workdir: str, table: dict, first: dict, taps: tuple[str, ...]) -> None:
-  """The per-tap chart, masks of a few images, one IoU matrix, and PCA of each tap."""
-  series = {f"poster mIoU, {mode.replace('_', ' ')}": {t: table[t][mode]["poster_miou"]
-                                                        for t in taps}
-            for mode in ("oracle_k", "fixed_k")}
-  series["FG-ARI, oracle k"] = {t: table[t]["oracle_k"]["fg_ari"] for t in taps}
-  tap_mean_iou_chart(os.path.join(workdir, "miou_per_tap.png"), series, list(taps),
-                     "Clusters of each tap scored as instance masks")
+  """Per-tap charts (one line per segmenter), the best segmenter's masks of a few
+  images, one IoU matrix, and PCA of each tap.
+
+  Args:
+    table: {segmenter: {tap: {metric: mean}}}.
+    first: figures of `evaluation.protocol.score_features`.
+    taps: the feature maps, in order.
+  """
+  for metric, name, label in (("poster_miou", "miou_per_tap.png", "poster mIoU"),
+                              ("fg_ari", "fg_ari_per_tap.png", "FG-ARI")):
+    series = {seg: {t: by_tap[t][metric] for t in taps} for seg, by_tap in table.items()}
+    tap_mean_iou_chart(os.path.join(workdir, name), series, list(taps),
+                       f"{label} of each tap, one line per segmenter", ylabel=label)
   if not first:
     return
+  best_seg, best_tap = _best(table)
   images, truth = first["image"], first["instance_labels"]
   palette = label_colors(32)
   n = len(images)
-  fig, axes = plt.subplots(n, len(taps) + 2, figsize=(1.6 * (len(taps) + 2), 1.3 * n),
+  fig, axes = plt.subplots(n, len(taps) + 2, figsize=(1.6 * (len(taps) + 2), 1.3 * n + 0.4),
                            squeeze=False)
   for i in range(n):
     show_image(axes[i, 0], images[i], "image" if i == 0 else "")
     show_image(axes[i, 1], colorize(truth[i], palette) / 255, "true masks" if i == 0 else "")
     for j, tap in enumerate(taps):
-      pred = _match_colors(truth[i], first["labels"][tap][i], int(first["labels"][tap][i].max()) + 1)
-      score = first["scores"][tap].poster_miou[i]
+      labels = first["labels"][best_seg][tap][i]
+      pred = _match_colors(truth[i], labels, int(labels.max()) + 1)
+      score = first["scores"][best_seg][tap].poster_miou[i]
       show_image(axes[i, j + 2], colorize(pred, palette) / 255, f"{tap} {score:.2f}")
+  fig.suptitle(f"segmenter {best_seg}", fontsize=9)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "masks.png"), dpi=90)
   plt.close(fig)
 
-  # IoU matrix of the first image at the best tap (oracle K).
-  best = max(taps, key=lambda t: table[t]["oracle_k"]["poster_miou"])
-  t_labels, p_labels = truth[0], first["labels"][best][0]
+  # IoU matrix of the first image, best segmenter and tap.
+  t_labels, p_labels = truth[0], first["labels"][best_seg][best_tap][0]
   t, p = int(first["num_masks"][0]), int(p_labels.max()) + 1
-  inter = np.zeros((t, p))
-  np.add.at(inter, (np.minimum(t_labels, t - 1).ravel(), p_labels.ravel()), 1)
-  union = inter.sum(1, keepdims=True) + inter.sum(0, keepdims=True) - inter
-  iou = inter / np.maximum(union, 1)
+  iou = _iou(np.minimum(t_labels, t - 1), p_labels, t, p)
   fig, ax = plt.subplots(figsize=(0.5 * p + 2, 0.45 * t + 1.5))
   im = ax.imshow(iou, cmap="viridis", vmin=0, vmax=1)
   for (r, c), v in np.ndenumerate(iou):
     ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
             color="w" if v < 0.5 else "k")
-  ax.set_xlabel("predicted cluster")
+  ax.set_xlabel("predicted region")
   ax.set_ylabel("true mask (0 = background)")
-  ax.set_title(f"IoU, tap {best}, first test image", fontsize=9)
+  ax.set_title(f"IoU, {best_seg} on {best_tap}, first test image", fontsize=9)
   fig.colorbar(im, ax=ax, fraction=0.04)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "iou_matrix.png"), dpi=100)

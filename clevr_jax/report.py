@@ -37,47 +37,63 @@ def load_results(workdir: str) -> list[dict[str, Any]]:
   return found
 
 
-def poster_reference(name: str, tap: str) -> str:
-  if name.startswith("random") or "random_masks" in tap:
+def poster_reference(name: str, segmenter: str, tap: str) -> str:
+  """The poster's figure for a row, where it has one (its protocol: segmenter 'kmeans')."""
+  if segmenter == "random masks":
     return "0.04"
+  if segmenter != "kmeans":
+    return ""
+  if name == "baselines":
+    return "0.55" if tap == "pixels" else ""
   if "gray" in name:
     return "0.10-0.16"
   if name.endswith("_rgb") or name in ("unet", "ae"):
     if tap in POSTER_RGB_POINTS:
       return f"{POSTER_RGB_POINTS[tap]:.2f}"
-    if tap not in ("input", "output"):
-      return "0.08-0.23"
-  if tap == "kmeans_pixels_cosine":
-    return "0.55"
+    return "0.08-0.23"
   return ""
 
 
+def _fmt(value: Any) -> str:
+  return "" if value is None else f"{value:.4f}"
+
+
 def write_report(workdirs: list[str], output_dir: str, metric: str = "poster_miou",
-                 mode: str = "oracle_k") -> str:
-  """Writes report.md, report.json and report_miou_per_tap.png; returns the markdown."""
+                 segmenter: str = "kmeans") -> str:
+  """Writes report.md, report.json and report_miou_per_tap.png; returns the markdown.
+
+  The table has every run x segmenter x tap; the chart one line per run for
+  `segmenter` (the poster's K-Means by default).
+  """
   runs = [r for w in workdirs for r in load_results(w)]
   os.makedirs(output_dir, exist_ok=True)
   lines = ["# Segmentation as clusterization: merged results", "",
-           f"Metric: `{metric}`, K: `{mode}`. The poster's column gives its figures "
-           "(shared/DESIGN.md) for comparison.", "",
-           "| run | tap | " + metric + " | fg_ari | mbo | poster |", "|---|---|---|---|---|---|"]
+           f"Metric: `{metric}`. The poster's column gives its figures (the poster's "
+           "protocol: segmenter `kmeans`, oracle K) for comparison.", "",
+           "| run | segmenter | tap | " + metric + " | fg_ari | mbo | poster |",
+           "|---|---|---|---|---|---|---|"]
   series: dict[str, dict[str, float]] = {}
   taps_in_order: list[str] = []
   for run in runs:
     if "supervised" in run:
       sup = run["supervised"]
-      lines.append(f"| {run['name']} | (supervised) | {sup['class_hungarian_miou']:.4f} | "
+      lines.append(f"| {run['name']} | (supervised) | | {_fmt(sup['class_hungarian_miou'])} | "
                    f"| | 0.9828 |")
-      lines.append(f"| {run['name']} | pixel accuracy | {sup['pixel_accuracy']:.4f} | | | |")
+      lines.append(f"| {run['name']} | pixel accuracy | | {_fmt(sup['pixel_accuracy'])} | | | |")
       continue
-    for tap, by_mode in run["taps"].items():
-      row = by_mode[mode]
-      lines.append(f"| {run['name']} | {tap} | {row[metric]:.4f} | {row['fg_ari']:.4f} | "
-                   f"{row['mbo']:.4f} | {poster_reference(run['name'], tap)} |")
-      if run["name"] != "baselines":
-        series.setdefault(run["name"], {})[tap] = row[metric]
-        if tap not in taps_in_order:
-          taps_in_order.append(tap)
+    for seg, by_tap in run.get("segmenters", {}).items():
+      for tap, row in by_tap.items():
+        lines.append(f"| {run['name']} | {seg} | {tap} | {_fmt(row.get(metric))} | "
+                     f"{_fmt(row.get('fg_ari'))} | {_fmt(row.get('mbo'))} | "
+                     f"{poster_reference(run['name'], seg, tap)} |")
+        if run["name"] != "baselines" and seg == segmenter:
+          series.setdefault(run["name"], {})[tap] = row.get(metric)
+          if tap not in taps_in_order:
+            taps_in_order.append(tap)
+    for k, row in run.get("random_masks", {}).items():
+      lines.append(f"| {run['name']} | random masks | K {k} | {_fmt(row.get(metric))} | "
+                   f"{_fmt(row.get('fg_ari'))} | {_fmt(row.get('mbo'))} | "
+                   f"{poster_reference(run['name'], 'random masks', '') if k == 'oracle' else ''} |")
   markdown = "\n".join(lines) + "\n"
   with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
     f.write(markdown)
@@ -85,7 +101,7 @@ def write_report(workdirs: list[str], output_dir: str, metric: str = "poster_mio
     json.dump({"runs": runs, "poster": POSTER}, f, indent=1, default=float)
   if series:
     plots.tap_mean_iou_chart(os.path.join(output_dir, "report_miou_per_tap.png"), series,
-                             taps_in_order, f"{metric} per tap ({mode})",
+                             taps_in_order, f"{metric} per tap (segmenter {segmenter})",
                              poster=POSTER_RGB_POINTS)
   print(markdown)
   return markdown

@@ -3,7 +3,7 @@
 Resumes from the newest checkpoint in `workdir` (step, parameters, optimizer
 and BatchNorm state, RNG; the data position follows from the step), saves
 every `checkpoint_every_steps` and at each epoch's end, evaluates after each
-epoch, and runs the full evaluation (`evaluate.py`) when training ends.
+epoch; main.py then runs the full evaluation (`clevr_jax.evaluation`).
 
 Guards: process 0 holds the workdir's lock (see `workdir.py`); a loss that is
 not finite (checked at each log step, where it is fetched anyway, and the state

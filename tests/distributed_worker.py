@@ -38,7 +38,7 @@ def main() -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id,
                                initialization_timeout=60)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from clevr_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from clevr_jax import evaluation, state as state_lib, train  # pylint: disable=g-import-not-at-top
 
   config = load_run_file("unet_rgb").get_config("test")
   with config.unlocked():
@@ -49,14 +49,17 @@ def main() -> None:
     # cross-process all-reduce sums in another order) would flip whole updates.
     config.optimizer.eps = 1.0
     config.eval.taps = ("input", "enc2", "output")
+    # One plain segmenter (device tables) and one post-processing one (host
+    # regions, tables exchanged between processes): both paths of the protocol.
+    config.eval.segmenter_names = ("kmeans", "split_merge_predict_k")
   train.train_and_evaluate(config, workdir)
-  results = evaluate.evaluate(config, eval_workdir)
-  state, _ = evaluate.restore_state(config, workdir, evaluate.state_lib.make_mesh())
+  results = evaluation.evaluate(config, eval_workdir)
+  state, _ = evaluation.restore_state(config, workdir, state_lib.make_mesh())
   leaves = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.batch_stats)))
   if jax.process_index() == 0:
     np.savez(out + ".npz", *leaves)
     with open(out + ".json", "w") as f:
-      json.dump({"taps": results["taps"], "devices": jax.device_count(),
+      json.dump({"segmenters": results["segmenters"], "devices": jax.device_count(),
                  "processes": jax.process_count()}, f)
 
 

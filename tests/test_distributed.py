@@ -61,9 +61,11 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path, data_di
   # max |diff| 2.5e-5 after one epoch).
   for a, b in zip(single_params, multi_params):
     np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
-  # The evaluation gathers every process's images before scoring: same figures.
-  for tap, by_mode in single["taps"].items():
-    for mode, row in by_mode.items():
+  # Each process segments its own images and the hosts exchange contingency
+  # tables: the same figures, for every segmenter (post-processing ones included).
+  assert list(multi["segmenters"]) == list(single["segmenters"])
+  for name, by_tap in single["segmenters"].items():
+    for tap, row in by_tap.items():
       for metric, value in row.items():
-        assert multi["taps"][tap][mode][metric] == pytest.approx(value, abs=1e-6), (
-            tap, mode, metric)
+        assert multi["segmenters"][name][tap][metric] == pytest.approx(value, abs=1e-6), (
+            name, tap, metric)

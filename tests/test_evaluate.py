@@ -1,21 +1,27 @@
-"""Evaluation end to end: files and tables of a trained run, baselines on the real
-samples, the user-image mode, and K-Means against scikit-learn on tap features."""
+"""Evaluation end to end: files and tables of a trained run, the poster's protocol
+against an independent computation, 1 vs 4 devices, eval files of another size,
+the real samples through every segmenter, the user-image mode, and K-Means
+against scikit-learn on tap features."""
 
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from clevr_jax import evaluate
+from clevr_jax import evaluation
 from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import models
+from clevr_jax import schema
 from clevr_jax import state as state_lib
 from clevr_jax.data import official
-from clevr_jax import schema
+from clevr_jax.data import pipeline
+from clevr_jax.evaluation import results as results_lib
+from clevr_jax.evaluation import segmenters
 
 # Two real records, kept in the repository (see their README for licence and source).
 SAMPLES = os.path.join(os.path.dirname(__file__), "data", "clevr_with_masks_samples")
@@ -24,112 +30,252 @@ SAMPLES = os.path.join(os.path.dirname(__file__), "data", "clevr_with_masks_samp
 @pytest.fixture(scope="module")
 def evaluated(trained_workdir, test_config):
   config = test_config("unet_rgb")
-  results = evaluate.evaluate(config, trained_workdir)
+  results = evaluation.evaluate(config, trained_workdir)
   return config, trained_workdir, results
 
 
-def test_evaluation_writes_every_file_with_every_tap(evaluated):
+def test_evaluation_writes_every_file_with_every_segmenter_and_tap(evaluated):
   config, workdir, results = evaluated
-  for name in ("results.json", "results.md", "miou_per_tap.png", "masks.png",
-               "iou_matrix.png", "tap_pca.png"):
+  for name in ("results.json", "results.md", "miou_per_tap.png", "fg_ari_per_tap.png",
+               "masks.png", "iou_matrix.png", "tap_pca.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
   assert saved["checkpoint_step"] == results["checkpoint_step"] > 0
   assert saved["num_images"] == 12  # the whole test split, padding excluded
-  assert list(saved["taps"]) == list(models.TAP_NAMES)
-  for tap, by_mode in saved["taps"].items():
-    for mode in evaluate.K_MODES:
-      row = by_mode[mode]
-      assert set(row) == set(metrics.INSTANCE_METRICS), (tap, mode)
+  names = list(config.eval.segmenter_names)
+  assert list(saved["segmenters"]) == names and names[0] == "kmeans"
+  markdown = open(os.path.join(workdir, "results.md")).read()
+  for seg in segmenters.configured(config):
+    by_tap = saved["segmenters"][seg.name]
+    assert list(by_tap) == list(models.TAP_NAMES)
+    assert f"## segmenter `{seg.name}`" in markdown
+    for tap, row in by_tap.items():
+      expected = set(metrics.INSTANCE_METRICS) | (
+          {results_lib.K_ERROR} if seg.predicts_k else set())
+      assert set(row) == expected, (seg.name, tap)
       assert 0.0 <= row["poster_miou"] <= 1.0
       assert -1.0 <= row["ari"] <= 1.0
       # ClevrTex divides by max(#true, #predicted) >= #true: never above the poster's score.
       assert row["clevrtex_miou"] <= row["poster_miou"] + 1e-9
       # The best overlap of each true mask bounds its matched IoU.
       assert row["mbo"] >= row["poster_miou"] - 1e-9
-  markdown = open(os.path.join(workdir, "results.md")).read()
+      if seg.predicts_k:
+        assert row[results_lib.K_ERROR] >= 0
   for tap in models.TAP_NAMES:
     assert f"| {tap} |" in markdown
 
 
-def test_oracle_k_uses_the_number_of_true_masks(evaluated):
-  # With K = number of true masks, clusters can never outnumber the true masks,
-  # so the ClevrTex denominator equals the poster's and the two scores agree.
-  _, _, results = evaluated
-  for tap, by_mode in results["taps"].items():
-    oracle = by_mode["oracle_k"]
-    assert oracle["clevrtex_miou"] == pytest.approx(oracle["poster_miou"], abs=1e-6), tap
+def test_oracle_k_segmenters_never_predict_more_masks_than_the_truth(evaluated):
+  # With K = the number of true masks (and merging down to K), predicted masks can
+  # never outnumber the true ones, so the ClevrTex denominator equals the poster's.
+  config, _, results = evaluated
+  for seg in segmenters.configured(config):
+    if seg.k != "oracle":
+      continue
+    for tap, row in results["segmenters"][seg.name].items():
+      assert row["clevrtex_miou"] == pytest.approx(row["poster_miou"], abs=1e-6), (seg.name, tap)
 
 
-def _write_sample(path, index):
-  data = np.load(os.path.join(SAMPLES, f"sample_{index}.npz"))
-  example = {"image": data["image"], "mask": data["mask"],
-             "pixel_coords": np.zeros((schema.MAX_SLOTS, 3), np.float32)}
-  for name in schema.FLOAT_FEATURES:
-    example[name] = np.zeros(schema.MAX_SLOTS, np.float32)
-  example["visibility"] = (data["mask"].reshape(schema.MAX_SLOTS, -1).max(1) > 0
-                           ).astype(np.float32)
-  for name in schema.CODE_FEATURES:
-    example[name] = np.zeros(schema.MAX_SLOTS, np.uint8)
-  official.write_records(path, [example])
+def test_the_posters_figures_equal_an_independent_computation(evaluated):
+  """The default segmenter is the old protocol: cosine K-Means on each tap at its own
+  resolution with the oracle K and a key folded from the image index, labels upsampled,
+  scored by metrics.score_instances on the device's label maps."""
+  config, workdir, results = evaluated
+  state, model = evaluation.restore_state(config, workdir, state_lib.make_mesh())
+  predict = state_lib.make_predict_fn(model, models.TAP_NAMES)
+  km = config.eval.kmeans
+  base = jax.random.key(config.seed)
+  accumulators = {t: metrics.MeanAccumulator() for t in models.TAP_NAMES}
+  for stored in pipeline.Split(config, "test").eval_batches():
+    # The stored uint8 fields, decoded here on the host (independently of batch.derive).
+    batch = {"image": stored["image"].astype(np.float32) / 255,
+             "instance_labels": stored["labels"].astype(np.int32),
+             "num_masks": stored["visibility"].astype(np.int32).sum(-1),
+             "valid": stored["valid"], "index": stored["index"]}
+    keys = jnp.stack([jax.random.fold_in(base, int(i)) for i in batch["index"]])
+    taps = predict(state, jnp.asarray(batch["image"]))[1]
+    for tap, features in taps.items():
+      b, h, w, c = features.shape
+      labels = kmeans.kmeans(features.reshape(b, h * w, c), jnp.asarray(batch["num_masks"]),
+                             keys, k_max=max(schema.MAX_SLOTS, km.fixed_k),
+                             num_restarts=km.num_restarts, max_iter=km.max_iter, tol=km.tol,
+                             metric="cosine", init=km.init).labels.reshape(b, h, w)
+      labels = kmeans.upsample_labels(labels, *batch["image"].shape[1:3])
+      accumulators[tap].add(metrics.score_instances(
+          batch["instance_labels"], labels, batch["num_masks"], batch["valid"],
+          num_true_slots=schema.MAX_SLOTS, num_pred_slots=max(schema.MAX_SLOTS, km.fixed_k)))
+  for tap, accumulator in accumulators.items():
+    expected = accumulator.result()
+    for metric, value in results["segmenters"]["kmeans"][tap].items():
+      # The same float32 programs on the same inputs; only the compiled
+      # program's layout may differ (shard_map), hence a float32-epsilon margin.
+      assert value == pytest.approx(expected[metric], abs=1e-6), (tap, metric)
 
 
-@pytest.mark.parametrize("index", [0, 1])
-def test_raw_pixel_kmeans_beats_random_masks_on_each_real_sample(index, tmp_path, test_config):
-  path = str(tmp_path / f"sample_{index}.tfrecords")
-  _write_sample(path, index)
-  config = test_config("unet_rgb")
+def test_baselines_on_four_devices_equal_one_device(tmp_path, test_config, run_python, data_dir):
+  child = run_python(["-m", "clevr_jax.main", "--config=configs/unet_rgb.py:test",
+                      f"--config.data.data_dir={data_dir}", "--mode=baselines",
+                      f"--workdir={tmp_path / 'four'}"], devices=4)
+  assert child.returncode == 0, child.stderr[-3000:]
+  one = evaluation.baselines(test_config("unet_rgb"), str(tmp_path / "one"))
+  with open(tmp_path / "four" / "baselines.json") as f:
+    four = json.load(f)
+  assert four["num_images"] == one["num_images"] == 12
+  assert list(four["segmenters"]) == list(one["segmenters"])
+  for name, by_tap in one["segmenters"].items():
+    for metric, value in by_tap["pixels"].items():
+      assert four["segmenters"][name]["pixels"][metric] == pytest.approx(value, abs=1e-6), (
+          name, metric)
+  for k, row in one["random_masks"].items():
+    for metric, value in row.items():
+      assert four["random_masks"][k][metric] == pytest.approx(value, abs=1e-9)
+
+
+def _write_samples(path, indices=(0, 1), crop=(240, 320)):
+  examples = []
+  for index in indices:
+    data = np.load(os.path.join(SAMPLES, f"sample_{index}.npz"))
+    h, w = crop
+    image, mask = data["image"][:h, :w], data["mask"][:, :h, :w]
+    example = {"image": image, "mask": mask,
+               "pixel_coords": np.zeros((schema.MAX_SLOTS, 3), np.float32)}
+    for name in schema.FLOAT_FEATURES:
+      example[name] = np.zeros(schema.MAX_SLOTS, np.float32)
+    example["visibility"] = (mask.reshape(schema.MAX_SLOTS, -1).max(1) > 0
+                             ).astype(np.float32)
+    for name in schema.CODE_FEATURES:
+      example[name] = np.zeros(schema.MAX_SLOTS, np.uint8)
+    examples.append(example)
+  official.write_records(path, examples)
+
+
+def _fast(config):
   with config.unlocked():
-    config.data.image_height, config.data.image_width = 240, 320
-    config.data.eval_file = path
     config.eval.batch_size = 1
     config.eval.kmeans.num_restarts = 2
     config.eval.kmeans.max_iter = 50
-  results = evaluate.baselines(config, str(tmp_path / "baselines"))
-  table = results["taps"]
-  random = table["random_masks"]["oracle_k"]["poster_miou"]
-  assert results["num_images"] == 1
-  for name in ("kmeans_pixels_euclidean", "kmeans_pixels_cosine"):
-    assert table[name]["oracle_k"]["poster_miou"] > random + 0.1, name
-    assert table[name]["oracle_k"]["fg_ari"] > table["random_masks"]["oracle_k"]["fg_ari"]
+
+
+def test_real_samples_through_every_segmenter(tmp_path, test_config):
+  path = str(tmp_path / "samples.tfrecords")
+  _write_samples(path)
+  config = test_config("unet_rgb")
+  _fast(config)
+  config.data.image_height, config.data.image_width = 240, 320
+  config.data.eval_file = path
+  results = evaluation.baselines(config, str(tmp_path / "baselines"))
+  table = {name: by_tap["pixels"] for name, by_tap in results["segmenters"].items()}
+  random = results["random_masks"]["oracle"]
+  assert results["num_images"] == 2
+  for name, row in table.items():
+    assert row["poster_miou"] > random["poster_miou"] + 0.1, name
+    assert row["fg_ari"] > random["fg_ari"] + 0.1, name
+  # Splitting the colour clusters into objects and merging back is what lifts pixels.
+  assert table["split_merge"]["fg_ari"] > table["kmeans"]["fg_ari"]
   assert os.path.exists(tmp_path / "baselines" / "baselines.md")
 
 
-def test_user_images_of_odd_sizes_and_rgba_come_out_at_their_size(
-    tmp_path, trained_workdir, test_config):
+def test_an_eval_file_of_another_size_is_resized_and_scored(tmp_path, test_config, caplog):
+  path = str(tmp_path / "samples.tfrecords")
+  _write_samples(path)
+  config = test_config("unet_rgb")  # 48x64: the file's 240x320 images are shrunk
+  _fast(config)
+  config.data.eval_file = path
+  config.eval.segmenter_names = ("kmeans",)
+  assert pipeline.eval_file_size(config) == (240, 320)
+  split = pipeline.Split(config, "test")
+  batch = next(split.eval_batches())
+  assert batch["image"].shape[2:] == (48, 64, 3)
+  assert batch["instance_labels"].shape[2:] == (48, 64)
+  # Nearest keeps label values: the resized labels are the file's own, shrunk.
+  full = schema.masks_to_labels(np.load(os.path.join(SAMPLES, "sample_0.npz"))["mask"])
+  np.testing.assert_array_equal(batch["instance_labels"][0, 0], full[2::5, 2::5])
+  assert batch["num_masks"][0, 0] == len(np.unique(batch["instance_labels"][0, 0]))
+  results = evaluation.baselines(config, str(tmp_path / "small"))
+  assert results["num_images"] == 2
+  row = results["segmenters"]["kmeans"]["pixels"]
+  assert row["poster_miou"] > results["random_masks"]["oracle"]["poster_miou"] + 0.1
+  # The format does not store the size: one that is neither the configured nor the
+  # official one must be given, else one clear error says how.
+  odd = str(tmp_path / "odd.tfrecords")
+  _write_samples(odd, crop=(24, 40))
+  config.data.eval_file = odd
+  with pytest.raises(ValueError, match="eval_file_height=H"):
+    pipeline.Split(config, "test")
+  config.data.eval_file_height, config.data.eval_file_width = 24, 40
+  batch = next(pipeline.Split(config, "test").eval_batches())
+  assert batch["image"].shape[2:] == (48, 64, 3)  # enlarged (bilinear)
+
+
+def test_resize_compact_drops_objects_that_vanish():
+  labels = np.zeros((40, 40), np.uint8)
+  labels[0, 0] = 2  # one pixel: gone at 8x8 under nearest sampling
+  labels[10:30, 10:30] = 1
+  example = {"image": np.zeros((40, 40, 3), np.uint8), "labels": labels,
+             "visibility": np.array([1, 1, 1] + [0] * 8, np.float32)}
+  small = pipeline.resize_compact(example, 8, 8)
+  assert small["image"].shape == (8, 8, 3) and small["labels"].shape == (8, 8)
+  assert small["visibility"].tolist()[:3] == [1, 1, 0]
+
+
+def _user_images(tmp_path):
   rng = np.random.default_rng(0)
-  rgba = Image.open(os.path.join(SAMPLES, "..", "clevr_renders", "img1.png"))
-  assert rgba.mode == "RGBA"
-  rgba.crop((0, 0, 101, 77)).save(tmp_path / "rgba.png")
+  rgb = np.load(os.path.join(SAMPLES, "sample_0.npz"))["image"]
+  rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 200, np.uint8)], -1)
+  Image.fromarray(rgba, "RGBA").crop((0, 0, 101, 77)).save(tmp_path / "rgba.png")
   Image.fromarray((rng.random((37, 51)) * 255).astype(np.uint8)).save(tmp_path / "gray.png")
+  Image.fromarray(rgb[:50, :60]).save(tmp_path / "photo.JPG")
+  (tmp_path / "broken.png").write_bytes(b"not an image")
+  (tmp_path / "notes.txt").write_text("not an image file name: skipped")
+
+
+def test_user_images_every_readable_one_at_its_size_then_the_unreadable_named(
+    tmp_path, trained_workdir, test_config):
+  _user_images(tmp_path)
   config = test_config("unet_rgb")
   # Euclidean: under cosine distance every gray RGB pixel points the same way,
   # so a gray image is rightly one cluster at the input tap.
-  config.eval.kmeans.metric = "euclidean"
+  config.eval.segmenters.kmeans.metric = "euclidean"
   for tap, k in (("input", 4), ("enc2", 3)):
-    written = evaluate.segment_images(config, trained_workdir, [str(tmp_path)], tap=tap,
-                                      num_clusters=k, output_dir=str(tmp_path / tap))
-    shapes = {os.path.basename(p): np.asarray(Image.open(p)).shape for p in written}
-    assert shapes == {"gray_labels.png": (37, 51), "rgba_labels.png": (77, 101)}
-    for p in written:
-      labels = np.asarray(Image.open(p))
+    out = tmp_path / tap
+    with pytest.raises(ValueError, match=r"could not read 1: .*broken\.png"):
+      evaluation.segment_images(config, trained_workdir, [str(tmp_path)], tap=tap,
+                                num_clusters=k, output_dir=str(out))
+    shapes = {p: np.asarray(Image.open(out / p)).shape for p in sorted(os.listdir(out))
+              if p.endswith("_labels.png")}
+    assert shapes == {"gray_labels.png": (37, 51), "photo_labels.png": (50, 60),
+                      "rgba_labels.png": (77, 101)}
+    for p in shapes:
+      labels = np.asarray(Image.open(out / p))
       assert labels.max() < k and len(np.unique(labels)) > 1
   with pytest.raises(ValueError, match="--tap"):
-    evaluate.segment_images(config, trained_workdir, [str(tmp_path)], tap="enc9",
-                            num_clusters=3, output_dir=str(tmp_path / "x"))
+    evaluation.segment_images(config, trained_workdir, [str(tmp_path)], tap="enc9",
+                              num_clusters=3, output_dir=str(tmp_path / "x"))
   with pytest.raises(FileNotFoundError, match="no file or folder"):
-    evaluate.segment_images(config, trained_workdir, [str(tmp_path / "missing")],
-                            tap="input", num_clusters=3, output_dir=str(tmp_path / "x"))
+    evaluation.segment_images(config, trained_workdir, [str(tmp_path / "missing")],
+                              tap="input", num_clusters=3, output_dir=str(tmp_path / "x"))
+
+
+def test_user_images_through_a_post_processing_segmenter(tmp_path, trained_workdir, test_config):
+  Image.fromarray(np.load(os.path.join(SAMPLES, "sample_1.npz"))["image"]).save(
+      tmp_path / "scene.png")
+  config = test_config("unet_rgb")
+  config.eval.user_segmenter = "split_merge"
+  written = evaluation.segment_images(config, trained_workdir, [str(tmp_path / "scene.png")],
+                                      tap="input", num_clusters=6,
+                                      output_dir=str(tmp_path / "out"))
+  labels = np.asarray(Image.open(written[0]))
+  assert labels.shape == (240, 320) and len(np.unique(labels)) == 6
 
 
 def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workdir, test_config):
   sklearn_cluster = pytest.importorskip("sklearn.cluster")
   config = test_config("unet_rgb")
   mesh = state_lib.make_mesh()
-  state, model = evaluate.restore_state(config, trained_workdir, mesh)
-  images = np.asarray(Image.open(os.path.join(SAMPLES, "..", "clevr_renders", "img3.png"))
-                      .convert("RGB").resize((64, 48)), np.float32)[None] / 255
+  state, model = evaluation.restore_state(config, trained_workdir, mesh)
+  rgb = np.load(os.path.join(SAMPLES, "sample_1.npz"))["image"]
+  images = np.asarray(Image.fromarray(rgb).resize((64, 48)), np.float32)[None] / 255
   for tap in ("enc1", "enc3", "dec4"):
     feats = np.asarray(state_lib.make_predict_fn(model, (tap,))(state, images)[1][tap])
     points = feats.reshape(1, -1, feats.shape[-1])

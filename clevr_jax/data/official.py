@@ -135,6 +135,16 @@ def _image_size_hint(path: str, height: int, width: int) -> str:
           "--config.data.image_height and --config.data.image_width to their size.")
 
 
+def first_image_size(path: str) -> int:
+  """The number of image bytes (height * width * 3) of the file's first record."""
+  check_exists(path)
+  for serialized in tf.data.TFRecordDataset(path, compression_type="GZIP").take(1):
+    example = tf.io.parse_single_example(
+        serialized, {"image": tf.io.VarLenFeature(tf.string)})
+    return int(tf.shape(example["image"].values)[0])
+  raise RecordError(f"{path}: no records")
+
+
 def read_records(path: str, start: int = 0, stop: int | None = None,
                  height: int = schema.IMAGE_HEIGHT,
                  width: int = schema.IMAGE_WIDTH,

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 os.environ.setdefault("NO_GCE_CHECK", "true")  # no metadata-server probes offline
 
+from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -109,11 +110,17 @@ def _source_dataset(config: ml_collections.ConfigDict, split: str
   if split == "test" and config.data.eval_file:
     path = config.data.eval_file
     official.check_eval_file(path)
+    height, width = eval_file_size(config)
     examples = [official.to_compact(example, path=path, index=index) | {"index": index}
-                for index, example in official.read_records(
-                    path, height=config.data.image_height, width=config.data.image_width)]
+                for index, example in official.read_records(path, height=height, width=width)]
     if not examples:
       raise ValueError(f"{path}: no records to evaluate on")
+    target = (config.data.image_height, config.data.image_width)
+    if (height, width) != target:
+      logging.info("%s: %dx%d images resized to the configured %dx%d (image: %s, masks: "
+                   "nearest)", path, height, width, *target,
+                   "area" if height >= target[0] else "bilinear")
+      examples = [resize_compact(e, *target) for e in examples]
     columns = {k: np.stack([e[k] for e in examples]) for k in _KEPT}
     return tf.data.Dataset.from_tensor_slices(columns), len(examples)
   builder = make_builder(config)
@@ -128,6 +135,42 @@ def _source_dataset(config: ml_collections.ConfigDict, split: str
                         num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.map(lambda e: e | {"labels": e["labels"][..., 0]})
   return dataset, builder.info.splits[split].num_examples
+
+
+def eval_file_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The image size of `data.eval_file`: the configured one when the file's images
+  have that many pixels, else data.eval_file_height/width, else the official 240x320."""
+  data = config.data
+  pixels = official.first_image_size(data.eval_file) // 3
+  candidates = [(data.image_height, data.image_width),
+                (data.eval_file_height, data.eval_file_width),
+                (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH)]
+  for height, width in candidates:
+    if height * width == pixels:
+      return height, width
+  raise ValueError(
+      f"{data.eval_file}: its images have {pixels} pixels, neither the configured "
+      f"{data.image_height}x{data.image_width} nor the official "
+      f"{schema.IMAGE_HEIGHT}x{schema.IMAGE_WIDTH}: give their size with "
+      "--config.data.eval_file_height=H --config.data.eval_file_width=W")
+
+
+def resize_compact(example: dict[str, np.ndarray], height: int, width: int
+                   ) -> dict[str, np.ndarray]:
+  """A stored-form example brought to height x width: the image by area averaging
+  (when shrinking) or bilinear (when enlarging), the label map by nearest
+  neighbour; objects that vanish are no longer visible."""
+  image = example["image"]
+  method = "area" if image.shape[0] >= height else "bilinear"
+  resized = tf.image.resize(tf.cast(image, tf.float32), (height, width), method=method)
+  labels = tf.image.resize(example["labels"][..., None], (height, width), method="nearest")
+  labels = labels.numpy()[..., 0].astype(example["labels"].dtype)
+  visible = np.isin(np.arange(schema.MAX_SLOTS), labels)
+  return example | {
+      "image": np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8),
+      "labels": labels,
+      "visibility": np.where(visible, example["visibility"], 0).astype(
+          example["visibility"].dtype)}
 
 
 def per_device_batch(global_batch: int, process_count: int, local_devices: int,

@@ -1,0 +1,20 @@
+"""Evaluation: segment by clustering, score as instance masks, write the tables.
+
+  segmenters.py   a segmenter = feature transform -> K-Means -> post-processing
+  transforms.py   per-image feature transforms (jax.numpy, on device)
+  postprocess.py  connected components, speck absorption, region merging (SciPy, host)
+  protocol.py     the sharded loop over the test split: devices cluster and
+                  count contingency tables, hosts score them
+  model_eval.py   a checkpoint's taps through every segmenter (--mode=evaluate)
+  pixel_baselines.py  raw pixels through every segmenter, random masks (--mode=baselines)
+  supervised.py   the segmentation U-Net's class maps
+  user_images.py  masks for the user's own images (--mode=segment)
+  results.py      results.json / results.md: one table per segmenter
+"""
+
+from clevr_jax.evaluation.pixel_baselines import baselines
+from clevr_jax.evaluation.model_eval import evaluate
+from clevr_jax.evaluation.model_eval import restore_state
+from clevr_jax.evaluation.user_images import segment_images
+
+__all__ = ["baselines", "evaluate", "restore_state", "segment_images"]

@@ -1,0 +1,58 @@
+"""Baselines: raw pixels through every configured segmenter, and random masks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from clevr_jax import metrics
+from clevr_jax import schema
+from clevr_jax import state as state_lib
+from clevr_jax.evaluation import protocol
+from clevr_jax.evaluation import results as results_lib
+from clevr_jax.evaluation import segmenters as segmenters_lib
+
+RANDOM_K = ("oracle", "fixed")
+
+
+def random_masks(config: ml_collections.ConfigDict, split: Any, mesh: jax.sharding.Mesh
+                 ) -> dict[str, dict[str, float]]:
+  """I.i.d. uniform labels over K per pixel: the floor any method must beat."""
+  accumulators = {k: metrics.MeanAccumulator() for k in RANDOM_K}
+  rng = np.random.default_rng(config.eval.baselines_seed)
+  slots = max(schema.MAX_SLOTS, config.eval.kmeans.fixed_k)
+  progress = protocol.Progress("random masks", protocol.num_images(config, split),
+                               config.eval.progress_every_s)
+  for batch, _ in protocol.host_batches(config, split, mesh):
+    truth = state_lib.to_host(batch["instance_labels"])
+    num_masks, valid = state_lib.to_host(batch["num_masks"]), state_lib.to_host(batch["valid"])
+    for k in RANDOM_K:
+      ks = num_masks if k == "oracle" else np.full_like(num_masks, config.eval.kmeans.fixed_k)
+      labels = (rng.random(truth.shape) * np.maximum(ks, 1)[:, None, None]).astype(np.int32)
+      tables = metrics.contingency_host(truth, labels, schema.MAX_SLOTS, slots)
+      accumulators[k].add(metrics.score_tables(tables, num_masks, valid))
+    progress.update(int(valid.sum()))
+  return {k: accumulators[k].result() for k in RANDOM_K}
+
+
+def baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Raw pixels through every segmenter, and random masks; writes baselines.{json,md}."""
+  from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  results_lib.check_writable(workdir)
+  mesh = state_lib.make_mesh()
+  split = pipeline.Split(config, "test")
+  segmenters = segmenters_lib.configured(config)
+  table, _ = protocol.score_features(
+      config, mesh, lambda batch: {"pixels": batch["image"]}, ("pixels",), split, segmenters,
+      what="baselines")
+  results = {"name": "baselines", "config": config.to_dict(),
+             "num_images": protocol.num_images(config, split),
+             "segmenters": table,
+             "segmenter_specs": {s.name: results_lib.spec_dict(s) for s in segmenters},
+             "random_masks": random_masks(config, split, mesh)}
+  if jax.process_index() == 0:
+    results_lib.write_results(workdir, results, stem="baselines")
+  return results

@@ -1,0 +1,234 @@
+"""Segmenters: features -> transform -> cluster -> post-process -> labels.
+
+A segmenter is named in `config.eval.segmenters` (a small ConfigDict each;
+`config.eval.segmenter_names` says which run, in which order). The transform
+and K-Means run on the devices, each device on its own images; the optional
+post-processing (`postprocess.py`) runs on the host, per image.
+
+Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
+  pixel_transforms  transforms of raw pixels (the 'input' tap and baselines),
+                    comma-separated names from `transforms.TRANSFORMS`
+  tap_transforms    transforms of learned taps (and hypercolumns)
+  pca_dim, xy_weight  parameters of the 'pca' and 'xy' transforms
+  metric            K-Means metric: 'cosine' (the poster) or 'euclidean'
+  k                 the regions wanted: 'oracle' (the image's number of true
+                    masks, background included), 'fixed' (eval.kmeans.fixed_k)
+                    or 'predict' (no K given: merging under a threshold decides)
+  num_clusters      K-Means clusters; 0 = the K above. More than K over-clusters
+                    (K0), and post-processing merges back.
+  modal_size        majority filter window (0/1: none), before splitting
+  split             split every cluster into its 4-connected components
+  min_area          regions under this fraction of the image's area (e.g. 5e-4:
+                    38 pixels at 240x320) are absorbed into the nearest kept region
+  merge             merge adjacent regions by mean-feature distance: down to K
+                    ('oracle'/'fixed'), or while closer than merge_threshold
+                    ('predict')
+  merge_threshold   the distance under which 'predict' merges
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from clevr_jax import kmeans
+from clevr_jax import metrics
+from clevr_jax import schema
+from clevr_jax.evaluation import postprocess
+from clevr_jax.evaluation import transforms
+
+K_SOURCES = ("oracle", "fixed", "predict")
+METRICS = ("cosine", "euclidean")
+# Tap names whose features are the image itself.
+PIXEL_TAPS = ("input", "pixels")
+AXIS = "batch"  # the data-parallel mesh axis (state.AXIS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmenter:
+  """One configured segmenter (see the module docstring for the fields)."""
+  name: str
+  pixel_transforms: tuple[str, ...] = ()
+  tap_transforms: tuple[str, ...] = ()
+  pca_dim: int = 8
+  xy_weight: float = 0.0
+  metric: str = "cosine"
+  k: str = "oracle"
+  num_clusters: int = 0
+  fixed_k: int = 11
+  modal_size: int = 0
+  split: bool = False
+  min_area: float = 0.0
+  merge: bool = False
+  merge_threshold: float = 0.0
+
+  @property
+  def post_processes(self) -> bool:
+    return self.split or self.merge or self.min_area > 0 or self.modal_size > 1
+
+  @property
+  def predicts_k(self) -> bool:
+    return self.k == "predict"
+
+  @property
+  def device_key(self) -> tuple[Any, ...]:
+    """What the device half depends on (K is an input): segmenters that agree
+    on it share one compiled program."""
+    return (self.pixel_transforms, self.tap_transforms, self.pca_dim, self.xy_weight,
+            self.metric, self.k_max, self.post_processes)
+
+  def transforms_for(self, tap: str) -> tuple[str, ...]:
+    return self.pixel_transforms if tap in PIXEL_TAPS else self.tap_transforms
+
+  @property
+  def k_max(self) -> int:
+    """K-Means' static cluster bound; with the poster's settings, its old value."""
+    return max(schema.MAX_SLOTS, self.fixed_k, self.num_clusters)
+
+
+def from_config(name: str, spec: ml_collections.ConfigDict, fixed_k: int) -> Segmenter:
+  """A Segmenter from its ConfigDict; ValueError names a bad field."""
+  fields = {f.name for f in dataclasses.fields(Segmenter)} - {"name", "fixed_k"}
+  values = dict(spec)
+  unknown = set(values) - fields
+  if unknown:
+    raise ValueError(f"eval.segmenters.{name}: unknown field(s) {sorted(unknown)}; "
+                     f"the fields are {sorted(fields)}")
+  for key in ("pixel_transforms", "tap_transforms"):
+    if key in values:
+      values[key] = transforms.parse(values[key])
+  segmenter = Segmenter(name=name, fixed_k=fixed_k, **values)
+  if segmenter.metric not in METRICS:
+    raise ValueError(f"eval.segmenters.{name}.metric={segmenter.metric!r}: "
+                     f"choose one of {list(METRICS)}")
+  if segmenter.k not in K_SOURCES:
+    raise ValueError(f"eval.segmenters.{name}.k={segmenter.k!r}: choose one of {list(K_SOURCES)}")
+  if segmenter.predicts_k and not (segmenter.merge and segmenter.num_clusters > 0):
+    raise ValueError(f"eval.segmenters.{name}: k='predict' needs merge=True and "
+                     "num_clusters > 0 (the clusters to merge from)")
+  return segmenter
+
+
+def configured(config: ml_collections.ConfigDict) -> list[Segmenter]:
+  """The segmenters `config.eval.segmenter_names` selects, in that order."""
+  ev = config.eval
+  missing = [n for n in ev.segmenter_names if n not in ev.segmenters]
+  if missing:
+    raise ValueError(f"eval.segmenter_names lists {missing}, which eval.segmenters does "
+                     f"not define (defined: {sorted(ev.segmenters.keys())})")
+  return [from_config(n, ev.segmenters[n], ev.kmeans.fixed_k) for n in ev.segmenter_names]
+
+
+def target_k(segmenter: Segmenter, num_masks: jax.Array) -> jax.Array:
+  """The regions wanted per image (for 'predict', the clusters merged from)."""
+  if segmenter.k == "oracle":
+    return num_masks
+  if segmenter.k == "fixed":
+    return jnp.full_like(num_masks, segmenter.fixed_k)
+  return jnp.full_like(num_masks, segmenter.num_clusters)
+
+
+def cluster_k(segmenter: Segmenter, num_masks: jax.Array) -> jax.Array:
+  if segmenter.num_clusters > 0:
+    return jnp.full_like(num_masks, segmenter.num_clusters)
+  return target_k(segmenter, num_masks)
+
+
+def transform_and_cluster(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
+                          features: jax.Array, num_clusters: jax.Array, keys: jax.Array,
+                          *, is_pixels: bool, point_weights: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
+  """(transformed features [B, h, w, c'], cluster labels [B, h, w]) of one tap.
+
+  `num_clusters` [B]: K-Means' K per image (see `cluster_k`). Jittable; K-Means runs at the tap's own resolution (see kmeans.py on why
+  that equals clustering the upsampled map).
+  """
+  x = transforms.apply(features.astype(jnp.float32), segmenter.transforms_for(
+      "pixels" if is_pixels else "tap"), is_rgb=is_pixels, pca_dim=segmenter.pca_dim,
+                       xy_weight=segmenter.xy_weight)
+  b, h, w, c = x.shape
+  result = kmeans.kmeans(
+      x.reshape(b, h * w, c), num_clusters, keys, k_max=segmenter.k_max,
+      num_restarts=kmeans_config.num_restarts, max_iter=kmeans_config.max_iter,
+      tol=kmeans_config.tol, metric=segmenter.metric, init=kmeans_config.init,
+      point_weights=point_weights)
+  return x, result.labels.reshape(b, h, w)
+
+
+def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh, *, is_pixels: bool, num_pred_slots: int
+                   ) -> Callable[..., Any]:
+  """The device half of a segmenter, sharded: each device its own images.
+
+  Without post-processing: (features, K-Means' K per image, keys, true labels) ->
+  (contingency tables [B, T, P], labels [B, H, W]); only the tables need to
+  reach the host. With post-processing: -> (cluster labels [B, h, w],
+  transformed features [B, h, w, c']) for the host to finish.
+  """
+  height, width = config.data.image_height, config.data.image_width
+  km = config.eval.kmeans
+
+  def run(features, num_clusters, keys, true_labels):
+    x, labels = transform_and_cluster(segmenter, km, features, num_clusters, keys,
+                                      is_pixels=is_pixels)
+    if segmenter.post_processes:
+      return labels, x
+    labels = kmeans.upsample_labels(labels, height, width)
+    tables = metrics.contingency(true_labels, labels, schema.MAX_SLOTS, num_pred_slots)
+    return tables, labels
+
+  # No collective inside: K-Means' loop carries would need varying-axis
+  # annotations for the check, which adds nothing here.
+  return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS),
+                               check_vma=False))
+
+
+def postprocess_one(segmenter: Segmenter, labels: np.ndarray, features: np.ndarray,
+                    target: int, max_regions: int) -> np.ndarray:
+  """The host half for one image: cluster labels [h, w] -> region labels [h, w]."""
+  regions = postprocess.relabel(labels)
+  min_area = int(round(segmenter.min_area * labels.size))
+  if segmenter.modal_size > 1:
+    regions = postprocess.modal_filter(regions, segmenter.modal_size)
+  if segmenter.split:
+    regions = postprocess.split_components(regions)
+  if min_area > 1:
+    regions = postprocess.absorb_small(regions, min_area)
+  if segmenter.merge:
+    if segmenter.predicts_k:
+      regions = postprocess.merge_regions(
+          regions, features, metric=segmenter.metric, threshold=segmenter.merge_threshold,
+          max_regions=max_regions)
+    else:
+      regions = postprocess.merge_regions(
+          regions, features, metric=segmenter.metric, num_regions=max(int(target), 1),
+          max_regions=max_regions)
+  elif int(regions.max()) + 1 > max_regions:
+    # More regions than label slots: merge the closest until they fit.
+    regions = postprocess.merge_regions(regions, features, metric=segmenter.metric,
+                                        num_regions=max_regions)
+  return regions
+
+
+def postprocess_batch(segmenter: Segmenter, labels: np.ndarray, features: np.ndarray,
+                      targets: np.ndarray, max_regions: int, valid: np.ndarray | None = None
+                      ) -> np.ndarray:
+  """postprocess_one over a batch [B, h, w]; invalid (padding) images are left as they are."""
+  out = np.zeros(labels.shape, np.int32)
+  for b in range(labels.shape[0]):
+    if valid is not None and not valid[b]:
+      continue
+    out[b] = postprocess_one(segmenter, labels[b], features[b], int(targets[b]), max_regions)
+  return out
+
+
+def upsample(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+  """[B, h, w] -> [B, height, width], the host twin of kmeans.upsample_labels."""
+  _, h, w = labels.shape
+  return np.repeat(np.repeat(labels, height // h, axis=1), width // w, axis=2)

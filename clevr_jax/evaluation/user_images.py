@@ -1,0 +1,141 @@
+"""Masks for the user's own images (--mode=segment), through a configured segmenter.
+
+Every image Pillow can read is segmented (PNG, JPEG, .jpg/.JPG alike, in
+folders too); those that cannot be read are skipped, and listed in one error
+at the end, after the rest are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clevr_jax import models
+from clevr_jax import plots
+from clevr_jax import schema
+from clevr_jax import state as state_lib
+from clevr_jax.evaluation import segmenters as segmenters_lib
+
+
+def _image_extensions() -> set[str]:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def image_files(paths: Iterable[str]) -> list[str]:
+  """Files named, and the image files of folders named (any extension Pillow reads)."""
+  paths = list(paths)
+  extensions = _image_extensions()
+  files = []
+  for path in paths:
+    if os.path.isdir(path):
+      files += sorted(os.path.join(path, f) for f in os.listdir(path)
+                      if os.path.splitext(f)[1].lower() in extensions
+                      and os.path.isfile(os.path.join(path, f)))
+    elif os.path.isfile(path):
+      files.append(path)
+    else:
+      raise FileNotFoundError(f"--images: no file or folder at {path!r}")
+  if not files:
+    raise FileNotFoundError(f"--images: no image files in {paths}")
+  return files
+
+
+def load_rgb(path: str) -> np.ndarray:
+  """Any image Pillow reads (RGB, RGBA, gray, palette) -> float32 RGB [H, W, 3] in [0, 1]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    return np.asarray(image.convert("RGB"), np.float32) / 255.0
+
+
+def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Iterable[str], *,
+                   tap: str, num_clusters: int, output_dir: str) -> list[str]:
+  """Segments one tap of each image into `num_clusters` masks (K of the segmenter
+  `config.eval.user_segmenter`; a K-predicting one clusters into K0 and decides);
+  writes a label PNG and a colour PNG per image.
+
+  Images keep their size: they are padded (edge pixels repeated) up to the
+  network's multiple of 2**depth, never resized, and the labels cropped back.
+
+  Raises:
+    ValueError: after writing every readable image, naming those that were not.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  valid_taps = models.tap_names(config.model.depth)
+  if tap not in valid_taps:
+    raise ValueError(f"--tap={tap!r} is not one of {list(valid_taps)}")
+  if not 1 <= num_clusters <= 255:
+    raise ValueError(f"--num_clusters={num_clusters} must be in 1..255")
+  name = config.eval.user_segmenter
+  if name not in config.eval.segmenters:
+    raise ValueError(f"eval.user_segmenter={name!r} is not in eval.segmenters "
+                     f"({sorted(config.eval.segmenters.keys())})")
+  with config.unlocked():
+    spec = config.eval.segmenters[name].copy_and_resolve_references()
+  segmenter = segmenters_lib.from_config(name, spec, fixed_k=num_clusters)
+  if segmenter.k == "oracle":  # no truth here: --num_clusters is K
+    segmenter = dataclasses.replace(segmenter, k="fixed")
+  files = image_files(paths)
+  mesh = state_lib.make_mesh()
+  if tap == "input":
+    state, predict = None, None  # raw pixels: no checkpoint needed
+  else:
+    from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
+    state, model = model_eval.restore_state(config, workdir, mesh)
+    predict = state_lib.make_predict_fn(model, (tap,))  # one jit: images of a size share it
+  cluster = jax.jit(lambda f, k, key, w: segmenters_lib.transform_and_cluster(
+      segmenter, config.eval.kmeans, f, k, key[None], is_pixels=tap == "input",
+      point_weights=w))
+  factor = 2 ** config.model.depth
+  os.makedirs(output_dir, exist_ok=True)
+  palette = plots.label_colors(256)[1:]
+  written, unreadable = [], []
+  for path in files:
+    try:
+      rgb = load_rgb(path)
+    except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises on bad files
+      unreadable.append(f"{path} ({type(e).__name__}: {e})")
+      logging.warning("cannot read %s: %s", path, e)
+      continue
+    height, width = rgb.shape[:2]
+    pad = ((0, -height % factor), (0, -width % factor), (0, 0))
+    image = np.pad(rgb, pad, mode="edge")
+    if config.data.grayscale:
+      image = image @ np.asarray(schema.LUMINANCE_WEIGHTS, np.float32)[:, None]
+    if predict is None:
+      features = jnp.asarray(image[None])
+    else:
+      features = predict(state, jnp.asarray(image[None]))[1][tap]
+    # Each tap pixel weighs the real (unpadded) image pixels it covers, so the
+    # padding does not pull the clusters.
+    real = np.pad(np.ones((height, width), np.float32), pad[:2])
+    _, h, w, _ = features.shape
+    f = image.shape[0] // h
+    weights = real.reshape(h, f, w, f).sum((1, 3)).reshape(1, h * w)
+    transformed, labels = cluster(features, segmenters_lib.cluster_k(
+        segmenter, jnp.array([num_clusters])),
+                                  jax.random.key(config.seed), jnp.asarray(weights))
+    labels = np.asarray(labels)
+    if segmenter.post_processes:
+      labels = segmenters_lib.postprocess_batch(
+          segmenter, labels, np.asarray(transformed), np.array([num_clusters]),
+          max_regions=255)
+    labels = segmenters_lib.upsample(labels, image.shape[0], image.shape[1])[0]
+    labels = labels[:height, :width].astype(np.uint8)
+    stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
+    Image.fromarray(labels, mode="L").save(f"{stem}_labels.png")
+    Image.fromarray(palette[labels]).save(f"{stem}_masks.png")
+    written.append(f"{stem}_labels.png")
+    logging.info("%s (%dx%d): %d regions of tap %s (%s) -> %s_labels.png", path, height,
+                 width, len(np.unique(labels)), tap, name, stem)
+  if unreadable:
+    raise ValueError(f"segmented {len(written)} image(s) into {output_dir}; could not read "
+                     f"{len(unreadable)}: " + "; ".join(unreadable))
+  return written

@@ -1,0 +1,282 @@
+"""The segmenter engine on hand-made inputs: each transform, each post-processing
+step, and a whole segmenter on a scene whose answer is known."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from clevr_jax import defaults
+from clevr_jax import metrics
+from clevr_jax.evaluation import postprocess
+from clevr_jax.evaluation import segmenters
+from clevr_jax.evaluation import transforms
+
+
+
+def _rng(seed=0):
+  return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------
+# Transforms.
+
+
+def test_l2_normalize_gives_unit_vectors_and_keeps_zero_vectors():
+  x = _rng().normal(size=(2, 3, 4, 5)).astype(np.float32)
+  x[0, 0, 0] = 0
+  y = np.asarray(transforms.l2_normalize(jnp.asarray(x)))
+  norms = np.linalg.norm(y, axis=-1)
+  assert norms[0, 0, 0] == 0
+  np.testing.assert_allclose(np.delete(norms.reshape(-1), 0), 1.0, atol=1e-6)
+
+
+def test_standardize_is_per_image_and_channel():
+  x = _rng().normal(size=(2, 6, 7, 3)).astype(np.float32) * [1, 10, 100] + [5, -3, 0]
+  y = np.asarray(transforms.standardize(jnp.asarray(x)))
+  np.testing.assert_allclose(y.mean(axis=(1, 2)), 0, atol=1e-5)
+  np.testing.assert_allclose(y.std(axis=(1, 2)), 1, atol=1e-4)
+  # Image 0's result does not depend on image 1.
+  alone = np.asarray(transforms.standardize(jnp.asarray(x[:1])))
+  np.testing.assert_array_equal(alone[0], y[0])
+
+
+def test_pca_keeps_the_distances_of_data_of_lower_rank():
+  # Rank-2 data embedded in 6 channels: projecting on 2 axes loses nothing.
+  rng = _rng(1)
+  low = rng.normal(size=(1, 40, 2))
+  x = (low @ rng.normal(size=(2, 6)) + rng.normal(size=6)).reshape(1, 5, 8, 6)
+  y = np.asarray(transforms.pca(jnp.asarray(x, jnp.float32), 2)).reshape(40, 2)
+  assert y.shape == (40, 2)
+  flat = x.reshape(40, 6)
+  d_in = np.linalg.norm(flat[:, None] - flat[None], axis=-1)
+  d_out = np.linalg.norm(y[:, None] - y[None], axis=-1)
+  # float32 eigh/projection of values of order 10: errors of order 1e-5 relative.
+  np.testing.assert_allclose(d_out, d_in, atol=1e-3 * d_in.max())
+
+
+def test_rgb_to_lab_matches_the_cie_reference_values():
+  # CIE L*a*b* (D65) of sRGB white, black, red, green, blue (standard tables).
+  rgb = jnp.asarray([[[[1, 1, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]]], jnp.float32)
+  lab = np.asarray(transforms.rgb_to_lab(rgb))[0, 0] * 100
+  expected = [[100, 0, 0], [0, 0, 0], [53.24, 80.09, 67.20], [87.73, -86.18, 83.18],
+              [32.30, 79.19, -107.86]]
+  np.testing.assert_allclose(lab, expected, atol=0.05)
+
+
+def test_xy_and_hypercolumn_shapes_and_weights():
+  x = jnp.zeros((2, 4, 6, 3))
+  y = np.asarray(transforms.append_xy(x, 0.5))
+  assert y.shape == (2, 4, 6, 5)
+  assert y[0, -1, -1, 3:].tolist() == [0.5, 0.5] and y[0, 0, 0, 3:].tolist() == [0, 0]
+  rng = _rng(2)
+  fine = jnp.asarray(rng.normal(size=(1, 8, 8, 4)) * 100, jnp.float32)
+  coarse = jnp.asarray(rng.normal(size=(1, 2, 2, 16)), jnp.float32)
+  h = np.asarray(transforms.hypercolumn([fine, coarse]))
+  assert h.shape == (1, 8, 8, 20)
+  # Each tap carries the same total variance, whatever its width and scale.
+  np.testing.assert_allclose(h[..., :4].var(axis=(0, 1, 2)).sum(), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(h[..., 4:].var(axis=(0, 1, 2)).sum(), 1.0, rtol=1e-4)
+
+
+def test_unknown_transform_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown feature transform"):
+    transforms.parse("lab,hsv")
+
+
+# ---------------------------------------------------------------------------
+# Post-processing on hand-made label maps.
+
+
+def _two_squares():
+  labels = np.zeros((20, 30), np.int32)
+  labels[2:8, 2:8] = 1
+  labels[10:16, 20:26] = 1  # the same cluster, apart
+  return labels
+
+
+def test_two_same_coloured_squares_apart_become_two_regions():
+  regions = postprocess.split_components(_two_squares())
+  assert len(np.unique(regions)) == 3
+  assert regions[3, 3] != regions[12, 22]
+  assert regions[3, 3] != regions[0, 0]
+
+
+def test_diagonal_neighbours_are_not_connected():
+  labels = np.zeros((4, 4), np.int32)
+  labels[0, 0] = labels[1, 1] = 1
+  assert len(np.unique(postprocess.split_components(labels))) == 3
+
+
+def test_a_speck_is_absorbed_by_the_region_around_it():
+  regions = np.zeros((20, 20), np.int32)
+  regions[10:20] = 1
+  regions[4, 4] = 2  # a one-pixel speck inside region 0
+  regions[15, 15] = 3  # and one inside region 1
+  out = postprocess.absorb_small(regions, min_area=5)
+  assert len(np.unique(out)) == 2
+  assert out[4, 4] == out[0, 0] and out[15, 15] == out[19, 19]
+  np.testing.assert_array_equal(out == out[0, 0], np.arange(20)[:, None].repeat(20, 1) < 10)
+
+
+def test_absorbing_when_every_region_is_small_keeps_the_largest():
+  regions = np.arange(12).reshape(3, 4) % 3
+  regions[0, :] = 0
+  out = postprocess.absorb_small(regions, min_area=100)
+  assert len(np.unique(out)) == 1
+
+
+def _stripes_scene():
+  """Five vertical stripes with mean colours 0, 0.1, 0.5, 0.55, 1 (one channel)."""
+  regions = np.repeat(np.arange(5), 4)[None].repeat(6, 0)
+  colours = np.array([0.0, 0.1, 0.5, 0.55, 1.0])
+  return regions, colours[regions][..., None]
+
+
+def test_merge_to_k_stops_at_k_and_merges_the_closest_first():
+  regions, features = _stripes_scene()
+  for k in (5, 4, 3, 2, 1):
+    out = postprocess.merge_regions(regions, features, num_regions=k)
+    assert len(np.unique(out)) == k
+  out = postprocess.merge_regions(regions, features, num_regions=3)
+  # The two closest pairs (0.5 / 0.55, then 0 / 0.1) merged; 1.0 stays alone.
+  assert out[0, 0] == out[0, 4] and out[0, 8] == out[0, 12]
+  assert len({out[0, 0], out[0, 8], out[0, 16]}) == 3
+
+
+def test_only_adjacent_regions_merge():
+  # Regions 0 and 2 have equal colours but are not adjacent: 0 merges with 1.
+  regions = np.repeat(np.arange(3), 3)[None].repeat(3, 0)
+  features = np.array([0.0, 0.3, 0.0])[regions][..., None]
+  out = postprocess.merge_regions(regions, features, num_regions=2)
+  assert out[0, 0] == out[0, 3] != out[0, 6]
+
+
+def test_threshold_merge_predicts_k_on_a_known_scene():
+  regions, features = _stripes_scene()
+  out = postprocess.merge_regions(regions, features, threshold=0.2)
+  assert len(np.unique(out)) == 3  # {0, 0.1}, {0.5, 0.55}, {1}
+  out = postprocess.merge_regions(regions, features, threshold=0.01)
+  assert len(np.unique(out)) == 5
+  # max_regions caps the count even above the threshold.
+  out = postprocess.merge_regions(regions, features, threshold=0.01, max_regions=2)
+  assert len(np.unique(out)) == 2
+
+
+def test_cosine_merge_distance_ignores_the_length():
+  regions = np.repeat(np.arange(3), 2)[None]
+  features = np.array([[1.0, 0.0], [5.0, 0.1], [0.0, 1.0]])[regions]
+  out = postprocess.merge_regions(regions, features, metric="cosine", num_regions=2)
+  assert out[0, 0] == out[0, 2] != out[0, 4]
+
+
+def test_modal_filter_removes_an_isolated_pixel():
+  labels = np.zeros((9, 9), np.int32)
+  labels[4, 4] = 1
+  labels[:, 7:] = 2
+  out = postprocess.modal_filter(labels, 3)
+  assert out[4, 4] == 0 and (out[:, 8] == 2).all()
+
+
+# ---------------------------------------------------------------------------
+# A whole segmenter, configured as in the defaults.
+
+
+def _segmenter(name, **overrides):
+  return segmenters.from_config(name, defaults.segmenter(**overrides), fixed_k=11)
+
+
+def test_split_and_merge_separates_two_same_coloured_objects_that_kmeans_joins():
+  # A gray background shaded from left to right (as renders are: K0 clusters
+  # cut it into bands), two red squares apart, one blue square: 4 true masks.
+  image = np.broadcast_to(np.linspace(0.42, 0.58, 48, dtype=np.float32)[None, None, :, None],
+                          (1, 32, 48, 3)).copy()
+  truth = np.zeros((1, 32, 48), np.int32)
+  for slot, (r, c, colour) in enumerate([(4, 4, (1, 0, 0)), (20, 30, (1, 0, 0)),
+                                         (4, 30, (0, 0, 1))], start=1):
+    image[0, r:r + 8, c:c + 8] = colour
+    truth[0, r:r + 8, c:c + 8] = slot
+  image += _rng(3).normal(scale=0.002, size=image.shape).astype(np.float32)
+  num_masks = jnp.array([4])
+  keys = jax.random.key(0)[None]
+  km = defaults.base_config().eval.kmeans
+  scores = {}
+  for seg in (_segmenter("plain", metric="euclidean"),
+              _segmenter("merge", pixel_transforms="lab", metric="euclidean", split=True,
+                         min_area=5e-3, merge=True),
+              _segmenter("predict", pixel_transforms="lab", metric="euclidean", k="predict",
+                         num_clusters=6, split=True, min_area=5e-3, merge=True,
+                         merge_threshold=0.1)):
+    x, labels = segmenters.transform_and_cluster(
+        seg, km, jnp.asarray(image), segmenters.cluster_k(seg, num_masks), keys, is_pixels=True)
+    labels = np.asarray(labels)
+    if seg.post_processes:
+      labels = segmenters.postprocess_batch(seg, labels, np.asarray(x), np.array([4]), 11)
+    tables = metrics.contingency_host(truth, labels, 11, 11)
+    scores[seg.name] = metrics.score_tables(tables, np.array([4]))
+    if seg.predicts_k:
+      assert metrics.k_error(tables, np.array([4]), np.array([True])).k_error[0] == 0
+  # Colour alone cannot tell the two red squares apart (3 colours, K = 4).
+  assert scores["plain"].poster_miou[0] < 0.9
+  assert scores["merge"].poster_miou[0] == pytest.approx(1.0)
+  assert scores["predict"].poster_miou[0] == pytest.approx(1.0)
+
+
+def test_bad_segmenter_configs_are_clear_errors():
+  with pytest.raises(ValueError, match="unknown field"):
+    segmenters.from_config("x", ml_collections.ConfigDict({"metrc": "cosine"}), 11)
+  with pytest.raises(ValueError, match="k='predict' needs"):
+    _segmenter("x", k="predict")
+  with pytest.raises(ValueError, match="metric"):
+    _segmenter("x", metric="manhattan")
+  config = defaults.base_config()
+  config.eval.segmenter_names = ("kmeans", "nope")
+  with pytest.raises(ValueError, match="nope"):
+    segmenters.configured(config)
+
+
+def test_default_segmenters_start_with_the_posters_kmeans():
+  found = segmenters.configured(defaults.base_config())
+  assert found[0].name == "kmeans"
+  assert (found[0].metric, found[0].k, found[0].post_processes) == ("cosine", "oracle", False)
+  assert found[0].pixel_transforms == found[0].tap_transforms == ()
+  assert any(s.predicts_k for s in found) and any(s.split for s in found)
+
+
+def test_host_contingency_equals_the_device_one():
+  rng = _rng(4)
+  true = rng.integers(0, 5, size=(3, 10, 12))
+  pred = rng.integers(-1, 8, size=(3, 10, 12))  # -1 and 7 are out of range below
+  host = metrics.contingency_host(true, pred, 5, 7)
+  device = np.asarray(metrics.contingency(jnp.asarray(true), jnp.asarray(pred), 5, 7))
+  np.testing.assert_array_equal(host, device)
+
+
+def test_segmenter_benchmark_runs_and_the_engine_imports_no_tensorflow(run_python):
+  # The GPU machine may lack TensorFlow: the engine and its benchmark may not pull it in.
+  code = ("import sys, clevr_jax.evaluation, "
+          "clevr_jax.benchmarks.segmenter_benchmark; "
+          "print(sorted(m for m in sys.modules if m.startswith('tensorflow') "
+          "or m.startswith('clevr_jax.data')))")
+  imported = run_python(["-c", code])
+  assert imported.returncode == 0, imported.stderr[-2000:]
+  assert imported.stdout.strip() == "[]"
+  result = run_python(["-m", "clevr_jax.benchmarks.segmenter_benchmark", "--images=1",
+                       "--repeats=1", "--taps=30x40x8"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [line for line in result.stdout.splitlines() if line.startswith("| 30x40x8 |")]
+  assert {row.split("|")[2].strip() for row in rows} == {"split_merge", "split_merge_predict_k"}
+
+
+def test_hypercolumns_are_scored_after_the_taps_and_need_no_extra_config():
+  from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
+  config = defaults.base_config()
+  config.eval.taps = ("input", "output")
+  config.eval.hypercolumns = ("enc1+dec4",)
+  needed, scored = model_eval.scored_taps(config)
+  assert needed == ("input", "output", "enc1", "dec4")
+  assert scored == ("input", "output", "enc1+dec4")
+  config.eval.hypercolumns = ("enc1+dec9",)
+  with pytest.raises(ValueError, match="dec9"):
+    model_eval.scored_taps(config)
