@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 from clevr_jax import checkpoints
+from clevr_jax import guards
 from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import state as state_lib
@@ -66,7 +67,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Scores the newest checkpoint of `workdir`; writes results and figures there."""
   state_lib.check_config(config)
   from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  results_lib.check_writable(workdir)
+  guards.check_writable(workdir)  # before any work
   segmenters = segmenters_lib.configured(config)
   mesh = state_lib.make_mesh()
   split = pipeline.Split(config, "test")

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 from absl import logging
@@ -16,17 +15,6 @@ from clevr_jax import schema
 from clevr_jax.evaluation import segmenters as segmenters_lib
 
 K_ERROR = "k_error"  # mean |predicted K - true K|, for segmenters that predict K
-
-
-def check_writable(workdir: str) -> None:
-  """Fails before any work when results could not be written there."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise ValueError(f"cannot write results into {workdir!r} ({e.strerror}): "
-                     "choose another --workdir") from None
 
 
 def spec_dict(segmenter: segmenters_lib.Segmenter) -> dict[str, Any]:
