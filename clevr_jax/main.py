@@ -6,7 +6,7 @@ Modes:
   evaluate   score every tap of the workdir's newest checkpoint
   baselines  raw-pixel K-Means and random masks (no checkpoint needed)
   report     merge several workdirs' results (--workdirs=A,B,...)
-  segment    masks for your own PNG images (--images, --tap, --num_clusters)
+  segment    masks for your own images (any format Pillow reads) (--images, --tap, --num_clusters)
 
 Bad input ends with one `error:` line and exit status 2 (CLEVR_JAX_TRACEBACK=1
 shows the traceback). Only this project's log lines and everyone's warnings and
