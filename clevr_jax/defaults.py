@@ -161,7 +161,8 @@ def objectives_config() -> ml_collections.ConfigDict:
   pm.min_purity = 0.5  # tap pixels whose majority mask covers less are ignored
   pm.cache_dir = ""  # '' -> <workdir>/pseudo_masks
   pm.num_clusters = 8  # stand-in segmenter: K-Means on Lab colour ...
-  pm.min_area = 12  # ... then connected components; smaller ones are absorbed
+  pm.merge_threshold = 8.0  # ... connected components, neighbours closer in Lab merged,
+  pm.min_area = 12  # ... and components under this many pixels absorbed
   pm.kmeans_iters = 20
   pm.seed = 0
   return obj

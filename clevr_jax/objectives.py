@@ -172,7 +172,7 @@ def info_nce(queries: jax.Array, keys: jax.Array, positive: jax.Array,
   """
   num_keys = keys.shape[0]
   if axis_name is not None:
-    offset = jax.lax.axis_index(axis_name) * num_keys
+    offset = (jax.lax.axis_index(axis_name) * num_keys).astype(jnp.int32)
     all_keys = jax.lax.all_gather(keys, axis_name, tiled=True)
     all_valid = jax.lax.all_gather(key_valid, axis_name, tiled=True)
   else:
@@ -183,7 +183,7 @@ def info_nce(queries: jax.Array, keys: jax.Array, positive: jax.Array,
   if exclude is not None:
     if axis_name is not None:
       exclude = jax.lax.dynamic_update_slice(
-          jnp.zeros(logits.shape, bool), exclude, (0, offset))
+          jnp.zeros(logits.shape, bool), exclude, (jnp.int32(0), offset))
     candidate = candidate & ~exclude
   is_positive = jnp.arange(logits.shape[1])[None, :] == positive[:, None]
   logits = jnp.where(candidate | is_positive, logits, _MASKED_LOGIT)
