@@ -391,7 +391,9 @@ def objective_terms(config: ml_collections.ConfigDict,
       'valid' [B].
     axis_name: the data-parallel axis, or None.
     key: randomness of the pixel queries (mask_infonce 'pixel'); drawn per
-      example from batch['index'].
+      example from batch['index'], so the same on any device split with
+      JAX's default (threefry) keys; 'rbg' keys promise no such thing under
+      shard_map.
 
   Returns:
     {term: unweighted value} for each term with weight > 0, and 'total': the

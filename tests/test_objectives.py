@@ -17,6 +17,9 @@ from clevr_jax import defaults
 from clevr_jax import objectives
 from clevr_jax import views
 
+# XLA:CPU compiles threefry draws slowly (seconds each); 'rbg' keys compile fast.
+_key = functools.partial(jax.random.key, impl="rbg")
+
 HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
 sys.path.insert(0, HELPERS)
 from objectives_case import make_case  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -66,15 +69,18 @@ def _two_instances(offset):
 DISC = dict(num_labels=4, delta_v=0.2, delta_d=0.5)
 
 
+def _disc(**kwargs):
+  """The discriminative loss, jitted (eager dispatch compiles every op: slow on a CPU)."""
+  return jax.jit(functools.partial(objectives.discriminative_loss, **DISC, **kwargs))
+
+
 def test_equal_embeddings_within_instances_give_zero_pull():
   emb, labels, valid = _two_instances(0.05)  # means 0.1 apart: close, yet no pull
-  pull_only = objectives.discriminative_loss(emb, labels, valid, dist_weight=0.0,
-                                             reg_weight=0.0, **DISC)
+  pull_only = _disc(dist_weight=0.0, reg_weight=0.0)(emb, labels, valid)
   assert float(pull_only) == 0.0
   # Far apart (2 > 2 * delta_d) and no regulariser: nothing to do at all.
   emb, labels, valid = _two_instances(1.0)
-  assert float(objectives.discriminative_loss(emb, labels, valid, reg_weight=0.0,
-                                              **DISC)) == 0.0
+  assert float(_disc(reg_weight=0.0)(emb, labels, valid)) == 0.0
 
 
 def test_a_pixel_far_from_its_mean_is_pulled():
@@ -82,21 +88,19 @@ def test_a_pixel_far_from_its_mean_is_pulled():
   # 0.5 (x3) and 1.5; with delta_v = 0.2: (3 * 0.3^2 + 1.3^2) / 4 = 0.49.
   labels = jnp.zeros((1, 2, 2), jnp.int32)
   emb = jnp.zeros((1, 2, 2, 3)).at[0, 1, 1, 0].set(2.0)
-  loss_fn = lambda e: objectives.discriminative_loss(e, labels, jnp.array([True]),
-                                                     reg_weight=0.0, **DISC)
+  loss_fn = lambda e: _disc(reg_weight=0.0)(e, labels, jnp.array([True]))
   assert float(loss_fn(emb)) == pytest.approx(0.49, rel=1e-6)
-  grad = jax.grad(loss_fn)(emb)
+  grad = jax.jit(jax.grad(loss_fn))(emb)
   assert float(grad[0, 1, 1, 0]) > 0  # descent moves the outlier towards the mean
   assert np.all(np.asarray(grad[0, 0, 0, 0]) < 0)  # and the others towards it
 
 
 def test_two_instances_closer_than_the_margin_are_pushed_apart():
   emb, labels, valid = _two_instances(0.1)  # means 0.2 apart, margin 2 * 0.5 = 1
-  loss_fn = lambda e: objectives.discriminative_loss(e, labels, valid, reg_weight=0.0,
-                                                     **DISC)
+  loss_fn = lambda e: _disc(reg_weight=0.0)(e, labels, valid)
   # Two ordered pairs, each (1 - 0.2)^2, divided by C (C - 1) = 2.
   assert float(loss_fn(emb)) == pytest.approx(0.64, rel=1e-6)
-  grad = jax.grad(loss_fn)(emb)
+  grad = jax.jit(jax.grad(loss_fn))(emb)
   stepped = emb - 0.1 * grad
   gap = lambda e: float(e[0, 0, 0, 0] - e[0, 0, 3, 0])
   assert gap(stepped) > gap(emb)
@@ -105,17 +109,17 @@ def test_two_instances_closer_than_the_margin_are_pushed_apart():
 
 def test_invalid_images_and_unlabelled_pixels_count_nowhere():
   emb, labels, valid = _two_instances(0.1)
-  base = float(objectives.discriminative_loss(emb, labels, valid, **DISC))
-  garbage = jax.random.normal(jax.random.key(0), emb.shape)
-  both = objectives.discriminative_loss(
-      jnp.concatenate([emb, garbage]), jnp.concatenate([labels, labels]),
-      jnp.array([True, False]), **DISC)
+  loss_fn = _disc()
+  base = float(loss_fn(emb, labels, valid))
+  garbage = jax.random.normal(_key(0), emb.shape)
+  both = loss_fn(jnp.concatenate([emb, garbage]), jnp.concatenate([labels, labels]),
+                 jnp.array([True, False]))
   assert float(both) == pytest.approx(base, rel=1e-6)
   # A pixel labelled -1 with a wild embedding changes nothing either.
   wild = emb.at[0, 0, 0].set(100.0)
   unlabelled = labels.at[0, 0, 0].set(-1)
-  kept = objectives.discriminative_loss(wild, unlabelled, valid, **DISC)
-  ref = objectives.discriminative_loss(emb, unlabelled, valid, **DISC)
+  kept = loss_fn(wild, unlabelled, valid)
+  ref = loss_fn(emb, unlabelled, valid)
   assert float(kept) == pytest.approx(float(ref), rel=1e-6)
 
 
@@ -128,23 +132,23 @@ def test_info_nce_value_and_exclusion():
   q = jnp.eye(2)
   positive = jnp.arange(2)
   ones = jnp.ones(2, bool)
-  loss = objectives.info_nce(q, q, positive, ones, ones, temperature=1.0)
+  nce = jax.jit(functools.partial(objectives.info_nce, temperature=1.0))
+  loss = nce(q, q, positive, ones, ones)
   assert float(loss) == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
   # Excluding the negative leaves only the positive: zero loss.
-  loss = objectives.info_nce(q, q, positive, ones, ones, temperature=1.0,
-                             exclude=~jnp.eye(2, dtype=bool))
+  loss = nce(q, q, positive, ones, ones, exclude=~jnp.eye(2, dtype=bool))
   assert float(loss) == pytest.approx(0.0, abs=1e-6)
   # An invalid key is no negative either.
-  loss = objectives.info_nce(q, q, positive, jnp.array([True, False]),
-                             jnp.array([True, False]), temperature=1.0)
+  loss = nce(q, q, positive, jnp.array([True, False]), jnp.array([True, False]))
   assert float(loss) == pytest.approx(0.0, abs=1e-6)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _view_case(shuffle):
   b, h, w, d = 4, 6, 8, 16
-  emb_a = jax.random.normal(jax.random.key(1), (b, h, w, d))
+  emb_a = jax.random.normal(_key(1), (b, h, w, d))
   identity = views.identity_params(b)
-  keys = jax.random.split(jax.random.key(2), b)
+  keys = jax.random.split(_key(2), b)
   src, pa, pb, valid = views.shared_points(keys, identity, identity, 16)
   emb_b = emb_a[::-1] if shuffle else emb_a
   return objectives.view_infonce(emb_a, emb_b, pa, pb, src, valid, temperature=0.1)
@@ -161,12 +165,13 @@ def test_mask_infonce_is_lower_for_matched_than_shuffled_masks(queries):
   b, h, w, m = 3, 4, 6, 4
   labels = jnp.broadcast_to(jnp.arange(h * w).reshape(h, w) % m, (b, h, w))
   # Each (image, mask) gets its own direction, shared by all its pixels.
-  codes = jax.random.normal(jax.random.key(3), (b, m, 8))
+  codes = jax.random.normal(_key(3), (b, m, 8))
   emb = jax.vmap(lambda c, l: c[l])(codes, labels)
-  keys = jax.random.split(jax.random.key(4), b)
-  run = lambda lab_k: float(objectives.mask_infonce(
+  keys = jax.random.split(_key(4), b)
+  loss_fn = jax.jit(lambda lab_k: objectives.mask_infonce(
       emb, labels, emb, lab_k, jnp.ones(b, bool), num_labels=m, temperature=0.1,
       queries=queries, num_pixel_queries=5, example_keys=keys))
+  run = lambda lab_k: float(loss_fn(lab_k))
   permuted = (labels + 1) % m  # the other view's masks under the wrong names
   assert run(labels) < run(permuted)
 
@@ -177,7 +182,7 @@ def test_mask_infonce_is_lower_for_matched_than_shuffled_masks(queries):
 def _terms_and_grad(config, projection, features, batch, axis_name):
   def loss_fn(proj):
     outs = {v: {"embedding": f @ proj} for v, f in features.items()}
-    terms = objectives.objective_terms(config, outs, batch, axis_name, jax.random.key(1))
+    terms = objectives.objective_terms(config, outs, batch, axis_name, _key(1))
     return terms["total"], terms
   return jax.value_and_grad(loss_fn, has_aux=True)(projection)
 
@@ -189,10 +194,11 @@ def test_terms_on_four_devices_equal_one_device(queries):
   # summation order (~1e-16 relative), so 1e-9 holds on any CPU.
   with jax.enable_x64(True):
     config, projection, features, batch = make_case(8, queries)
-    (_, whole), whole_grad = _terms_and_grad(config, projection, features, batch, None)
+    (_, whole), whole_grad = jax.jit(
+        lambda f, b: _terms_and_grad(config, projection, f, b, None))(features, batch)
     split = lambda x: x.reshape((4, 2) + x.shape[1:])
-    per_device = jax.vmap(
-        lambda f, b: _terms_and_grad(config, projection, f, b, "d"), axis_name="d")(
+    per_device = jax.jit(jax.vmap(
+        lambda f, b: _terms_and_grad(config, projection, f, b, "d"), axis_name="d"))(
             jax.tree.map(split, features), jax.tree.map(split, batch))
     (_, parts), grads = per_device
     assert set(whole) == {"discriminative", "mask_infonce", "view_infonce", "total"}
@@ -215,7 +221,8 @@ def test_shard_map_on_four_devices_equals_one_device(four_device_child):
 def test_objective_terms_total_is_the_weighted_sum():
   config, projection, features, batch = make_case(4)
   outs = {v: {"embedding": f @ projection} for v, f in features.items()}
-  terms = objectives.objective_terms(config, outs, batch, None, jax.random.key(0))
+  terms = jax.jit(lambda o, b: objectives.objective_terms(config, o, b, None, _key(0)))(
+      outs, batch)
   w = objectives.weights(config)
   expected = sum(w[t] * float(terms[t]) for t in objectives.TERMS)
   assert float(terms["total"]) == pytest.approx(expected, rel=1e-6)
@@ -233,12 +240,13 @@ def test_prepare_views_warps_pseudo_masks_with_the_images():
   labels = jnp.broadcast_to(jnp.arange(8 * 12).reshape(1, 8, 12), (4, 8, 12))
   batch = {"image": image, "pseudo_labels": labels, "valid": jnp.ones(4, bool),
            "index": jnp.arange(4)}
-  images, extra = objectives.prepare_views(config, jax.random.key(0), batch)
+  prepare = lambda c: jax.jit(lambda k, b: objectives.prepare_views(c, k, b))
+  images, extra = prepare(config)(_key(0), batch)
   assert set(images) == {"a", "b"}
   assert not np.allclose(images["a"], images["b"])
   # With one view (no view term, pixel queries) the image and labels pass unchanged.
   config.objectives.view_infonce.weight = 0.0
-  one, extra_one = objectives.prepare_views(config, jax.random.key(0), batch)
+  one, extra_one = prepare(config)(_key(0), batch)
   assert list(one) == ["a"]
   np.testing.assert_array_equal(one["a"], image)
   np.testing.assert_array_equal(extra_one["pseudo_labels_a"], labels)
@@ -293,9 +301,10 @@ def test_a_short_optimisation_lowers_the_objectives():
   batch = {"image": jnp.broadcast_to(jnp.asarray(image), (4, h, w, 3)),
            "pseudo_labels": jnp.broadcast_to(jnp.asarray(labels), (4, h, w)),
            "valid": jnp.ones(4, bool), "index": jnp.arange(4)}
-  images, extra = objectives.prepare_views(config, jax.random.key(0), batch)
+  images, extra = jax.jit(lambda k, b: objectives.prepare_views(config, k, b))(
+      _key(0), batch)
   model = _TinyEmbedder()
-  params = model.init(jax.random.key(1), images["a"])
+  params = model.init(_key(1), images["a"])
   tx = optax.adam(1e-2)
 
   def loss_fn(params):

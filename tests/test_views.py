@@ -1,5 +1,7 @@
 """Tests of clevr_jax.views: geometric views and their pixel correspondence."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,6 +9,9 @@ import numpy as np
 
 from clevr_jax import defaults
 from clevr_jax import views
+
+# XLA:CPU compiles threefry draws slowly (seconds each); 'rbg' keys compile fast.
+_key = functools.partial(jax.random.key, impl="rbg")
 
 H, W = 24, 32
 B = 6
@@ -19,7 +24,7 @@ def _view_config(**overrides):
 
 
 def _params(seed, **overrides):
-  keys = jax.random.split(jax.random.key(seed), B)
+  keys = jax.random.split(_key(seed), B)
   return views.sample_params(keys, _view_config(**overrides))
 
 
@@ -48,13 +53,13 @@ def test_params_are_crops_inside_the_image():
 
 def test_source_and_view_coordinates_are_inverse():
   params = _params(1)
-  yx = jax.random.uniform(jax.random.key(2), (B, 50, 2))
+  yx = jax.random.uniform(_key(2), (B, 50, 2))
   back = views.view_to_source(params, views.source_to_view(params, yx))
   np.testing.assert_allclose(back, yx, atol=TOL)
 
 
 def test_identity_and_flip_views():
-  image = jax.random.uniform(jax.random.key(3), (B, H, W, 3))
+  image = jax.random.uniform(_key(3), (B, H, W, 3))
   identity = views.identity_params(B)
   np.testing.assert_allclose(views.render(image, identity), image, atol=TOL)
   flipped = dict(identity, flip=jnp.ones((B,), bool))
@@ -101,7 +106,7 @@ def test_nearest_render_copies_the_source_pixel_under_each_view_pixel():
 
 def test_shared_points_are_in_both_views():
   pa, pb = _params(7, min_scale=0.5), _params(8, min_scale=0.5)
-  keys = jax.random.split(jax.random.key(9), B)
+  keys = jax.random.split(_key(9), B)
   src, in_a, in_b, valid = views.shared_points(keys, pa, pb, 40)
   assert src.shape == in_a.shape == in_b.shape == (B, 40, 2)
   # Two crops of at least half the area each overlap whenever both contain the
@@ -114,7 +119,7 @@ def test_shared_points_are_in_both_views():
 
 
 def test_example_keys_follow_the_index_not_the_position():
-  key = jax.random.key(10)
+  key = _key(10)
   a = views.example_keys(key, jnp.array([3, 5, 7]))
   b = views.example_keys(key, jnp.array([7, 3]))
   draw = lambda ks: np.asarray(jax.vmap(lambda k: jax.random.uniform(k))(ks))
