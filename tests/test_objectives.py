@@ -324,3 +324,34 @@ def test_a_short_optimisation_lowers_the_objectives():
     losses.append(float(loss))
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.7 * losses[0]
+
+
+# --- the run file --------------------------------------------------------------------
+
+
+def test_unet_objects_config_presets_and_model():
+  from configs import unet_objects  # pylint: disable=g-import-not-at-top
+  from clevr_jax import models, steps  # pylint: disable=g-import-not-at-top
+  for preset in unet_objects.PRESETS:
+    config = unet_objects.get_config(preset)
+    objectives.check_config(config)
+    assert objectives.enabled(config) and "embedding" in config.eval.taps
+  experiment = unet_objects.get_config("experiment")
+  assert experiment.preset == "experiment"
+  assert (experiment.data.image_height, experiment.data.image_width) == (96, 128)
+  assert (experiment.data.synthetic.min_objects, experiment.data.synthetic.max_objects) == (3, 6)
+  assert experiment.data.synthetic.num_test == 200
+  with pytest.raises(ValueError, match="unknown preset"):
+    unet_objects.get_config("fast")
+  # The default config's objectives are all off (existing runs unchanged).
+  assert not objectives.enabled(defaults.get_config())
+  # The :test model exposes the embedding tap (shapes only: nothing compiled).
+  config = unet_objects.get_config("test")
+  model = steps.make_model(config)
+  x = jnp.zeros((2, 48, 64, 3))
+  variables = jax.eval_shape(functools.partial(model.init, train=False), _key(0), x)
+  _, taps = jax.eval_shape(functools.partial(model.apply, train=False,
+                                             taps=objectives.required_taps(config)),
+                           variables, x)
+  assert taps["embedding"].shape == (2, 48, 64, 8)
+  assert "embedding" in models.config_tap_names(config)
