@@ -328,6 +328,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      "config.model.embedding_dim > 0 and config.model.embedding_tap")
   if config.task != "reconstruction":
     raise ValueError("config.objectives apply to task='reconstruction' only")
+  if needs_pseudo_masks(config) and config.data.grayscale:
+    raise ValueError("pseudo-masks come from colour: set config.data.grayscale=False or "
+                     "the discriminative and mask_infonce weights to 0")
   for term in ("mask_infonce", "view_infonce"):
     if obj[term].weight > 0 and obj[term].temperature <= 0:
       raise ValueError(f"config.objectives.{term}.temperature must be > 0")

@@ -268,6 +268,10 @@ def test_check_config_errors():
   config.objectives.mask_infonce.queries = "pixels"
   with pytest.raises(ValueError, match="'mask' or 'pixel'"):
     objectives.check_config(config)
+  config.objectives.mask_infonce.queries = "mask"
+  config.data.grayscale = True
+  with pytest.raises(ValueError, match="grayscale=False"):
+    objectives.check_config(config)
 
 
 # --- a short optimisation -------------------------------------------------------------
