@@ -176,5 +176,7 @@ def shared_points(keys: jax.Array, params_a: ViewParams, params_b: ViewParams,
 
 def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
   """One key per example [B], from the example's index in its split: random
-  choices then follow the example, not its device or place in the batch."""
+  choices then follow the example, not its device or place in the batch
+  (with JAX's default threefry keys; 'rbg' keys do not promise equal draws
+  under vmap or shard_map)."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(index.astype(jnp.uint32))
