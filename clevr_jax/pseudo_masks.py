@@ -94,7 +94,8 @@ def segment_one(image: np.ndarray, *, num_clusters: int, min_area: int, max_labe
   h, w, _ = image.shape
   lab = rgb_to_lab(image).reshape(-1, 3)
   k = min(num_clusters, len(np.unique(lab.round(3), axis=0)))
-  _, colour = vq.kmeans2(lab, k, iter=iters, minit="++", rng=np.random.default_rng(seed))
+  _, colour = vq.kmeans2(lab, k, iter=iters, minit="++",
+                          seed=np.random.default_rng(seed))  # `rng=` only from SciPy 1.15
   colour = colour.reshape(h, w)
   regions = np.zeros((h, w), np.int64)
   offset = 0
