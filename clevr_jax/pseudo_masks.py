@@ -147,7 +147,9 @@ def make_segmenter(config: ml_collections.ConfigDict) -> Segmenter:
 def fingerprint(config: ml_collections.ConfigDict) -> str:
   """What the cached masks depend on: the segmenter's settings and the data."""
   data = config.data
-  return json.dumps({"pseudo_masks": config.objectives.pseudo_masks.to_dict(),
+  settings = config.objectives.pseudo_masks.to_dict()
+  settings.pop("cache_dir")  # where the masks live does not change them
+  return json.dumps({"pseudo_masks": settings,
                      "dataset": data.dataset, "real_config": data.real_config,
                      "synthetic": data.synthetic.to_dict(),
                      "size": [data.image_height, data.image_width]}, sort_keys=True)

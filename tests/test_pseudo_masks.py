@@ -103,7 +103,9 @@ def test_fingerprint_and_paths_follow_the_config(tmp_path):
   config.objectives.pseudo_masks.num_clusters += 1
   assert pseudo_masks.fingerprint(config) != key
   assert pseudo_masks.cache_path(config, "/w") == "/w/pseudo_masks/train.npz"
+  moved = pseudo_masks.fingerprint(config)
   config.objectives.pseudo_masks.cache_dir = str(tmp_path)
+  assert pseudo_masks.fingerprint(config) == moved
   assert pseudo_masks.cache_path(config, "/w", "test") == os.path.join(tmp_path, "test.npz")
   config.objectives.pseudo_masks.max_labels = 300
   with pytest.raises(ValueError, match="max_labels"):
