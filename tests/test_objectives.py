@@ -359,3 +359,11 @@ def test_unet_objects_config_presets_and_model():
                            variables, x)
   assert taps["embedding"].shape == (2, 48, 64, 8)
   assert "embedding" in models.config_tap_names(config)
+
+
+def test_no_tensorflow_import():
+  # The objectives run in the step on a TF-free accelerator machine.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  code = ("import sys; import clevr_jax.objectives, clevr_jax.views, clevr_jax.pseudo_masks; "
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+  subprocess.run([sys.executable, "-c", code], check=True)
