@@ -3,8 +3,10 @@ terms on a small embedding head, clustered by name as the tap "embedding".
 
 Recipe: a 1x1-conv embedding head (16 dims) off the last decoder block; one
 self-attention block at the bottleneck (global mixing); a discriminative loss
-on pseudo-instance masks from a raw-pixel segmenter (no labels); a dense
-InfoNCE between two geometric views (crops and flips, no colour jitter).
+on pseudo-instance masks from a raw-pixel segmenter (no labels). The dense
+InfoNCE between two geometric views is off: with same-image negatives it
+pushed one object's pixels apart and lowered every score in a first run
+(turn it on with --config.objectives.view_infonce.weight=0.5).
 
   --config=configs/unet_objects.py             the real dataset, the poster's schedule
   --config=configs/unet_objects.py:synthetic   the poster's schedule on synthetic scenes
@@ -40,7 +42,7 @@ def get_config(arg: str | None = None):
   obj = config.objectives
   obj.tap = "embedding"
   obj.discriminative.weight = 1.0
-  obj.view_infonce.weight = 0.5
+  obj.view_infonce.weight = 0.0
 
   if arg == "experiment":
     config.preset = "experiment"
