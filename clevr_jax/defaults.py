@@ -71,6 +71,16 @@ def base_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'; params stay float32
   # Output channels: -1 derives them from the task (3 RGB, 1 gray, 4 classes).
   model.out_channels = -1
+  # Global mixing (issue 10): pre-norm self-attention blocks after the bottleneck
+  # block, with a fixed 2-D sine-cosine position code (no parameters, any size).
+  # 0 = off: the poster's network, parameters unchanged.
+  model.attention_blocks = 0
+  model.attention_heads = 4
+  model.attention_mlp_ratio = 2
+  # An embedding head (1x1 conv) off one tap, returned as the tap "embedding"
+  # (clusterable by name like the others). embedding_dim 0 = no head.
+  model.embedding_tap = "dec4"
+  model.embedding_dim = 0
 
   config.loss = ml_collections.ConfigDict()
   # Gray-vs-colour inverse-frequency weighting (the grayscale runs), computed per
@@ -136,6 +146,8 @@ def base_config() -> ml_collections.ConfigDict:
   ev.progress_every_s = 10.0
   # --mode=segment: the segmenter applied to user images (its K: --num_clusters).
   ev.user_segmenter = "kmeans"
+
+  config.objectives = objectives_config()
   return config
 
 
@@ -161,6 +173,57 @@ def segmenter(**overrides) -> ml_collections.ConfigDict:
       raise ValueError(f"unknown segmenter field {key!r}")
     spec[key] = value
   return spec
+
+
+def objectives_config() -> ml_collections.ConfigDict:
+  """Object-aware objectives (clevr_jax/objectives.py), each a term added to the
+  reconstruction loss with its weight; every weight 0 = off (the poster's runs)."""
+  obj = ml_collections.ConfigDict()
+  obj.tap = "embedding"  # the tap the terms shape (any tap name of the model)
+  # De Brabandere et al.'s discriminative loss on pseudo-instance masks.
+  obj.discriminative = d = ml_collections.ConfigDict()
+  d.weight = 0.0
+  d.normalize = True  # on the unit sphere, as cosine K-Means sees the tap
+  d.delta_v = 0.2  # pull pixels to within this distance of their mask's mean
+  d.delta_d = 0.5  # push two masks' means at least 2 * delta_d apart
+  d.var_weight = 1.0
+  d.dist_weight = 1.0
+  d.reg_weight = 0.001
+  # DetCon-style mask-pooled InfoNCE on pseudo-instance masks.
+  obj.mask_infonce = mi = ml_collections.ConfigDict()
+  mi.weight = 0.0
+  mi.temperature = 0.1
+  mi.queries = "pixel"  # 'pixel' (works with one view) or 'mask' (DetCon; two views)
+  mi.num_pixel_queries = 64  # per image
+  # PixPro / VADeR-style dense InfoNCE between two geometric views.
+  obj.view_infonce = vi = ml_collections.ConfigDict()
+  vi.weight = 0.0
+  vi.temperature = 0.1
+  vi.num_points = 64  # sampled per image; negatives: the batch's other points
+  # Same-image points nearer than this (normalised source units) are no
+  # negatives (likely the same object); >= 2: only other images' points are.
+  vi.exclude_radius = 0.1
+  vi.symmetric = True
+  # Geometric views: random resized crop (area fraction, aspect) + horizontal flip.
+  obj.views = v = ml_collections.ConfigDict()
+  v.two_views = False  # force two views even when no term needs them
+  v.min_scale = 0.3
+  v.max_scale = 1.0
+  v.min_aspect = 3 / 4
+  v.max_aspect = 4 / 3
+  v.flip_prob = 0.5
+  # Pseudo-instance masks from a raw-pixel segmenter, computed once per
+  # training image and cached (clevr_jax/pseudo_masks.py).
+  obj.pseudo_masks = pm = ml_collections.ConfigDict()
+  pm.max_labels = 16  # masks kept per image (largest first); the rest are absorbed
+  pm.min_purity = 0.5  # tap pixels whose majority mask covers less are ignored
+  pm.cache_dir = ""  # '' -> <workdir>/pseudo_masks
+  pm.num_clusters = 8  # stand-in segmenter: K-Means on Lab colour ...
+  pm.merge_threshold = 8.0  # ... connected components, neighbours closer in Lab merged,
+  pm.min_area = 12  # ... and components under this many pixels absorbed
+  pm.kmeans_iters = 20
+  pm.seed = 0
+  return obj
 
 
 def apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:

@@ -25,11 +25,20 @@ _BN_EPSILON = 1e-5
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def tap_names(depth: int = 4) -> tuple[str, ...]:
-  """Names of the taps of a network with `depth` down-samplings, in forward order."""
+def tap_names(depth: int = 4, embedding: bool = False) -> tuple[str, ...]:
+  """Names of the taps of a network with `depth` down-samplings, in forward order.
+
+  With `embedding`, the embedding head's output comes last as 'embedding'.
+  """
   encoder = tuple(f'enc{i}' for i in range(1, depth + 1))
   decoder = tuple(f'dec{i}' for i in range(1, depth + 1))
-  return ('input', *encoder, 'bottleneck', *decoder, 'output')
+  return ('input', *encoder, 'bottleneck', *decoder, 'output') + (
+      ('embedding',) if embedding else ())
+
+
+def config_tap_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The taps of the network that `config.model` describes."""
+  return tap_names(int(config.model.depth), int(config.model.get('embedding_dim', 0)) > 0)
 
 
 TAP_NAMES = tap_names(4)
@@ -60,6 +69,54 @@ class ConvBlock(nn.Module):
     return x
 
 
+def sincos_position_code(height: int, width: int, channels: int) -> jax.Array:
+  """Fixed 2-D sine-cosine position code [height * width, channels].
+
+  Half the channels code the row, half the column, each as sines and cosines
+  of the normalised position at frequencies from pi to 64 pi. No
+  parameters, so the network still takes images of any size.
+  """
+  if channels % 4:
+    raise ValueError(f'attention needs channels divisible by 4; got {channels}')
+  quarter = channels // 4
+  freqs = math.pi * jnp.geomspace(1.0, 64.0, quarter, dtype=jnp.float32)
+  y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
+  x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+  yy, xx = jnp.meshgrid(y, x, indexing='ij')
+  angles_y = yy.reshape(-1, 1) * freqs
+  angles_x = xx.reshape(-1, 1) * freqs
+  return jnp.concatenate([jnp.sin(angles_y), jnp.cos(angles_y),
+                          jnp.sin(angles_x), jnp.cos(angles_x)], axis=-1)
+
+
+class SelfAttentionBlock(nn.Module):
+  """Pre-norm transformer block over the pixels of a feature map (global mixing).
+
+  tokens + MHSA(LN(tokens + position)), then + MLP(LN(.)). The position code
+  enters the attention's input only, so the residual stream stays the
+  convolutional features.
+  """
+  num_heads: int
+  mlp_ratio: int = 2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    tokens = x.reshape(b, h * w, c)
+    position = sincos_position_code(h, w, c).astype(tokens.dtype)
+    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='norm1')(tokens)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
+        name='attention')(y + position, y + position, y)
+    tokens = tokens + y
+    y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name='norm2')(tokens)
+    y = nn.Dense(self.mlp_ratio * c, dtype=self.dtype, param_dtype=jnp.float32,
+                 name='mlp1')(y)
+    y = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name='mlp2')(nn.gelu(y))
+    return (tokens + y).reshape(b, h, w, c)
+
+
 class UNet(nn.Module):
   """U-Net (`skip=True`) or Auto-Encoder (`skip=False`) with named taps.
 
@@ -80,6 +137,12 @@ class UNet(nn.Module):
       averages its batch statistics; None on a single device.
     dtype: compute dtype; parameters are always float32 and the output is
       returned as float32.
+    attention_blocks: self-attention blocks after the bottleneck block (0 =
+      none, the poster's network); the 'bottleneck' tap is their output.
+    attention_heads, attention_mlp_ratio: of each attention block.
+    embedding_tap: the tap the embedding head reads (when embedding_dim > 0).
+    embedding_dim: channels of a 1x1-conv embedding head returned as the tap
+      'embedding'; 0 = no head.
   """
   out_channels: int
   base_width: int = 8
@@ -89,6 +152,11 @@ class UNet(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  attention_blocks: int = 0
+  attention_heads: int = 4
+  attention_mlp_ratio: int = 2
+  embedding_tap: str = 'dec4'
+  embedding_dim: int = 0
 
   def _block(self, x: jax.Array, features: int, name: str, train: bool) -> jax.Array:
     x = ConvBlock(features, bn_momentum=self.bn_momentum,
@@ -98,7 +166,10 @@ class UNet(nn.Module):
     return x
 
   def _check_input(self, x: jax.Array, taps: tuple[str, ...]) -> None:
-    valid = tap_names(self.depth)
+    valid = tap_names(self.depth, self.embedding_dim > 0)
+    if self.embedding_dim > 0 and self.embedding_tap not in tap_names(self.depth):
+      raise ValueError(f'embedding_tap={self.embedding_tap!r} is not one of '
+                       f'{list(tap_names(self.depth))}')
     unknown = [t for t in taps if t not in valid]
     if unknown:
       raise ValueError(f'Unknown tap name(s) {unknown}; valid names: {list(valid)}')
@@ -134,6 +205,12 @@ class UNet(nn.Module):
     def record(name: str, value: jax.Array) -> None:
       if name in wanted:
         out_taps[name] = value.astype(jnp.float32)
+      if self.embedding_dim > 0 and name == self.embedding_tap:
+        # Always built (so init creates its parameters); jit drops it when unused.
+        embedding = nn.Conv(self.embedding_dim, (1, 1), dtype=self.dtype,
+                            param_dtype=jnp.float32, name='embedding_head')(value)
+        if 'embedding' in wanted:
+          out_taps['embedding'] = embedding.astype(jnp.float32)
 
     record('input', x)
     h = x
@@ -148,6 +225,9 @@ class UNet(nn.Module):
     if self.depth > 0:
       h = nn.max_pool(h, (2, 2), strides=(2, 2))
     h = self._block(h, self.base_width * 2**self.depth, 'bottleneck', train)
+    for i in range(self.attention_blocks):
+      h = SelfAttentionBlock(self.attention_heads, self.attention_mlp_ratio,
+                             dtype=self.dtype, name=f'attention{i + 1}')(h)
     record('bottleneck', h)
 
     for j in range(1, self.depth + 1):
@@ -172,7 +252,9 @@ def build_model(config: ml_collections.ConfigDict, *,
   """The network described by `config.model`.
 
   Reads `skip`, `base_width`, `depth`, `dropout_rate`, `bn_momentum`, `dtype`
-  ('float32' or 'bfloat16') and `out_channels`. `axis_name` is the
+  ('float32' or 'bfloat16'), `out_channels`, and (absent in old configs: off)
+  `attention_blocks`, `attention_heads`, `attention_mlp_ratio`,
+  `embedding_tap`, `embedding_dim`. `axis_name` is the
   data-parallel axis of the train step, if any (not a config field: it
   belongs to how the step is run, not to the model).
   """
@@ -188,6 +270,11 @@ def build_model(config: ml_collections.ConfigDict, *,
       bn_momentum=float(m.bn_momentum),
       axis_name=axis_name,
       dtype=_DTYPES[m.dtype],
+      attention_blocks=int(m.get('attention_blocks', 0)),
+      attention_heads=int(m.get('attention_heads', 4)),
+      attention_mlp_ratio=int(m.get('attention_mlp_ratio', 2)),
+      embedding_tap=str(m.get('embedding_tap', 'dec4')),
+      embedding_dim=int(m.get('embedding_dim', 0)),
   )
 
 

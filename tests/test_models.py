@@ -317,3 +317,61 @@ def test_reconstruction_loss_decreases(small_setup):
     losses.append(float(loss))
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+# --- issue 10 switches: attention at the bottleneck, embedding head ------------
+
+
+def _attention_params(c, mlp_ratio=2):
+  """Two LayerNorms, q/k/v/out projections with biases, a two-layer MLP."""
+  return 2 * 2 * c + 4 * (c * c + c) + (c * mlp_ratio * c + mlp_ratio * c) + (
+      mlp_ratio * c * c + c)
+
+
+def test_attention_and_embedding_head_add_exactly_their_parameters():
+  base = dict(base_width=4, depth=2)
+  x = jnp.zeros((1, 16, 32, 3))  # 32 tokens at the bottleneck, not 16 = its channels,
+  # which flax's attention would take for a misplaced mask and warn about
+  count = lambda m: models.count_params(jax.eval_shape(
+      functools.partial(m.init, train=False), KEY, x)['params'])
+  plain = count(models.UNet(3, **base))
+  c = 4 * 2**2  # bottleneck channels
+  assert count(models.UNet(3, attention_blocks=2, **base)) == plain + 2 * _attention_params(c)
+  # 1x1 conv head on dec1 (8 channels) to 5 dims.
+  assert count(models.UNet(3, embedding_dim=5, embedding_tap='dec1', **base)) == (
+      plain + 8 * 5 + 5)
+
+
+def test_embedding_is_a_tap_by_name():
+  model = models.UNet(3, base_width=4, depth=2, embedding_dim=6, embedding_tap='dec1')
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 24, 3))
+  variables = _init(model)(KEY, x)
+  _, taps = _apply(model)(variables, x, train=False, taps=('embedding', 'dec1'))
+  assert taps['embedding'].shape == (2, 8, 12, 6)
+  kernel = variables['params']['embedding_head']['kernel'][0, 0]
+  bias = variables['params']['embedding_head']['bias']
+  np.testing.assert_allclose(taps['embedding'], taps['dec1'] @ kernel + bias, rtol=1e-5,
+                             atol=1e-5)
+  config = ml_collections.ConfigDict({'model': {'depth': 2, 'embedding_dim': 6}})
+  assert models.config_tap_names(config)[-1] == 'embedding'
+  assert models.tap_names(2) == models.config_tap_names(
+      ml_collections.ConfigDict({'model': {'depth': 2}}))
+  # Without a head the name is unknown, as any other wrong tap.
+  with pytest.raises(ValueError, match='embedding.*valid names'):
+    _apply(SMALL)(_init(SMALL)(KEY, x), x, train=False, taps=('embedding',))
+  with pytest.raises(ValueError, match="embedding_tap='enc9'"):
+    models.UNet(3, depth=2, embedding_dim=4, embedding_tap='enc9').init(
+        KEY, x, train=False)
+
+
+def test_attention_mixes_the_bottleneck_globally():
+  # depth 1: a bottleneck pixel sees about 7 input pixels around it through the
+  # convolutions; a change in the opposite corner reaches it only by attention.
+  x1 = jax.random.uniform(jax.random.key(2), (1, 16, 16, 3))
+  x2 = x1.at[0, 0, 0].set(1.0 - x1[0, 0, 0])
+  for blocks, reaches in ((0, False), (1, True)):
+    model = models.UNet(3, base_width=4, depth=1, attention_blocks=blocks)
+    variables = _init(model)(KEY, x1)
+    far = [_apply(model)(variables, x, train=False, taps=('bottleneck',))[1]['bottleneck']
+           [0, -1, -1] for x in (x1, x2)]
+    assert (not np.allclose(far[0], far[1], rtol=0, atol=1e-7)) == reaches

@@ -33,7 +33,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
 
 def scored_taps(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(the network taps to compute, the feature maps to score: taps, then hypercolumns)."""
-  valid = models.tap_names(config.model.depth)
+  valid = models.config_tap_names(config)
   hypercolumns = tuple(config.eval.hypercolumns)
   needed = list(config.eval.taps)
   for spec in hypercolumns:

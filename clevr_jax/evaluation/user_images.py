@@ -68,7 +68,7 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     ValueError: after writing every readable image, naming those that were not.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  valid_taps = models.tap_names(config.model.depth)
+  valid_taps = models.config_tap_names(config)
   if tap not in valid_taps:
     raise ValueError(f"--tap={tap!r} is not one of {list(valid_taps)}")
   if not 1 <= num_clusters <= 255:
