@@ -28,6 +28,7 @@ from clevr_jax import batch as batch_lib
 from clevr_jax import checkpoints
 from clevr_jax import logs
 from clevr_jax import metrics
+from clevr_jax import objectives
 from clevr_jax import plots
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
@@ -107,6 +108,13 @@ def write_preview(config: ml_collections.ConfigDict, path: str, state: state_lib
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the configured model in `workdir`; returns the last test metrics."""
   state_lib.check_config(config)
+  if objectives.enabled(config):
+    # Not silently ignored: the jitted step does not add these terms yet.
+    raise ValueError(
+        "config.objectives has non-zero weights, but the train step does not add the "
+        "object-aware terms yet: train them with `python -m "
+        "clevr_jax.experiments.object_features --config=...`, or set their weights to 0 "
+        "(e.g. --config.objectives.discriminative.weight=0)")
   guards.check_image_size(config)  # before rendering a dataset the model cannot take
   is_chief = jax.process_index() == 0
   guards.check_writable(workdir)

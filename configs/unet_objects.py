@@ -16,8 +16,10 @@ pushed one object's pixels apart and lowered every score in a first run
                                                3,000 train / 200 test scenes,
                                                about 30 minutes on 2 CPU cores
 
-The train step must call `clevr_jax.objectives` (see its `objective_terms`)
-for the terms to act; until it does, this config trains reconstruction only.
+The train step does not call `clevr_jax.objectives` yet (its `objective_terms`
+is ready): `--mode=train` refuses this config with a clear error rather than
+training reconstruction alone. Train it with
+`python -m clevr_jax.experiments.object_features --config=configs/unet_objects.py:quick`.
 """
 
 from clevr_jax import defaults

@@ -335,7 +335,7 @@ def test_a_short_optimisation_lowers_the_objectives():
 
 def test_unet_objects_config_presets_and_model():
   from configs import unet_objects  # pylint: disable=g-import-not-at-top
-  from clevr_jax import models, steps  # pylint: disable=g-import-not-at-top
+  from clevr_jax import models, state  # pylint: disable=g-import-not-at-top
   for preset in unet_objects.PRESETS:
     config = unet_objects.get_config(preset)
     objectives.check_config(config)
@@ -351,7 +351,7 @@ def test_unet_objects_config_presets_and_model():
   assert not objectives.enabled(defaults.get_config())
   # The :test model exposes the embedding tap (shapes only: nothing compiled).
   config = unet_objects.get_config("test")
-  model = steps.make_model(config)
+  model = state.make_model(config)
   x = jnp.zeros((2, 48, 64, 3))
   variables = jax.eval_shape(functools.partial(model.init, train=False), _key(0), x)
   _, taps = jax.eval_shape(functools.partial(model.apply, train=False,
@@ -359,6 +359,16 @@ def test_unet_objects_config_presets_and_model():
                            variables, x)
   assert taps["embedding"].shape == (2, 48, 64, 8)
   assert "embedding" in models.config_tap_names(config)
+
+
+def test_training_refuses_objectives_the_step_does_not_add_yet(tmp_path):
+  # Until the jitted step adds the terms, a run with non-zero weights must not
+  # silently train reconstruction alone: it stops before any work, saying what to do.
+  from configs import unet_objects  # pylint: disable=g-import-not-at-top
+  from clevr_jax import train  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="experiments.object_features"):
+    train.train_and_evaluate(unet_objects.get_config("test"), str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_no_tensorflow_import():

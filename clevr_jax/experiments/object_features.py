@@ -33,7 +33,8 @@ from clevr_jax import metrics
 from clevr_jax import objectives
 from clevr_jax import pseudo_masks
 from clevr_jax import schema
-from clevr_jax import steps
+from clevr_jax import batch as batch_lib
+from clevr_jax import state as state_lib
 from clevr_jax.data import pipeline
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file with ':preset'.")
@@ -45,9 +46,10 @@ flags.DEFINE_list("taps", ["input", "enc1", "dec3", "dec4", "output", "embedding
 FLAGS = flags.FLAGS
 
 
-def _flat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """[devices, per_device, ...] -> [batch, ...]."""
-  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+def _decoded(batch: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
+  """A pipeline batch (stored uint8 fields) as host arrays with the derived names
+  (image in [0, 1], instance_labels, num_masks, ...): the steps' own `derive`."""
+  return {k: np.asarray(v) for k, v in batch_lib.derive(batch, config).items()}
 
 
 def make_train_step(config, model, tx):
@@ -86,22 +88,23 @@ def train(config, workdir):
   if objectives.needs_pseudo_masks(config):
     start = time.time()
     store = pseudo_masks.load_or_compute(
-        pseudo_masks.cache_path(config, workdir), lambda: train_split.eval_batches(),
+        pseudo_masks.cache_path(config, workdir),
+        lambda: (_decoded(b, config) for b in train_split.eval_batches()),
         pseudo_masks.make_segmenter(config), pseudo_masks.fingerprint(config))
     logging.info("pseudo-masks of %d images ready in %.1f s", len(store), time.time() - start)
   steps_per_epoch = train_split.steps_per_epoch(config.batch_size)
   total = config.num_epochs * steps_per_epoch
   if FLAGS.max_steps:
     total = min(total, FLAGS.max_steps)
-  model = steps.make_model(config)
-  tx = steps.make_optimizer(config, total)
-  state = steps.init_state(config, model, tx, steps.input_shape(config))
+  model = state_lib.make_model(config)
+  tx = state_lib.make_optimizer(config, total)
+  state = state_lib.create_state(config, tx)
   step_fn = make_train_step(config, model, tx)
   key = jax.random.key(config.seed + 1)
   step, start, log = 0, time.time(), []
   for epoch in range(config.num_epochs):
-    for host_batch in train_split.train_batches(epoch):
-      batch = _flat(host_batch)
+    for host_batch in train_split.train_batches(epoch, fields=("image", "valid", "index")):
+      batch = _decoded(host_batch, config)
       if store is not None:
         batch = pseudo_masks.add_to_batch(batch, store)
       batch = {k: batch[k] for k in ("image", "valid", "index", "pseudo_labels") if k in batch}
@@ -121,7 +124,7 @@ def train(config, workdir):
 def evaluate(config, state, model, taps, max_images):
   split = pipeline.Split(config, "test")
   k_max = schema.MAX_SLOTS
-  predict = steps.make_predict_fn(model, tuple(t for t in taps if t != "input"))
+  predict = state_lib.make_predict_fn(model, tuple(t for t in taps if t != "input"))
   km = config.eval.kmeans
   height, width = config.data.image_height, config.data.image_width
 
@@ -137,7 +140,7 @@ def evaluate(config, state, model, taps, max_images):
   acc = {n: metrics.MeanAccumulator() for n in names + [("stand_in_pixels", "no_oracle")]}
   segmenter = pseudo_masks.make_segmenter(config)
   for host_batch in split.eval_batches(max_examples=max_images):
-    batch = _flat(host_batch)
+    batch = _decoded(host_batch, config)
     features = dict(predict(state, jnp.asarray(batch["image"]))[1])
     features["input"] = jnp.asarray(batch["image"])
     base = jax.random.key(config.seed)

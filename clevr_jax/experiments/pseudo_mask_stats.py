@@ -10,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from clevr_jax import batch as batch_lib
 from clevr_jax import pseudo_masks
 from clevr_jax.data import pipeline
 
@@ -24,7 +25,7 @@ def main(argv):
   segment = pseudo_masks.make_segmenter(config)
   predicted, true, background_share, background_pieces = [], [], [], []
   for batch in pipeline.Split(config, FLAGS.split).eval_batches():
-    batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+    batch = {k: np.asarray(v) for k, v in batch_lib.derive(batch, config).items()}
     labels = segment(batch["image"])
     for pred, truth, k, valid in zip(labels, batch["instance_labels"], batch["num_masks"],
                                      batch["valid"]):
