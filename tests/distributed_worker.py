@@ -48,7 +48,7 @@ def main() -> None:
     # Adam's first updates are g/|g|: float noise in near-zero gradients (the
     # cross-process all-reduce sums in another order) would flip whole updates.
     config.optimizer.eps = 1.0
-    config.eval.taps = ("input", "enc2", "output")
+    config.eval.taps = ("input", "output")
     # One plain segmenter (device tables) and one post-processing one (host
     # regions, tables exchanged between processes): both paths of the protocol.
     config.eval.segmenter_names = ("kmeans", "split_merge_predict_k")

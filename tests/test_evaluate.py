@@ -30,6 +30,9 @@ SAMPLES = os.path.join(os.path.dirname(__file__), "data", "clevr_with_masks_samp
 @pytest.fixture(scope="module")
 def evaluated(trained_workdir, test_config):
   config = test_config("unet_rgb")
+  # Both ends, a skip-connected encoder tap, the bottleneck and a decoder tap:
+  # every resolution the protocol handles, at half the compiles of all 11 taps.
+  config.eval.taps = ("input", "enc1", "bottleneck", "dec4", "output")
   results = evaluation.evaluate(config, trained_workdir)
   return config, trained_workdir, results
 
@@ -48,7 +51,7 @@ def test_evaluation_writes_every_file_with_every_segmenter_and_tap(evaluated):
   markdown = open(os.path.join(workdir, "results.md")).read()
   for seg in segmenters.configured(config):
     by_tap = saved["segmenters"][seg.name]
-    assert list(by_tap) == list(models.TAP_NAMES)
+    assert list(by_tap) == list(config.eval.taps)
     assert f"## segmenter `{seg.name}`" in markdown
     for tap, row in by_tap.items():
       expected = set(metrics.INSTANCE_METRICS) | (
@@ -62,7 +65,7 @@ def test_evaluation_writes_every_file_with_every_segmenter_and_tap(evaluated):
       assert row["mbo"] >= row["poster_miou"] - 1e-9
       if seg.predicts_k:
         assert row[results_lib.K_ERROR] >= 0
-  for tap in models.TAP_NAMES:
+  for tap in config.eval.taps:
     assert f"| {tap} |" in markdown
 
 
@@ -83,10 +86,10 @@ def test_the_posters_figures_equal_an_independent_computation(evaluated):
   scored by metrics.score_instances on the device's label maps."""
   config, workdir, results = evaluated
   state, model = evaluation.restore_state(config, workdir, state_lib.make_mesh())
-  predict = state_lib.make_predict_fn(model, models.TAP_NAMES)
+  predict = state_lib.make_predict_fn(model, tuple(config.eval.taps))
   km = config.eval.kmeans
   base = jax.random.key(config.seed)
-  accumulators = {t: metrics.MeanAccumulator() for t in models.TAP_NAMES}
+  accumulators = {t: metrics.MeanAccumulator() for t in config.eval.taps}
   for stored in pipeline.Split(config, "test").eval_batches():
     # The stored uint8 fields, decoded here on the host (independently of batch.derive).
     batch = {"image": stored["image"].astype(np.float32) / 255,
@@ -185,13 +188,13 @@ def test_an_eval_file_of_another_size_is_resized_and_scored(tmp_path, test_confi
   config.eval.segmenter_names = ("kmeans",)
   assert pipeline.eval_file_size(config) == (240, 320)
   split = pipeline.Split(config, "test")
-  batch = next(split.eval_batches())
-  assert batch["image"].shape[2:] == (48, 64, 3)
-  assert batch["instance_labels"].shape[2:] == (48, 64)
+  batch = next(split.eval_batches())  # stored fields, flat: [batch, ...]
+  assert batch["image"].shape[1:] == (48, 64, 3) and batch["image"].dtype == np.uint8
+  assert batch["labels"].shape[1:] == (48, 64)
   # Nearest keeps label values: the resized labels are the file's own, shrunk.
   full = schema.masks_to_labels(np.load(os.path.join(SAMPLES, "sample_0.npz"))["mask"])
-  np.testing.assert_array_equal(batch["instance_labels"][0, 0], full[2::5, 2::5])
-  assert batch["num_masks"][0, 0] == len(np.unique(batch["instance_labels"][0, 0]))
+  np.testing.assert_array_equal(batch["labels"][0], full[2::5, 2::5])
+  assert batch["visibility"][0].sum() == len(np.unique(batch["labels"][0]))
   results = evaluation.baselines(config, str(tmp_path / "small"))
   assert results["num_images"] == 2
   row = results["segmenters"]["kmeans"]["pixels"]
@@ -205,7 +208,7 @@ def test_an_eval_file_of_another_size_is_resized_and_scored(tmp_path, test_confi
     pipeline.Split(config, "test")
   config.data.eval_file_height, config.data.eval_file_width = 24, 40
   batch = next(pipeline.Split(config, "test").eval_batches())
-  assert batch["image"].shape[2:] == (48, 64, 3)  # enlarged (bilinear)
+  assert batch["image"].shape[1:] == (48, 64, 3)  # enlarged (bilinear)
 
 
 def test_resize_compact_drops_objects_that_vanish():

@@ -19,14 +19,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --- the TensorFlow-free core ---------------------------------------------------
 
 # Everything but the data package, the training/evaluation drivers that read
-# data, and the pipeline benchmark (which measures the data pipeline).
+# data, the pipeline benchmark (which measures the data pipeline) and the GPU
+# check (it renders scenes with the NumPy renderer in clevr_jax.data; its own
+# no-TensorFlow test is in test_benchmarks.py).
 CORE_MODULES = [
     "clevr_jax.models", "clevr_jax.kmeans", "clevr_jax.metrics", "clevr_jax.losses",
     "clevr_jax.state", "clevr_jax.batch", "clevr_jax.train_step", "clevr_jax.schema", "clevr_jax.checkpoints", "clevr_jax.logs",
     "clevr_jax.defaults", "clevr_jax.guards",
     "clevr_jax.benchmarks.train_benchmark", "clevr_jax.benchmarks.kmeans_benchmark",
-    "clevr_jax.benchmarks.torch_reference", "clevr_jax.benchmarks.gpu_check",
-    "clevr_jax.benchmarks.xla_cpu_options",
+    "clevr_jax.benchmarks.torch_reference", "clevr_jax.benchmarks.xla_cpu_options",
 ]
 
 _WITHOUT_TENSORFLOW = """
