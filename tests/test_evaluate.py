@@ -15,7 +15,6 @@ from PIL import Image
 from clevr_jax import evaluation
 from clevr_jax import kmeans
 from clevr_jax import metrics
-from clevr_jax import models
 from clevr_jax import schema
 from clevr_jax import state as state_lib
 from clevr_jax.data import official
