@@ -28,10 +28,10 @@ from sklearn.cluster import KMeans
 import threadpoolctl
 
 from clevr_jax import kmeans as km
+from clevr_jax.benchmarks import samples
 
 _SAMPLES = flags.DEFINE_string(
-    'samples', os.path.join(os.path.dirname(__file__), '..', '..', 'tests', 'data',
-                            'clevr_with_masks_samples'),
+    'samples', samples.SAMPLES_DIR,
     'Folder of sample_{0,1}.npz (key image: [240, 320, 3] uint8).')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Images per batch.')
 _RESTARTS = flags.DEFINE_integer('restarts', 10, 'Restarts (n_init).')
@@ -51,25 +51,6 @@ _SKLEARN_THREADS = flags.DEFINE_list(
     'than 1 thread, so both are tried by default.')
 
 _H, _W = 240, 320
-_SHIFTS = ((0, 0), (9, 13), (-17, 6), (23, -21))
-
-
-def _images(folder, count):
-  """[count, 240, 320, 3] float32: the samples, mirrored and shifted."""
-  base = []
-  for i in (0, 1):
-    with np.load(f'{folder}/sample_{i}.npz') as d:
-      base.append(d['image'].astype(np.float32) / 255)
-  out = []
-  for i in range(count):
-    image = base[i % 2]
-    if (i // 2) % 2:
-      image = image[:, ::-1]
-    dy, dx = _SHIFTS[(i // 4) % len(_SHIFTS)]
-    out.append(np.roll(image, (dy, dx), axis=(0, 1)))
-  return np.stack(out)
-
-
 def _features(images, points, channels):
   """[B, points, channels] features of the size of one tap."""
   factor = int(round((_H * _W / points)**0.5))
@@ -146,7 +127,7 @@ def _benchmark(images, size):
 
 def main(argv):
   del argv
-  images = _images(_SAMPLES.value, _BATCH.value)
+  images = samples.sample_images(_SAMPLES.value, _BATCH.value)
   b = _BATCH.value
   print(f'K={_K.value}, {_RESTARTS.value} restarts, k-means++, euclidean, '
         f'tol 1e-4; jax {jax.__version__} on {jax.devices()[0].platform}, '

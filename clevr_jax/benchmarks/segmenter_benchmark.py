@@ -16,7 +16,6 @@ work, where wall time does not. Target (issue 9): <= 50 ms per image per tap.
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import app
@@ -26,39 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from clevr_jax import defaults
-from clevr_jax import schema
+from clevr_jax.benchmarks import samples
 from clevr_jax.evaluation import postprocess
 from clevr_jax.evaluation import segmenters as segmenters_lib
 
 _SAMPLES = flags.DEFINE_string(
-    "samples", os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data",
-                            "clevr_with_masks_samples"),
+    "samples", samples.SAMPLES_DIR,
     "Folder of sample_{0,1}.npz (image [240, 320, 3] uint8, mask [11, 240, 320, 1]).")
 _IMAGES = flags.DEFINE_integer("images", 8, "Images timed per tap size.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per image (best kept).")
 _TAPS = flags.DEFINE_list(
     "taps", ["240x320x3", "240x320x8", "120x160x16", "60x80x32", "30x40x64", "15x20x128"],
     "Tap sizes HxWxC (the U-Net's: input/output/enc1/dec4, enc2/dec3, ...).")
-
-_SHIFTS = ((0, 0), (9, 13), (-17, 6), (23, -21))
-
-
-def _samples(folder: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-  images, masks = [], []
-  for i in (0, 1):
-    data = np.load(os.path.join(folder, f"sample_{i}.npz"))
-    images.append(data["image"].astype(np.float32) / 255)
-    masks.append(int((data["mask"].reshape(schema.MAX_SLOTS, -1).max(1) > 0).sum()))
-  out, ks = [], []
-  for j in range(count):
-    image = images[j % 2]
-    if (j // 2) % 2:
-      image = image[:, ::-1]
-    dy, dx = _SHIFTS[(j // 4) % len(_SHIFTS)]
-    out.append(np.roll(image, (dy, dx), axis=(0, 1)))
-    ks.append(masks[j % 2])
-  return np.stack(out), np.array(ks, np.int32)
-
 
 def _tap_features(images: np.ndarray, h: int, w: int, c: int) -> np.ndarray:
   b, height, width, _ = images.shape
@@ -106,7 +84,8 @@ def _time_one(segmenter, labels, features, target, slots):
 def main(argv):
   del argv
   config = defaults.base_config()
-  images, ks = _samples(_SAMPLES.value, _IMAGES.value)
+  images = samples.sample_images(_SAMPLES.value, _IMAGES.value)
+  ks = samples.sample_num_masks(_SAMPLES.value, _IMAGES.value)
   chosen = [s for s in segmenters_lib.configured(config) if s.post_processes]
   print(f"Host post-processing (SciPy ndimage + NumPy), CPU ms per image; {_IMAGES.value} images, "
         f"median over images of the best of {_REPEATS.value}; JAX on "
