@@ -5,7 +5,7 @@ and BatchNorm state, RNG; the data position follows from the step), saves
 every `checkpoint_every_steps` and at each epoch's end, evaluates after each
 epoch; main.py then runs the full evaluation (`clevr_jax.evaluation`).
 
-Guards: process 0 holds the workdir's lock (see `workdir.py`); a loss that is
+Guards: process 0 holds the workdir's lock (see `guards.py`); a loss that is
 not finite (checked at each log step, where it is fetched anyway, and the state
 before each save) stops the run with the last good checkpoint kept; a resumed
 run first drops the log records of steps it will run again, and evaluates an
