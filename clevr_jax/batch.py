@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from clevr_jax import losses
+from clevr_jax import objectives
 from clevr_jax import schema
 from clevr_jax import state as state_lib
 
@@ -49,7 +50,9 @@ POSITION = "position"  # device-resident data: the examples' positions in the sp
 def fields(config: ml_collections.ConfigDict, purpose: str) -> tuple[str, ...]:
   """The stored fields a purpose reads.
 
-  train: the train step (images; labels and shapes for the supervised target).
+  train: the train step (images; labels and shapes for the supervised target;
+    the index for the object-aware terms, whose pseudo-masks train.py adds as
+    'pseudo_labels', uint8 [b, H, W]).
   eval_loss: the test loss and confusion matrix (the same, plus validity).
   evaluate: the segmentation protocol and figures (everything).
   """
@@ -60,6 +63,8 @@ def fields(config: ml_collections.ConfigDict, purpose: str) -> tuple[str, ...]:
   needed = ["image"]
   if config.task == "segmentation":
     needed += ["labels", "shape"]
+  if purpose == "train" and objectives.enabled(config):
+    needed.append("index")  # the object-aware terms draw each example's views by it
   if purpose == "eval_loss":
     needed.append("valid")
   return tuple(needed)

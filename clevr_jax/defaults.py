@@ -167,6 +167,7 @@ def segmenter(**overrides) -> ml_collections.ConfigDict:
       "min_area": 0.0,         # absorb regions under this fraction of the image
       "merge": False,          # merge adjacent regions (to K, or under the threshold)
       "merge_threshold": 0.0,  # 'predict': merge while mean distance < this
+      "tap_merge_threshold": 0.0,  # the same for learned taps; 0 = merge_threshold
   })
   for key, value in overrides.items():
     if key not in spec:
@@ -218,11 +219,9 @@ def objectives_config() -> ml_collections.ConfigDict:
   pm.max_labels = 16  # masks kept per image (largest first); the rest are absorbed
   pm.min_purity = 0.5  # tap pixels whose majority mask covers less are ignored
   pm.cache_dir = ""  # '' -> <workdir>/pseudo_masks
-  pm.num_clusters = 8  # stand-in segmenter: K-Means on Lab colour ...
-  pm.merge_threshold = 8.0  # ... connected components, neighbours closer in Lab merged,
-  pm.min_area = 12  # ... and components under this many pixels absorbed
-  pm.kmeans_iters = 20
-  pm.seed = 0
+  # The eval segmenter (config.eval.segmenters) that makes them; it must
+  # predict K (no labels): by default the best no-oracle raw-pixel pipeline.
+  pm.segmenter = "split_merge_predict_k"
   return obj
 
 

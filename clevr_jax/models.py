@@ -203,14 +203,17 @@ class UNet(nn.Module):
     out_taps = {}
 
     def record(name: str, value: jax.Array) -> None:
+      # float32 at least (bfloat16 taps are widened); a float64 network (the
+      # device-count comparisons) keeps float64.
       if name in wanted:
-        out_taps[name] = value.astype(jnp.float32)
+        out_taps[name] = value.astype(jnp.promote_types(value.dtype, jnp.float32))
       if self.embedding_dim > 0 and name == self.embedding_tap:
         # Always built (so init creates its parameters); jit drops it when unused.
         embedding = nn.Conv(self.embedding_dim, (1, 1), dtype=self.dtype,
                             param_dtype=jnp.float32, name='embedding_head')(value)
         if 'embedding' in wanted:
-          out_taps['embedding'] = embedding.astype(jnp.float32)
+          out_taps['embedding'] = embedding.astype(
+              jnp.promote_types(embedding.dtype, jnp.float32))
 
     record('input', x)
     h = x

@@ -38,6 +38,8 @@ from clevr_jax import views
 
 # The three terms, by their config section name.
 TERMS = ("discriminative", "mask_infonce", "view_infonce")
+# The views of an example, in the order the train step stacks them.
+VIEW_NAMES = ("a", "b")
 # Logit given to keys that are not candidates: finite, so that a row with no
 # candidate at all (a padded query, weighted 0) stays free of NaN.
 _MASKED_LOGIT = -1e9
@@ -334,6 +336,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for term in ("mask_infonce", "view_infonce"):
     if obj[term].weight > 0 and obj[term].temperature <= 0:
       raise ValueError(f"config.objectives.{term}.temperature must be > 0")
+  if needs_two_views(config) and config.loss.weighted:
+    raise ValueError("config.loss.weighted derives its weights from the original image, "
+                     "not from the two views: set config.loss.weighted=False or turn the "
+                     "two-view terms off")
   if obj.mask_infonce.queries not in ("mask", "pixel"):
     raise ValueError(f"config.objectives.mask_infonce.queries={obj.mask_infonce.queries!r}: "
                      "use 'mask' or 'pixel'")

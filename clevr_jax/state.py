@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from clevr_jax import models
+from clevr_jax import objectives
 from clevr_jax import schema
 
 AXIS = "batch"  # the data-parallel mesh axis
@@ -48,6 +49,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.task={config.task!r} is not one of {TASKS}")
   if config.task == "segmentation" and config.loss.weighted:
     raise ValueError("config.loss.weighted applies to reconstruction only")
+  objectives.check_config(config)
 
 
 def output_channels(config: ml_collections.ConfigDict) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 from absl import logging
 import jax
@@ -30,6 +31,7 @@ from clevr_jax import logs
 from clevr_jax import metrics
 from clevr_jax import objectives
 from clevr_jax import plots
+from clevr_jax import pseudo_masks
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
 from clevr_jax.data import pipeline
@@ -72,6 +74,36 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     multihost_utils.sync_global_devices("dataset prepared")
 
 
+def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
+                      train_split: pipeline.Split) -> pseudo_masks.PseudoMaskStore | None:
+  """The training images' pseudo-instance masks when an objective uses them:
+  process 0 computes them once (or finds them cached), every process loads them."""
+  if not objectives.needs_pseudo_masks(config):
+    return None
+  path = pseudo_masks.cache_path(config, workdir)
+  key = pseudo_masks.fingerprint(config)
+  derive = batch_lib.make_derive(config)
+
+  def batches():
+    for host_batch in train_split.eval_batches(fields=("image", "valid", "index")):
+      yield {k: np.asarray(v) for k, v in derive(host_batch).items()}
+
+  def compute():
+    start = time.time()
+    store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config),
+                                         key)
+    logging.info("Pseudo-masks of %d training images ready (%s, %.0f s)", len(store), path,
+                 time.time() - start)
+    return store
+
+  if jax.process_count() == 1:
+    return compute()
+  if jax.process_index() == 0:
+    compute()
+  multihost_utils.sync_global_devices("pseudo-masks written")
+  return pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config), key)
+
+
 def evaluate_epoch(config: ml_collections.ConfigDict, state: state_lib.TrainState,
                    eval_step, split: pipeline.Split, mesh: jax.sharding.Mesh
                    ) -> dict[str, float]:
@@ -108,13 +140,6 @@ def write_preview(config: ml_collections.ConfigDict, path: str, state: state_lib
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the configured model in `workdir`; returns the last test metrics."""
   state_lib.check_config(config)
-  if objectives.enabled(config):
-    # Not silently ignored: the jitted step does not add these terms yet.
-    raise ValueError(
-        "config.objectives has non-zero weights, but the train step does not add the "
-        "object-aware terms yet: train them with `python -m "
-        "clevr_jax.experiments.object_features --config=...`, or set their weights to 0 "
-        "(e.g. --config.objectives.discriminative.weight=0)")
   guards.check_image_size(config)  # before rendering a dataset the model cannot take
   is_chief = jax.process_index() == 0
   guards.check_writable(workdir)
@@ -161,10 +186,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   predict = state_lib.make_predict_fn(state_lib.make_model(config))
   # The training split on the devices once (config.data.device_resident): each
   # step then gets its examples' positions only. Otherwise streamed per step.
+  masks = load_pseudo_masks(config, workdir, train_split)
   device_data = None
   if config.data.device_resident:
-    device_data = batch_lib.DeviceData(
-        train_split.stored_arrays(batch_lib.fields(config, "train")), mesh)
+    arrays = train_split.stored_arrays(batch_lib.fields(config, "train"))
+    if masks is not None:
+      arrays = pseudo_masks.add_to_batch(arrays, masks)
+    device_data = batch_lib.DeviceData(arrays, mesh)
     logging.info("Training split on the devices: %.2f GB per device",
                  device_data.nbytes() / 1e9)
 
@@ -207,6 +235,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         batches = train_split.position_batches(epoch, **where)
       data = device_data.arrays if device_data is not None else None
       for host_batch in batches:
+        if masks is not None and device_data is None:
+          host_batch = pseudo_masks.add_to_batch(host_batch, masks)
         state, train_metrics = train_step(state, batch_lib.to_global(host_batch, mesh), data)
         step += 1
         if step % config.log_every_steps == 0 or step == total_steps:

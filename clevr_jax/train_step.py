@@ -28,6 +28,7 @@ from clevr_jax import batch as batch_lib
 from clevr_jax import losses
 from clevr_jax import metrics
 from clevr_jax import models
+from clevr_jax import objectives
 from clevr_jax import schema
 from clevr_jax.state import AXIS, TrainState
 
@@ -36,9 +37,9 @@ Data = dict[str, jax.Array]  # a device-resident split (batch.DeviceData.arrays)
 
 
 def objective_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Taps (models.tap_names) the objective reads besides the output."""
-  del config  # the poster's losses read the output only
-  return ()
+  """Taps (models.tap_names) the objective reads besides the output: none for
+  the poster's losses, the shaped tap for the object-aware terms."""
+  return objectives.required_taps(config)
 
 
 def example_losses(config: ml_collections.ConfigDict, output: jax.Array,
@@ -60,23 +61,47 @@ def example_losses(config: ml_collections.ConfigDict, output: jax.Array,
 
 
 def objective(config: ml_collections.ConfigDict, output: jax.Array,
-              taps: dict[str, jax.Array], batch: Batch, axis_name: str | None
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+              taps: dict[str, jax.Array], batch: Batch, axis_name: str | None,
+              key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss of one (per-device) batch, and its terms for the logs.
 
   Every example has the same number of pixels, so the mean of the examples'
-  losses is the mean over all pixels.
-
-  Extension point: a further loss term (e.g. from clevr_jax/objectives.py)
-  is computed here from `output`, `taps` (ask for them in `objective_taps`)
-  and `batch`, added to `loss` and listed in `terms`. The eval step reports
-  the data term only (`example_losses`).
+  losses is the mean over all pixels. With object-aware terms
+  (`config.objectives`), `batch` is what `forward_inputs` returns: its 'image'
+  holds every view of the examples, stacked ([views * b, ...]; each view
+  reconstructs itself), and `taps` are split back per view for the terms.
+  The eval step reports the data term only (`example_losses`).
   """
-  del taps
   data = jnp.mean(example_losses(config, output, batch, axis_name))
   terms = {"data_loss": data}
   loss = data
+  if objectives.enabled(config):
+    n = batch["valid"].shape[0]
+    names = objectives.VIEW_NAMES[:output.shape[0] // n]
+    by_view = {v: {t: a[i * n:(i + 1) * n] for t, a in taps.items()}
+               for i, v in enumerate(names)}
+    extra = objectives.objective_terms(config, by_view, batch, axis_name, key)
+    loss = loss + extra.pop("total")
+    terms |= extra
   return loss, terms
+
+
+def forward_inputs(config: ml_collections.ConfigDict, batch: Batch, key: jax.Array
+                   ) -> Batch:
+  """The derived batch with 'image' replaced by the forward pass's input.
+
+  Without object-aware terms, the batch as it is. With them, the views of
+  `objectives.prepare_views` (one: the image itself; two: random resized crops)
+  stacked along the batch axis, so that one forward pass (one set of BatchNorm
+  statistics) sees both, plus what the terms need about the views.
+  """
+  if not objectives.enabled(config):
+    return batch
+  n = batch["image"].shape[0]
+  batch = {"valid": jnp.ones((n,), bool)} | batch  # training batches have no padding
+  images, extra = objectives.prepare_views(config, key, batch)
+  stacked = jnp.concatenate([images[v] for v in objectives.VIEW_NAMES if v in images])
+  return batch | extra | {"image": stacked}
 
 
 def _train_step(state: TrainState, batch: Batch, data: Data, *, model: models.UNet,
@@ -90,15 +115,18 @@ def _train_step(state: TrainState, batch: Batch, data: Data, *, model: models.UN
   with no separate gradient all-reduce.
   """
   batch = batch_lib.derive(batch_lib.gather(data, batch), config)
-  rng = jax.random.fold_in(jax.random.fold_in(
-      jax.random.wrap_key_data(state.rng), state.step), jax.lax.axis_index(AXIS))
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  # The views are drawn per example (by its index) from the step's key, so they
+  # do not depend on the device split; dropout is drawn per device.
+  batch = forward_inputs(config, batch, step_key)
+  rng = jax.random.fold_in(step_key, jax.lax.axis_index(AXIS))
 
   def loss_fn(params):
     (output, taps), updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
         train=True, taps=objective_taps(config), mutable=["batch_stats"],
         rngs={"dropout": rng})
-    loss, terms = objective(config, output, taps, batch, AXIS)
+    loss, terms = objective(config, output, taps, batch, AXIS, step_key)
     return jax.lax.pmean(loss, AXIS), (updates["batch_stats"], terms)
 
   (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

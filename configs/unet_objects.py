@@ -3,10 +3,12 @@ terms on a small embedding head, clustered by name as the tap "embedding".
 
 Recipe: a 1x1-conv embedding head (16 dims) off the last decoder block; one
 self-attention block at the bottleneck (global mixing); a discriminative loss
-on pseudo-instance masks from a raw-pixel segmenter (no labels). The dense
-InfoNCE between two geometric views is off: with same-image negatives it
-pushed one object's pixels apart and lowered every score in a first run
-(turn it on with --config.objectives.view_infonce.weight=0.5).
+on pseudo-instance masks from the best no-oracle raw-pixel segmenter
+(`config.objectives.pseudo_masks.segmenter`, no labels), computed once per
+training image and cached in <workdir>/pseudo_masks. The dense InfoNCE between
+two geometric views is off: with same-image negatives it pushed one object's
+pixels apart and lowered every score in a first run (turn it on with
+--config.objectives.view_infonce.weight=0.5; docs/object_features.md).
 
   --config=configs/unet_objects.py             the real dataset, the poster's schedule
   --config=configs/unet_objects.py:synthetic   the poster's schedule on synthetic scenes
@@ -16,10 +18,6 @@ pushed one object's pixels apart and lowered every score in a first run
                                                3,000 train / 200 test scenes,
                                                about 30 minutes on 2 CPU cores
 
-The train step does not call `clevr_jax.objectives` yet (its `objective_terms`
-is ready): `--mode=train` refuses this config with a clear error rather than
-training reconstruction alone. Train it with
-`python -m clevr_jax.experiments.object_features --config=configs/unet_objects.py:quick`.
 """
 
 from clevr_jax import defaults
@@ -45,6 +43,14 @@ def get_config(arg: str | None = None):
   obj.tap = "embedding"
   obj.discriminative.weight = 1.0
   obj.view_infonce.weight = 0.0
+  # The post-processed segmenters read learned taps as the loss shapes them:
+  # on the unit sphere, where the discriminative margins hold. Two regions of
+  # one instance then have means within 2 * delta_v, of two instances at least
+  # 2 * delta_d - 2 * delta_v apart; delta_d lies midway (0.4 | 0.5 | 0.6).
+  # Raw pixels keep their Lab settings.
+  for name in ("split_merge", "split_merge_predict_k"):
+    config.eval.segmenters[name].tap_transforms = "l2"
+    config.eval.segmenters[name].tap_merge_threshold = obj.discriminative.delta_d
 
   if arg == "experiment":
     config.preset = "experiment"

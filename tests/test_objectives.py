@@ -25,15 +25,11 @@ sys.path.insert(0, HELPERS)
 from objectives_case import make_case  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def four_device_child(start_python):
   """The 4-device comparison runs in a child (this process has one device);
-  started early so that it overlaps the tests below."""
+  started with the module's first test, so that it overlaps the others."""
   return start_python([os.path.join(HELPERS, "objectives_devices.py")], devices=4)
-
-
-def test_start_the_four_device_child(four_device_child):
-  assert four_device_child is not None
 
 
 # --- label downsampling --------------------------------------------------------
@@ -209,7 +205,7 @@ def test_terms_on_four_devices_equal_one_device(queries):
     assert float(jnp.abs(whole_grad).max()) > 0
 
 
-def test_shard_map_on_four_devices_equals_one_device(four_device_child):
+def test_train_step_on_four_devices_equals_one_device(four_device_child):
   result = four_device_child.result(timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "devices=4" in result.stdout
@@ -361,14 +357,25 @@ def test_unet_objects_config_presets_and_model():
   assert "embedding" in models.config_tap_names(config)
 
 
-def test_training_refuses_objectives_the_step_does_not_add_yet(tmp_path):
-  # Until the jitted step adds the terms, a run with non-zero weights must not
-  # silently train reconstruction alone: it stops before any work, saying what to do.
+def test_a_short_training_run_lowers_the_objective_terms(tmp_path, data_dir):
+  # The real loop (train.py): pseudo-masks computed once and cached, the terms
+  # added in the jitted data-parallel step and logged, and they fall.
   from configs import unet_objects  # pylint: disable=g-import-not-at-top
-  from clevr_jax import train  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match="experiments.object_features"):
-    train.train_and_evaluate(unet_objects.get_config("test"), str(tmp_path / "run"))
-  assert not (tmp_path / "run" / "checkpoints").exists()
+  from clevr_jax import logs, pseudo_masks, train  # pylint: disable=g-import-not-at-top
+  config = unet_objects.get_config("test")
+  config.data.data_dir = data_dir
+  config.num_epochs = 3
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  records = [r for r in logs.read_metrics(workdir) if "train/discriminative" in r]
+  values = [r["train/discriminative"] for r in records]
+  assert len(values) >= 4 and all(math.isfinite(v) for v in values)
+  assert np.mean(values[-2:]) < 0.8 * np.mean(values[:2]), values
+  cache = pseudo_masks.cache_path(config, workdir)
+  with np.load(cache) as stored:
+    assert len(stored["index"]) == config.data.synthetic.num_train
+    assert str(stored["fingerprint"]) == pseudo_masks.fingerprint(config)
+    assert 1 < len(np.unique(stored["labels"])) <= config.objectives.pseudo_masks.max_labels
 
 
 def test_no_tensorflow_import():

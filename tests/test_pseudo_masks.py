@@ -1,4 +1,4 @@
-"""Tests of clevr_jax.pseudo_masks: the stand-in raw-pixel segmenter and the cache."""
+"""Tests of clevr_jax.pseudo_masks: the no-oracle raw-pixel segmenter and the cache."""
 
 import os
 
@@ -9,43 +9,50 @@ from clevr_jax import defaults
 from clevr_jax import pseudo_masks
 
 
-def test_rgb_to_lab_known_colours():
-  np.testing.assert_allclose(pseudo_masks.rgb_to_lab(np.ones(3)), [100, 0, 0], atol=1e-3)
-  np.testing.assert_allclose(pseudo_masks.rgb_to_lab(np.zeros(3)), [0, 0, 0], atol=1e-9)
-  # sRGB red's CIE Lab (D65), as published colour tables give it.
-  np.testing.assert_allclose(pseudo_masks.rgb_to_lab(np.array([1.0, 0, 0])),
-                             [53.24, 80.09, 67.20], atol=0.02)
-
-
 def _scene(noise=0.0, seed=0):
-  """Gray background, two red squares apart, one blue square, a green speck."""
-  image = np.full((32, 40, 3), 0.5)
+  """Gray background, two red squares apart, one blue square."""
+  image = np.full((32, 48, 3), 0.5)
   image[3:11, 3:11] = (0.8, 0.1, 0.1)
   image[20:28, 25:33] = (0.8, 0.1, 0.1)
   image[3:11, 25:33] = (0.1, 0.2, 0.9)
-  image[18, 8] = (0.1, 0.8, 0.1)
   image += np.random.default_rng(seed).normal(0, noise, image.shape)
-  return np.clip(image, 0, 1)
+  return np.clip(image, 0, 1).astype(np.float32)
 
 
-@pytest.mark.parametrize("noise", [0.0, 0.01])
-def test_stand_in_finds_same_coloured_objects_apart_and_absorbs_specks(noise):
-  labels = pseudo_masks.stand_in_segmenter(_scene(noise)[None], num_clusters=5, min_area=10,
-                                           merge_threshold=8.0)[0]
-  assert labels.dtype == np.int32 and labels.shape == (32, 40)
-  assert len(np.unique(labels)) == 4  # background and three squares; the speck absorbed
-  assert labels[18, 8] == labels[0, 0]
-  inside = [labels[5, 5], labels[24, 29], labels[5, 29]]
-  assert len(set(inside) | {labels[0, 0]}) == 4
-  assert labels[0, 0] == 0  # the largest region comes first
-  # Every square is one region.
-  assert len(np.unique(labels[3:11, 3:11])) == 1
+def _config(**segmenter):
+  config = defaults.get_config("test")
+  config.data.image_height, config.data.image_width = 32, 48
+  for key, value in segmenter.items():
+    config.eval.segmenters.split_merge_predict_k[key] = value
+  return config
 
 
-def test_max_labels_keeps_the_largest_regions():
-  labels = pseudo_masks.stand_in_segmenter(_scene()[None], num_clusters=5, min_area=1,
-                                           max_labels=2)[0]
+def test_segmenter_splits_same_coloured_objects_without_the_oracle():
+  # split_merge_predict_k (the default): K0-Means on Lab, connected components,
+  # merging neighbours of close colour: the two red squares are two regions.
+  segment = pseudo_masks.make_segmenter(_config())
+  labels = segment(_scene()[None], np.array([7]))[0]
+  assert labels.dtype == np.int32 and labels.shape == (32, 48)
+  corners = [labels[5, 5], labels[24, 29], labels[5, 29], labels[0, 0]]
+  assert len(set(corners)) == 4
+  for y, x in [(3, 3), (20, 25), (3, 25)]:
+    # Every square is one region (the 3x3 majority filter may round its corners).
+    assert len(np.unique(labels[y + 1:y + 7, x + 1:x + 7])) == 1
+    assert np.mean(labels[y:y + 8, x:x + 8] == labels[y + 4, x + 4]) >= 60 / 64
+  assert np.mean(labels == labels[0, 0]) >= 1 - 3 * 64 / (32 * 48)
+
+
+def test_max_labels_bounds_the_regions_and_oracle_segmenters_are_refused():
+  config = _config()
+  config.objectives.pseudo_masks.max_labels = 2
+  labels = pseudo_masks.make_segmenter(config)(_scene()[None], np.array([0]))[0]
   assert set(np.unique(labels)) == {0, 1}
+  config.objectives.pseudo_masks.segmenter = "split_merge"  # takes the oracle K
+  with pytest.raises(ValueError, match="k='predict'"):
+    pseudo_masks.make_segmenter(config)
+  config.objectives.pseudo_masks.segmenter = "nope"
+  with pytest.raises(ValueError, match="is not one of config.eval.segmenters"):
+    pseudo_masks.make_segmenter(config)
 
 
 def _batches(images, devices=2):
@@ -71,9 +78,12 @@ def test_cache_is_computed_once_and_looked_up_by_index(tmp_path):
   images = np.stack([_scene(0.01, seed) for seed in range(7)])
   calls = []
 
-  def segmenter(x):
+  def labelling(x, index):  # depends on the image and its index, to check the lookup
+    return (x[..., 0] > 0.6).astype(np.int32) + 2 * (index[:, None, None] % 2)
+
+  def segmenter(x, index):
     calls.append(len(x))
-    return pseudo_masks.stand_in_segmenter(x, num_clusters=5, min_area=10, merge_threshold=8)
+    return labelling(x, index)
 
   path = os.path.join(tmp_path, "pm", "train.npz")
   store = pseudo_masks.load_or_compute(path, lambda: _batches(images), segmenter, "k1")
@@ -85,9 +95,8 @@ def test_cache_is_computed_once_and_looked_up_by_index(tmp_path):
   batch = {"index": np.array([[106, 100], [0, 103]]),
            "valid": np.array([[True, True], [False, True]])}
   looked = pseudo_masks.add_to_batch(batch, again)["pseudo_labels"]
-  assert looked.shape == (2, 2, 32, 40) and looked.dtype == np.int32
-  direct = pseudo_masks.stand_in_segmenter(images[[6, 0, 3]], num_clusters=5, min_area=10,
-                                           merge_threshold=8)
+  assert looked.shape == (2, 2, 32, 48) and looked.dtype == np.uint8
+  direct = labelling(images[[6, 0, 3]], np.array([106, 100, 103]))
   np.testing.assert_array_equal(looked[[0, 0, 1], [0, 1, 1]], direct)
   assert not looked[1, 0].any()
   with pytest.raises(ValueError, match="no pseudo-masks cached for examples \\[5\\]"):
@@ -100,8 +109,11 @@ def test_cache_is_computed_once_and_looked_up_by_index(tmp_path):
 def test_fingerprint_and_paths_follow_the_config(tmp_path):
   config = defaults.get_config("quick")
   key = pseudo_masks.fingerprint(config)
-  config.objectives.pseudo_masks.num_clusters += 1
+  config.eval.segmenters.split_merge_predict_k.merge_threshold += 0.1
   assert pseudo_masks.fingerprint(config) != key
+  changed = pseudo_masks.fingerprint(config)
+  config.eval.segmenters.kmeans.num_clusters = 3  # not the pseudo-mask segmenter
+  assert pseudo_masks.fingerprint(config) == changed
   assert pseudo_masks.cache_path(config, "/w") == "/w/pseudo_masks/train.npz"
   moved = pseudo_masks.fingerprint(config)
   config.objectives.pseudo_masks.cache_dir = str(tmp_path)

@@ -1,6 +1,8 @@
 """The segmenter engine on hand-made inputs: each transform, each post-processing
 step, and a whole segmenter on a scene whose answer is known."""
 
+import dataclasses
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -280,3 +282,20 @@ def test_hypercolumns_are_scored_after_the_taps_and_need_no_extra_config():
   config.eval.hypercolumns = ("enc1+dec9",)
   with pytest.raises(ValueError, match="dec9"):
     model_eval.scored_taps(config)
+
+
+def test_learned_taps_merge_under_their_own_threshold():
+  # Two regions whose mean features are 0.5 apart: merged under a threshold of
+  # 1.0, kept apart under 0.2; pixels use merge_threshold, taps
+  # tap_merge_threshold when it is set.
+  seg = _segmenter("predict", metric="euclidean", k="predict", num_clusters=2, merge=True,
+                   merge_threshold=0.2, tap_merge_threshold=1.0)
+  labels = np.zeros((1, 4, 6), np.int32)
+  labels[:, :, 3:] = 1
+  features = np.zeros((1, 4, 6, 1), np.float32)
+  features[:, :, 3:] = 0.5
+  counts = {tap: len(np.unique(segmenters.postprocess_batch(
+      seg, labels, features, np.array([2]), 11, tap=tap))) for tap in ("input", "embedding")}
+  assert counts == {"input": 2, "embedding": 1}
+  assert seg.threshold_for("pixels") == 0.2
+  assert dataclasses.replace(seg, tap_merge_threshold=0.0).threshold_for("embedding") == 0.2

@@ -142,7 +142,7 @@ class Runner:
     targets = np.asarray(segmenters_lib.target_k(segmenter, jnp.asarray(local["num_masks"])))
     height, width = local["instance_labels"].shape[1:]
     regions = segmenters_lib.postprocess_batch(
-        segmenter, cluster_labels, transformed, targets, self.slots, local["valid"])
+        segmenter, cluster_labels, transformed, targets, self.slots, local["valid"], tap)
     labels = segmenters_lib.upsample(regions, height, width)
     tables = metrics.contingency_host(local["instance_labels"], labels, schema.MAX_SLOTS,
                                       self.slots)

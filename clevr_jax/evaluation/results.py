@@ -53,8 +53,13 @@ def _describe(spec: dict[str, Any] | None) -> str:
   if spec["min_area"]:
     parts.append(f"absorb regions < {spec['min_area']:g} of the image")
   if spec["merge"]:
-    parts.append(f"merge while distance < {spec['merge_threshold']:g}" if spec["k"] == "predict"
-                 else "merge to K")
+    if spec["k"] != "predict":
+      parts.append("merge to K")
+    elif spec.get("tap_merge_threshold", 0) > 0:
+      parts.append(f"merge while distance < {spec['merge_threshold']:g} "
+                   f"(taps: {spec['tap_merge_threshold']:g})")
+    else:
+      parts.append(f"merge while distance < {spec['merge_threshold']:g}")
   return "; ".join(parts)
 
 

@@ -23,7 +23,12 @@ Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
   merge             merge adjacent regions by mean-feature distance: down to K
                     ('oracle'/'fixed'), or while closer than merge_threshold
                     ('predict')
-  merge_threshold   the distance under which 'predict' merges
+  merge_threshold   the distance under which 'predict' merges (raw pixels and
+                    any tap, unless tap_merge_threshold is set)
+  tap_merge_threshold  the same for learned taps (> 0): distances in a learned
+                    space have their own scale (e.g. the margins of the loss
+                    that shaped it), so a threshold tuned on colour need not
+                    carry over
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Segmenter:
   min_area: float = 0.0
   merge: bool = False
   merge_threshold: float = 0.0
+  tap_merge_threshold: float = 0.0
 
   @property
   def post_processes(self) -> bool:
@@ -85,6 +91,11 @@ class Segmenter:
 
   def transforms_for(self, tap: str) -> tuple[str, ...]:
     return self.pixel_transforms if tap in PIXEL_TAPS else self.tap_transforms
+
+  def threshold_for(self, tap: str) -> float:
+    if tap in PIXEL_TAPS or self.tap_merge_threshold <= 0:
+      return self.merge_threshold
+    return self.tap_merge_threshold
 
   @property
   def k_max(self) -> int:
@@ -190,8 +201,8 @@ def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
 
 
 def postprocess_one(segmenter: Segmenter, labels: np.ndarray, features: np.ndarray,
-                    target: int, max_regions: int) -> np.ndarray:
-  """The host half for one image: cluster labels [h, w] -> region labels [h, w]."""
+                    target: int, max_regions: int, tap: str = "pixels") -> np.ndarray:
+  """The host half for one image of `tap`: cluster labels [h, w] -> region labels [h, w]."""
   regions = postprocess.relabel(labels)
   min_area = int(round(segmenter.min_area * labels.size))
   if segmenter.modal_size > 1:
@@ -203,7 +214,7 @@ def postprocess_one(segmenter: Segmenter, labels: np.ndarray, features: np.ndarr
   if segmenter.merge:
     if segmenter.predicts_k:
       regions = postprocess.merge_regions(
-          regions, features, metric=segmenter.metric, threshold=segmenter.merge_threshold,
+          regions, features, metric=segmenter.metric, threshold=segmenter.threshold_for(tap),
           max_regions=max_regions)
     else:
       regions = postprocess.merge_regions(
@@ -217,14 +228,15 @@ def postprocess_one(segmenter: Segmenter, labels: np.ndarray, features: np.ndarr
 
 
 def postprocess_batch(segmenter: Segmenter, labels: np.ndarray, features: np.ndarray,
-                      targets: np.ndarray, max_regions: int, valid: np.ndarray | None = None
-                      ) -> np.ndarray:
+                      targets: np.ndarray, max_regions: int, valid: np.ndarray | None = None,
+                      tap: str = "pixels") -> np.ndarray:
   """postprocess_one over a batch [B, h, w]; invalid (padding) images are left as they are."""
   out = np.zeros(labels.shape, np.int32)
   for b in range(labels.shape[0]):
     if valid is not None and not valid[b]:
       continue
-    out[b] = postprocess_one(segmenter, labels[b], features[b], int(targets[b]), max_regions)
+    out[b] = postprocess_one(segmenter, labels[b], features[b], int(targets[b]), max_regions,
+                             tap)
   return out
 
 

@@ -126,7 +126,7 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     if segmenter.post_processes:
       labels = segmenters_lib.postprocess_batch(
           segmenter, labels, np.asarray(transformed), np.array([num_clusters]),
-          max_regions=255)
+          max_regions=255, tap=tap)
     labels = segmenters_lib.upsample(labels, image.shape[0], image.shape[1])[0]
     labels = labels[:height, :width].astype(np.uint8)
     stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])

@@ -26,7 +26,7 @@ def main(argv):
   predicted, true, background_share, background_pieces = [], [], [], []
   for batch in pipeline.Split(config, FLAGS.split).eval_batches():
     batch = {k: np.asarray(v) for k, v in batch_lib.derive(batch, config).items()}
-    labels = segment(batch["image"])
+    labels = segment(batch["image"], batch["index"])
     for pred, truth, k, valid in zip(labels, batch["instance_labels"], batch["num_masks"],
                                      batch["valid"]):
       if not valid:
