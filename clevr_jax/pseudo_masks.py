@@ -124,10 +124,10 @@ class PseudoMaskStore:
     return np.where((valid & found)[..., None, None], out, np.uint8(0))
 
 
-def compute(batches: Iterable[dict[str, np.ndarray]], segmenter: Segmenter
-            ) -> PseudoMaskStore:
+def compute(batches: Iterable[dict[str, np.ndarray]], segmenter: Segmenter,
+            progress: Callable[[int], None] | None = None) -> PseudoMaskStore:
   """Runs `segmenter` on every valid example of host batches ('image' float in
-  [0, 1], 'valid', 'index'; any leading dims)."""
+  [0, 1], 'valid', 'index'; any leading dims); `progress(n)` after each batch."""
   indices, labels = [], []
   for batch in batches:
     image = np.asarray(batch["image"])
@@ -137,13 +137,16 @@ def compute(batches: Iterable[dict[str, np.ndarray]], segmenter: Segmenter
     if valid.any():
       labels.append(segmenter(image[valid], index[valid]).astype(np.uint8))
       indices.append(index[valid])
+    if progress is not None:
+      progress(int(valid.sum()))
   if not labels:
     raise ValueError("no valid examples to compute pseudo-masks for")
   return PseudoMaskStore(np.concatenate(indices), np.concatenate(labels))
 
 
 def load_or_compute(path: str, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
-                    segmenter: Segmenter, key: str) -> PseudoMaskStore:
+                    segmenter: Segmenter, key: str,
+                    progress: Callable[[int], None] | None = None) -> PseudoMaskStore:
   """The cached store at `path` if it was made with the same `key` (see
   `fingerprint`); otherwise computes it from `batches()` and writes it
   (atomically: a killed run leaves no half-written cache)."""
@@ -151,7 +154,7 @@ def load_or_compute(path: str, batches: Callable[[], Iterable[dict[str, np.ndarr
     with np.load(path) as stored:
       if str(stored["fingerprint"]) == key:
         return PseudoMaskStore(stored["index"], stored["labels"])
-  store = compute(batches(), segmenter)
+  store = compute(batches(), segmenter, progress)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp.npz"
   np.savez_compressed(tmp, index=store.index, labels=store.labels, fingerprint=np.array(key))
