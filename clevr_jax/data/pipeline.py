@@ -22,9 +22,11 @@ import os
 import shutil
 from typing import Iterator, Sequence
 
-os.environ.setdefault("NO_GCE_CHECK", "true")  # no metadata-server probes offline
+from clevr_jax import data as data_package
 
-from absl import logging
+data_package.set_tensorflow_environment()  # before TensorFlow is imported
+
+from absl import logging  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
 import tensorflow as tf
