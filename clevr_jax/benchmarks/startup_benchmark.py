@@ -16,7 +16,9 @@ Prints, per run, the seconds from the command's start until JAX was started
 (imports included: main.py imports TensorFlow first for the data modes), until
 "Training ..." was logged (data, state and steps built, nothing compiled yet),
 and until steps 1 and 2 were logged (step 1's line is the first step done:
-its loss is read back), with the load average. Build the dataset first
+its loss is read back), with the load average, and the CPU time the command
+had used by then (all its threads; on this shared 2-core host the wall time
+follows the load, the CPU time much less). Build the dataset first
 (`--mode=prepare`): its rendering is not start-up.
 """
 
@@ -33,8 +35,20 @@ MARKS = {"jax": " process(es), ", "training": "] Training ", "step 1": " step 1/
          "step 2": " step 2/"}
 
 
-def first_steps(args: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
-  """Seconds from the command's start to each of MARKS' log lines (those seen)."""
+def cpu_seconds(pid: int) -> float | None:
+  """CPU time (user + system, all threads) the process has used so far (Linux)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return None
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def first_steps(args: list[str], env: dict[str, str] | None = None
+                ) -> dict[str, tuple[float, float | None]]:
+  """(seconds from the command's start, CPU seconds the command had used) at
+  each of MARKS' log lines (those seen)."""
   workdir = tempfile.mkdtemp(prefix="startup_benchmark_")
   config = [a for a in args if a.startswith("--config=")] or [
       "--config=configs/unet_rgb.py:quick"]
@@ -45,13 +59,13 @@ def first_steps(args: list[str], env: dict[str, str] | None = None) -> dict[str,
   start = time.perf_counter()
   process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                              text=True, env=env)
-  marks: dict[str, float] = {}
+  marks: dict[str, tuple[float, float | None]] = {}
   errors = []
   try:
     for line in process.stderr:
       for name, pattern in MARKS.items():
         if name not in marks and pattern in line:
-          marks[name] = time.perf_counter() - start
+          marks[name] = (time.perf_counter() - start, cpu_seconds(process.pid))
       if line.startswith("error:"):
         errors.append(line.strip())
       if "step 2" in marks or errors:
@@ -81,8 +95,9 @@ def main() -> None:
       load = os.getloadavg()[0]
       marks = first_steps(args, env)
       kind = ("cold" if run == 0 else "warm") if own_cache else "given cache"
-      print(f"run {run + 1} ({kind}):",
-            "  ".join(f"{k} {v:.1f} s" for k, v in marks.items()),
+      print(f"run {run + 1} ({kind}):", "  ".join(
+          f"{k} {wall:.1f} s" + (f" (CPU {cpu:.1f} s)" if cpu is not None else "")
+          for k, (wall, cpu) in marks.items()),
             f"(load average {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
   finally:
     if own_cache:
