@@ -39,12 +39,19 @@ from typing import Iterable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import optimize
 
 # Counts are summed in float32: exact while they stay below 2**24.
 _MAX_EXACT_PIXELS = 2**24
 # Static arguments of the jitted label-map functions.
 _SLOT_ARGS = ("num_true_slots", "num_pred_slots")
+
+
+def _linear_sum_assignment(weights: np.ndarray, maximize: bool
+                           ) -> tuple[np.ndarray, np.ndarray]:
+  """scipy's Hungarian matching, imported on first use (scipy.optimize is about
+  0.5 s of imports that training does not need before its first step)."""
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  return optimize.linear_sum_assignment(weights, maximize=maximize)
 
 
 # ----------------------------------------------------------------------------
@@ -202,7 +209,7 @@ def hungarian_miou(iou: np.ndarray, true_present: np.ndarray | None = None
   size = max(num_true, num_pred)
   square = np.zeros((size, size))
   square[:num_true, :num_pred] = iou
-  rows, cols = optimize.linear_sum_assignment(square, maximize=True)
+  rows, cols = _linear_sum_assignment(square, maximize=True)
   return float(square[rows, cols].sum() / num_true)
 
 
@@ -234,7 +241,7 @@ def clevrtex_miou(iou: np.ndarray, true_present: np.ndarray,
   pred_present = np.asarray(pred_present, bool)
   true_ids = np.flatnonzero(true_present)
   sub = np.asarray(iou, np.float64)[true_ids][:, pred_present]
-  rows, cols = optimize.linear_sum_assignment(sub, maximize=True)
+  rows, cols = _linear_sum_assignment(sub, maximize=True)
   matched = sub[rows, cols]
   pairs = max(sub.shape)
   miou = float(matched.sum() / pairs) if pairs else math.nan

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from clevr_jax import metrics
 from clevr_jax import schema
+
+def _pyplot() -> Any:
+  """matplotlib.pyplot on the Agg backend, imported on first use: training
+  starts without it (about 1 s of imports before the first step)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
 
 # Background black, then the three shapes, as distinct colours.
 CLASS_COLORS = np.array([[0, 0, 0], [230, 90, 60], [70, 160, 230], [250, 210, 60]],
@@ -20,6 +26,7 @@ CLASS_COLORS = np.array([[0, 0, 0], [230, 90, 60], [70, 160, 230], [250, 210, 60
 
 def label_colors(num_labels: int) -> np.ndarray:
   """A fixed palette of `num_labels` distinct colours, uint8 [n, 3]; label 0 black."""
+  plt = _pyplot()
   distinct = np.concatenate([plt.get_cmap(name).colors for name in
                              ("tab10", "Set2", "Dark2", "tab20b")])[:, :3]
   colors = np.concatenate([[[0, 0, 0]], distinct[np.arange(num_labels - 1) % len(distinct)]])
@@ -43,6 +50,7 @@ def show_image(ax, image: np.ndarray, title: str = "") -> None:
 def save_preview(path: str, images: np.ndarray, outputs: np.ndarray, task: str,
                  semantic: np.ndarray | None = None) -> None:
   """A few inputs beside their reconstructions (or true and predicted class maps)."""
+  plt = _pyplot()
   n = len(images)
   cols = 3 if task == "segmentation" else 2
   fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 1.9 * n), squeeze=False)
@@ -56,7 +64,8 @@ def save_preview(path: str, images: np.ndarray, outputs: np.ndarray, task: str,
     else:
       show_image(axes[i, 1], outputs[i], "reconstruction" if i == 0 else "")
   if task == "segmentation":
-    handles = [matplotlib.patches.Patch(color=CLASS_COLORS[c] / 255, label=name)
+    from matplotlib import patches  # pylint: disable=g-import-not-at-top
+    handles = [patches.Patch(color=CLASS_COLORS[c] / 255, label=name)
                for c, name in enumerate(schema.SEMANTIC_CLASSES)]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7)
   fig.tight_layout()
@@ -86,6 +95,7 @@ def tap_mean_iou_chart(path: str, series: dict[str, dict[str, float]], taps: lis
                        title: str, poster: dict[str, float] | None = None,
                        ylabel: str = "mean IoU (Hungarian)") -> None:
   """The poster's chart: one line per model, mean IoU against the tap."""
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(8, 3.6))
   x = np.arange(len(taps))
   for label, values in series.items():
@@ -135,6 +145,7 @@ def save_tap_figures(workdir: str, table: dict, first: dict, taps: tuple[str, ..
     first: figures of `evaluation.protocol.score_features`.
     taps: the feature maps, in order.
   """
+  plt = _pyplot()
   for metric, name, label in (("poster_miou", "miou_per_tap.png", "poster mIoU"),
                               ("fg_ari", "fg_ari_per_tap.png", "FG-ARI")):
     series = {seg: {t: by_tap[t][metric] for t in taps} for seg, by_tap in table.items()}
@@ -189,6 +200,7 @@ def save_tap_figures(workdir: str, table: dict, first: dict, taps: tuple[str, ..
 
 
 def save_supervised_figures(workdir: str, scores: dict, first: dict) -> None:
+  plt = _pyplot()
   confusion = np.asarray(scores["confusion"], np.float64)
   rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
   fig, ax = plt.subplots(figsize=(4.2, 3.6))

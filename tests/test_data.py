@@ -592,6 +592,26 @@ def test_processes_read_disjoint_flat_slices_of_the_global_batches(synthetic, pr
     next(split.train_batches(3, process_count=3))
 
 
+def test_cached_batches_gathered_on_the_host_are_the_tf_data_streamed_ones(synthetic):
+  # With data.cache the epochs are gathered from host arrays at epoch_order's
+  # positions; tf.data's own shuffle and batch of the split is the reference.
+  config, _ = synthetic
+  assert config.data.cache
+  split = pipeline.Split(config, "train")
+  cases = [dict(epoch=0), dict(epoch=1, skip_batches=2),
+           dict(epoch=2, fields=("image", "index")),
+           *[dict(epoch=3, process_index=p, process_count=2) for p in range(2)]]
+  for case in cases:
+    gathered = list(split.train_batches(**case))
+    streamed = list(split.streamed_batches(**case))
+    assert gathered
+    _assert_batches_equal(gathered, streamed)
+    for a, e in zip(gathered, streamed):
+      assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in e.items()}
+  uncached = pipeline.Split(_test_config(config.data.data_dir, cache=False), "train")
+  _assert_batches_equal(list(uncached.train_batches(1)), list(split.train_batches(1)))
+
+
 def test_device_resident_split_gives_the_streamed_batches(synthetic):
   # The positions' order is tf.data's shuffle of the same seed and size, and
   # gathering the stored arrays at them gives the streamed batches, on the
@@ -603,7 +623,7 @@ def test_device_resident_split_gives_the_streamed_batches(synthetic):
   data = batch_lib.DeviceData(arrays, mesh)
   assert data.num_examples == split.num_examples
   for epoch, skip in ((0, 0), (1, 2)):
-    streamed = list(split.train_batches(epoch, skip_batches=skip))
+    streamed = list(split.streamed_batches(epoch, skip_batches=skip))
     positions = list(split.position_batches(epoch, skip_batches=skip))
     assert len(positions) == len(streamed) == split.steps_per_epoch(config.batch_size) - skip
     gathered = [{k: v[p["position"]] for k, v in arrays.items()} for p in positions]

@@ -11,8 +11,10 @@ stored fields the train step reads, `batch.fields(config, 'train')`: uint8
 images for reconstruction), each made global device arrays with
 `batch.to_global` as train.py does (unless `--nodevice_put`):
 
-  - the first epoch: read, decode and (with config.data.cache) fill the cache;
-  - later epochs from the cache (median of `--cached_epochs`);
+  - the first epoch: tf.data reads and decodes the split (with
+    config.data.cache into host arrays, from which its batches are gathered);
+  - later epochs from the cache: batches gathered from the host arrays at
+    tf.data's shuffle order (median of `--cached_epochs`);
   - with `--device_resident`, the split put on the devices once and each
     batch's positions sent instead (config.data.device_resident);
   - the train step alone on random images of the same shape (compiled once;
@@ -155,10 +157,10 @@ class Result:
     rows = [
         '| stage | batches | images/s | ms/batch | first batch (s) | note |',
         '|---|---|---|---|---|---|',
-        _row('tf.data, first epoch (read, decode, fill cache)', self.first_epoch,
+        _row('first epoch (tf.data reads and decodes; fills the cache)', self.first_epoch,
              note=('dataset already prepared' if self.prepare_s is None
                    else f'prepared in {self.prepare_s:.1f} s')),
-        _row('tf.data, cached epoch (median)', self.cached,
+        _row('cached epoch (median), as device arrays', self.cached,
              note=f'{self.bytes_per_image / 1e3:.1f} kB per image sent')]
     if self.resident is not None:
       rows.append(_row('device-resident split (positions sent)', self.resident))

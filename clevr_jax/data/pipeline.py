@@ -9,6 +9,10 @@ Evaluation pads the split with invalid examples to a whole number of global
 batches, so no test image is dropped and every process runs the same number of
 collective steps (uneven shards make collectives hang).
 
+Cached training epochs are gathered on the host from the split's arrays, read
+once through tf.data, at the positions of tf.data's own shuffle
+(`Split.train_batches`).
+
 Each host batch is a dict of numpy arrays, this process's slice of a global
 batch ([per-process batch, ...]), holding the stored fields of clevr_jax/batch.py
 (uint8 image and labels, shape codes, visibility, valid, index), or only those
@@ -22,9 +26,11 @@ import os
 import shutil
 from typing import Iterator, Sequence
 
-os.environ.setdefault("NO_GCE_CHECK", "true")  # no metadata-server probes offline
+from clevr_jax import data as data_package
 
-from absl import logging
+data_package.set_tensorflow_environment()  # before TensorFlow is imported
+
+from absl import logging  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -226,8 +232,11 @@ class Split:
     self.config = config
     self.split = split
     dataset, self.num_examples = _source_dataset(config, split)
-    dataset = dataset.map(_stored_form, num_parallel_calls=tf.data.AUTOTUNE)
-    self._dataset = dataset.cache() if config.data.cache else dataset
+    self._source = dataset.map(_stored_form, num_parallel_calls=tf.data.AUTOTUNE)
+    self._dataset = self._source.cache() if config.data.cache else self._source
+    # config.data.cache: the training fields in host memory, read once (see
+    # train_batches); filled by the first epoch.
+    self._host_arrays: dict[str, np.ndarray] = {}
 
   def steps_per_epoch(self, global_batch: int) -> int:
     return self.num_examples // global_batch
@@ -249,9 +258,32 @@ class Split:
 
     Yields this process's flat slice of each global batch, with the stored
     `fields` (all when None).
+
+    With config.data.cache the split's fields are read once into host arrays
+    and each batch is gathered from them at the positions of `epoch_order`
+    (tf.data's shuffle of the same seed, so the batches are the streamed ones,
+    tested): tf.data's batching of cached examples, one by one, took about 10x
+    the copy itself, and a resumed epoch now skips its first batches without
+    reading them. Without the cache, tf.data streams the split and shuffles it
+    (config.data.prefetch_batches applies there and to evaluation).
     """
     global_batch = self._check_train_batch()
-    dataset = _select(self._dataset, fields).shuffle(
+    per_process = per_process_batch(global_batch, process_count)
+    if self.config.data.cache:
+      arrays = self._cached_arrays(fields)
+      order = self.epoch_order(epoch).reshape(-1, global_batch)
+      own = order[skip_batches:, process_index * per_process:(process_index + 1) * per_process]
+      return ({k: v[positions] for k, v in arrays.items()} for positions in own)
+    return self.streamed_batches(epoch, skip_batches=skip_batches,
+                                 process_index=process_index,
+                                 process_count=process_count, fields=fields)
+
+  def streamed_batches(self, epoch: int, *, skip_batches: int = 0, process_index: int = 0,
+                       process_count: int = 1, fields: Sequence[str] | None = None
+                       ) -> Iterator[dict[str, np.ndarray]]:
+    """`train_batches` through tf.data alone (shuffle, batch, slice), uncached."""
+    global_batch = self._check_train_batch()
+    dataset = _select(self._source, fields).shuffle(
         self.num_examples, seed=self._epoch_seed(epoch), reshuffle_each_iteration=False)
     dataset = dataset.batch(global_batch, drop_remainder=True).skip(skip_batches)
     return _to_host_batches(dataset, self.config, global_batch, process_index,
@@ -263,7 +295,8 @@ class Split:
     global_batch = self._check_train_batch()
     order = tf.data.Dataset.range(self.num_examples).shuffle(
         self.num_examples, seed=self._epoch_seed(epoch), reshuffle_each_iteration=False)
-    order = np.fromiter(order.as_numpy_iterator(), np.int64, self.num_examples)
+    # One element: iterating n scalars through Python took 15x as long (per epoch).
+    order = order.batch(self.num_examples).get_single_element().numpy()
     return order[:self.steps_per_epoch(global_batch) * global_batch].astype(np.int32)
 
   def position_batches(self, epoch: int, *, skip_batches: int = 0, process_index: int = 0,
@@ -277,9 +310,32 @@ class Split:
       yield {"position": own}
 
   def stored_arrays(self, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """The whole split's stored fields, stacked in split order (for DeviceData)."""
-    chunks = list(_select(self._dataset, fields).batch(256).as_numpy_iterator())
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    """The whole split's stored fields, stacked in split order (for DeviceData).
+
+    Read from the source, not through the cache, so that the split is not held
+    in memory twice.
+    """
+    chunks = _select(self._source, fields).batch(256).as_numpy_iterator()
+    arrays: dict[str, np.ndarray] = {}
+    start = 0
+    for chunk in chunks:
+      for k, v in chunk.items():
+        if k not in arrays:
+          arrays[k] = np.empty((self.num_examples,) + v.shape[1:], v.dtype)
+        arrays[k][start:start + len(v)] = v
+      start += len(next(iter(chunk.values())))
+    if start != self.num_examples:
+      raise ValueError(f"the {self.split} split yielded {start} examples, not the "
+                       f"{self.num_examples} its metadata lists: rebuild it")
+    return arrays
+
+  def _cached_arrays(self, fields: Sequence[str] | None) -> dict[str, np.ndarray]:
+    """`stored_arrays(fields)`, read on first use and kept."""
+    wanted = tuple(self._source.element_spec) if fields is None else tuple(fields)
+    missing = [k for k in wanted if k not in self._host_arrays]
+    if missing:
+      self._host_arrays.update(self.stored_arrays(missing))
+    return {k: self._host_arrays[k] for k in wanted}
 
   def eval_batches(self, *, process_index: int = 0, process_count: int = 1,
                    max_examples: int = 0, fields: Sequence[str] | None = None
