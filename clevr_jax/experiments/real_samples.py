@@ -4,9 +4,7 @@ path (resized to the run's image size):
 
   python -m clevr_jax.experiments.real_samples --out=/tmp/samples.tfrecords
   python -m clevr_jax.main --config=configs/unet_objects.py:experiment --mode=evaluate \
-      --workdir=RUN --config.data.eval_file=/tmp/samples.tfrecords \
-      --config.data.eval_file_height=240 --config.data.eval_file_width=320 \
-      --config.eval.batch_size=1
+      --workdir=RUN --config.data.eval_file=/tmp/samples.tfrecords --config.eval.batch_size=1
 """
 
 from __future__ import annotations
