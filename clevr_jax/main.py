@@ -33,7 +33,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # TensorFlow/TFDS warnings that concern their own setup, not the run.
-_NOISY_WARNINGS = ("Using custom data configuration",)
+# Benign: TFDS finds the dataset's folder before its first prepare has written it;
+# orbax notes (twice) each read-only checkpoint manager, as evaluation opens them.
+_NOISY_WARNINGS = ("Using custom data configuration", "has no dataset_info.json",
+                   "CheckpointManagerOptions.read_only=True", "Given directory is read only")
 
 from absl import app  # pylint: disable=g-import-not-at-top  (after the environment)
 from absl import flags

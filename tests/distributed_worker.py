@@ -1,18 +1,20 @@
 """One process of a localhost multi-process run (tests/test_distributed.py).
 
 python tests/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES DATA_DIR WORKDIR \
-    EVAL_WORKDIR OUT
+    EVAL_WORKDIR OUT [WAIT_FOR]
 
 Trains the `:test` preset (a smaller network: this is about distribution, not
 the model) through the real pipeline into WORKDIR, evaluates the checkpoint in
 EVAL_WORKDIR, and (process 0) writes the trained parameters and the evaluation
-table to OUT.npz/json.
+table to OUT.npz/json. WAIT_FOR (a file path): evaluate only once it exists,
+i.e. once another run that writes it has finished with EVAL_WORKDIR.
 """
 
 import importlib.util
 import json
 import os
 import sys
+import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +32,7 @@ def load_run_file(name: str):
 def main() -> None:
   process_id, num_processes, port, devices = map(int, sys.argv[1:5])
   data_dir, workdir, eval_workdir, out = sys.argv[5:9]
+  wait_for = sys.argv[9] if len(sys.argv) > 9 else ""
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
@@ -53,6 +56,11 @@ def main() -> None:
     # regions, tables exchanged between processes): both paths of the protocol.
     config.eval.segmenter_names = ("kmeans", "split_merge_predict_k")
   train.train_and_evaluate(config, workdir)
+  deadline = time.monotonic() + 540  # under the test's timeout
+  while wait_for and not os.path.exists(wait_for):
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"{wait_for} never appeared")
+    time.sleep(0.5)
   results = evaluation.evaluate(config, eval_workdir)
   state, _ = evaluation.restore_state(config, workdir, state_lib.make_mesh())
   leaves = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.batch_stats)))

@@ -20,7 +20,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(num_processes, devices, data_dir, workdir, eval_workdir, out):
+def _start(num_processes, devices, data_dir, workdir, eval_workdir, out, wait_for=""):
+  """Starts the run's processes; `_finish` waits for them and reads what they wrote."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   # Output to files, not pipes: a process blocked on a full pipe that nobody
@@ -28,16 +29,25 @@ def _run(num_processes, devices, data_dir, workdir, eval_workdir, out):
   logs = [open(f"{out}.process{i}.log", "w+") for i in range(num_processes)]
   procs = [subprocess.Popen(
       [sys.executable, WORKER, str(i), str(num_processes), str(port), str(devices),
-       data_dir, workdir, eval_workdir, out], env=env, stdout=log, stderr=subprocess.STDOUT,
-      text=True) for i, log in enumerate(logs)]
+       data_dir, workdir, eval_workdir, out, wait_for], env=env, stdout=log,
+      stderr=subprocess.STDOUT, text=True) for i, log in enumerate(logs)]
+  return procs, logs, out
+
+
+def _kill(procs):
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def _finish(run):
+  procs, logs, out = run
   try:
     for p in procs:
       p.wait(timeout=TIMEOUT_S)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    _kill(procs)
   for p, log in zip(procs, logs):
     log.seek(0)
     assert p.returncode == 0, log.read()[-3000:]
@@ -50,10 +60,21 @@ def _run(num_processes, devices, data_dir, workdir, eval_workdir, out):
 
 def test_two_processes_equal_one_process_with_the_same_devices(tmp_path, data_dir):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  single, single_params = _run(1, 4, data_dir, one, one, str(tmp_path / "one_out"))
-  # The two processes evaluate the single process's checkpoint: the same features,
+  one_out = str(tmp_path / "one_out")
+  # Both runs at once (their start-ups and compiles overlap on two cores). The
+  # two processes evaluate the single process's checkpoint: the same features,
   # so any difference in the figures would come from how the work is split.
-  multi, multi_params = _run(2, 2, data_dir, two, one, str(tmp_path / "two_out"))
+  # They wait for it after their own training: the single run writes
+  # one_out.npz once its training and evaluation are done.
+  single_run = _start(1, 4, data_dir, one, one, one_out)
+  multi_run = _start(2, 2, data_dir, two, one, str(tmp_path / "two_out"),
+                     wait_for=one_out + ".npz")
+  try:
+    single, single_params = _finish(single_run)
+  except BaseException:
+    _kill(multi_run[0])  # it would wait for a checkpoint that never comes
+    raise
+  multi, multi_params = _finish(multi_run)
   assert (single["devices"], single["processes"]) == (4, 1)
   assert (multi["devices"], multi["processes"]) == (4, 2)
   assert len(single_params) == len(multi_params)

@@ -255,17 +255,20 @@ def test_host_contingency_equals_the_device_one():
   np.testing.assert_array_equal(host, device)
 
 
-def test_segmenter_benchmark_runs_and_the_engine_imports_no_tensorflow(run_python):
+def test_segmenter_benchmark_runs_and_the_engine_imports_no_tensorflow(start_python):
   # The GPU machine may lack TensorFlow: the engine and its benchmark may not pull it in.
   code = ("import sys, clevr_jax.evaluation, "
           "clevr_jax.benchmarks.segmenter_benchmark; "
           "print(sorted(m for m in sys.modules if m.startswith('tensorflow') "
           "or m.startswith('clevr_jax.data')))")
-  imported = run_python(["-c", code])
+  # Both children at once: on two cores their start-ups (imports) overlap.
+  importing = start_python(["-c", code])
+  benchmark = start_python(["-m", "clevr_jax.benchmarks.segmenter_benchmark", "--images=1",
+                            "--repeats=1", "--taps=30x40x8"])
+  imported = importing.result()
   assert imported.returncode == 0, imported.stderr[-2000:]
   assert imported.stdout.strip() == "[]"
-  result = run_python(["-m", "clevr_jax.benchmarks.segmenter_benchmark", "--images=1",
-                       "--repeats=1", "--taps=30x40x8"])
+  result = benchmark.result()
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [line for line in result.stdout.splitlines() if line.startswith("| 30x40x8 |")]
   assert {row.split("|")[2].strip() for row in rows} == {"split_merge", "split_merge_predict_k"}
