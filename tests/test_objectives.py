@@ -175,36 +175,6 @@ def test_mask_infonce_is_lower_for_matched_than_shuffled_masks(queries):
 # --- the device split ----------------------------------------------------------------
 
 
-def _terms_and_grad(config, projection, features, batch, axis_name):
-  def loss_fn(proj):
-    outs = {v: {"embedding": f @ proj} for v, f in features.items()}
-    terms = objectives.objective_terms(config, outs, batch, axis_name, _key(1))
-    return terms["total"], terms
-  return jax.value_and_grad(loss_fn, has_aux=True)(projection)
-
-
-@pytest.mark.parametrize("queries", ["mask"])
-def test_terms_on_four_devices_equal_one_device(queries):
-  # A named vmap axis stands in for shard_map's (collectives included); the
-  # child below checks shard_map itself, with pixel queries. float64: the split
-  # changes only the summation order (~1e-16 relative), so 1e-9 holds on any CPU.
-  with jax.enable_x64(True):
-    config, projection, features, batch = make_case(8, queries)
-    (_, whole), whole_grad = jax.jit(
-        lambda f, b: _terms_and_grad(config, projection, f, b, None))(features, batch)
-    split = lambda x: x.reshape((4, 2) + x.shape[1:])
-    per_device = jax.jit(jax.vmap(
-        lambda f, b: _terms_and_grad(config, projection, f, b, "d"), axis_name="d"))(
-            jax.tree.map(split, features), jax.tree.map(split, batch))
-    (_, parts), grads = per_device
-    assert set(whole) == {"discriminative", "mask_infonce", "view_infonce", "total"}
-    for name, value in whole.items():
-      assert float(parts[name].mean()) == pytest.approx(float(value), rel=1e-9, abs=1e-12)
-    # Each device's gradient is of its own share; their mean is the global gradient.
-    np.testing.assert_allclose(grads.mean(0), whole_grad, rtol=1e-9, atol=1e-12)
-    assert float(jnp.abs(whole_grad).max()) > 0
-
-
 def test_train_step_on_four_devices_equals_one_device(four_device_child):
   result = four_device_child.result(timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr

@@ -1,7 +1,7 @@
 """Child of tests/test_objectives.py, in float64 on the devices of this process:
 the real train step (`train_step.make_train_step`, every objective term on,
 two views, pseudo-labels in the batch) on a mesh of all devices against a mesh
-of one device. (The terms alone are compared on a named vmap axis in the test.)
+of one device.
 
 Prints the largest differences and exits 1 when one exceeds its tolerance."""
 
@@ -42,7 +42,7 @@ def train_steps_on_devices(num_steps: int = 2) -> float:
   obj = config.objectives
   obj.discriminative.weight = 1.0
   obj.mask_infonce.weight = 0.5
-  obj.mask_infonce.queries = "mask"  # two views
+  obj.mask_infonce.queries = "pixel"  # the default (view_infonce makes two views)
   obj.view_infonce.weight = 0.25
   obj.view_infonce.num_points = 16
   h, w = config.data.image_height, config.data.image_width
