@@ -99,12 +99,13 @@ def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
                  time.time() - start)
     return store
 
-  if jax.process_count() == 1:
-    return compute()
-  if jax.process_index() == 0:
-    compute()
-  multihost_utils.sync_global_devices("pseudo-masks written")
-  return pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config), key)
+  store = compute() if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("pseudo-masks written")
+    if store is None:  # written by process 0: read, not computed again
+      store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config),
+                                           key)
+  return store
 
 
 def evaluate_epoch(config: ml_collections.ConfigDict, state: state_lib.TrainState,

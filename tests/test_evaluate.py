@@ -21,6 +21,7 @@ from clevr_jax.data import official
 from clevr_jax.data import pipeline
 from clevr_jax.evaluation import results as results_lib
 from clevr_jax.evaluation import segmenters
+from clevr_jax.experiments import real_samples
 
 # Two real records, kept in the repository (see their README for licence and source).
 SAMPLES = os.path.join(os.path.dirname(__file__), "data", "clevr_with_masks_samples")
@@ -135,22 +136,8 @@ def test_baselines_on_four_devices_equal_one_device(tmp_path, test_config, run_p
       assert four["random_masks"][k][metric] == pytest.approx(value, abs=1e-9)
 
 
-def _write_samples(path, indices=(0, 1), crop=(240, 320)):
-  examples = []
-  for index in indices:
-    data = np.load(os.path.join(SAMPLES, f"sample_{index}.npz"))
-    h, w = crop
-    image, mask = data["image"][:h, :w], data["mask"][:, :h, :w]
-    example = {"image": image, "mask": mask,
-               "pixel_coords": np.zeros((schema.MAX_SLOTS, 3), np.float32)}
-    for name in schema.FLOAT_FEATURES:
-      example[name] = np.zeros(schema.MAX_SLOTS, np.float32)
-    example["visibility"] = (mask.reshape(schema.MAX_SLOTS, -1).max(1) > 0
-                             ).astype(np.float32)
-    for name in schema.CODE_FEATURES:
-      example[name] = np.zeros(schema.MAX_SLOTS, np.uint8)
-    examples.append(example)
-  official.write_records(path, examples)
+def _write_samples(path, indices=(0, 1), crop=None):
+  official.write_records(path, real_samples.sample_examples(SAMPLES, indices, crop))
 
 
 def _fast(config):

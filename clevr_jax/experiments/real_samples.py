@@ -10,6 +10,7 @@ path (resized to the run's image size):
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -20,15 +21,19 @@ from clevr_jax.data import official
 
 SAMPLES_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data",
                            "clevr_with_masks_samples")
-_OUT = flags.DEFINE_string("out", None, "The .tfrecords file to write.")
 
 
-def sample_examples(folder: str = SAMPLES_DIR) -> list[dict[str, np.ndarray]]:
-  """The samples as official-schema examples (no attributes: zero codes and floats)."""
+def sample_examples(folder: str = SAMPLES_DIR, indices: Sequence[int] = (0, 1),
+                    crop: tuple[int, int] | None = None) -> list[dict[str, np.ndarray]]:
+  """The samples as official-schema examples (no attributes: zero codes and
+  floats), optionally cropped to their top-left `crop` = (height, width)."""
   examples = []
-  for index in (0, 1):
+  for index in indices:
     with np.load(os.path.join(folder, f"sample_{index}.npz")) as data:
       image, mask = data["image"], data["mask"]
+    if crop is not None:
+      h, w = crop
+      image, mask = image[:h, :w], mask[:, :h, :w]
     example = {"image": image, "mask": mask,
                "pixel_coords": np.zeros((schema.MAX_SLOTS, 3), np.float32)}
     for name in schema.FLOAT_FEATURES:
@@ -42,10 +47,12 @@ def sample_examples(folder: str = SAMPLES_DIR) -> list[dict[str, np.ndarray]]:
 
 def main(argv) -> None:
   del argv
-  official.write_records(_OUT.value, sample_examples())
-  print(f"wrote {_OUT.value}")
+  official.write_records(flags.FLAGS.out, sample_examples())
+  print(f"wrote {flags.FLAGS.out}")
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: the tests import `sample_examples`.
+  flags.DEFINE_string("out", None, "The .tfrecords file to write.")
   flags.mark_flags_as_required(["out"])
   app.run(main)
