@@ -6,9 +6,10 @@ self-attention block at the bottleneck (global mixing); a discriminative loss
 on pseudo-instance masks from the best no-oracle raw-pixel segmenter
 (`config.objectives.pseudo_masks.segmenter`, no labels), computed once per
 training image and cached in <workdir>/pseudo_masks. The dense InfoNCE between
-two geometric views is off: with same-image negatives it pushed one object's
-pixels apart and lowered every score in a first run (turn it on with
---config.objectives.view_infonce.weight=0.5; docs/object_features.md).
+two geometric views is off: it lowered every score in both runs, with
+same-image negatives (it pushed one object's pixels apart) and with only
+other images' (most likely it coded which image a pixel lies in). Turn it on with
+--config.objectives.view_infonce.weight=0.5; docs/object_features.md.
 
   --config=configs/unet_objects.py             the real dataset, the poster's schedule
   --config=configs/unet_objects.py:synthetic   the poster's schedule on synthetic scenes
