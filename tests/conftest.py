@@ -46,6 +46,15 @@ Session fixtures (each built once, on first use):
                    (devices, float64), started by the first call; `wait=False`
                    only starts it (a module may start it early, to overlap it
                    with its own work), `wait=True` also checks it succeeded.
+  distributed_runs DistributedRuns: tests/helpers/distributed_worker.py as
+                   1 process x 4 devices and as 2 processes x 2 devices
+                   (gloo), all three started together; `.single` and `.multi`
+                   are their Child lists, `.single_out` and `.multi_out` the
+                   paths (without .npz/.json) that process 0 of each writes.
+
+Some children are started when the session's first test starts, not when the
+test that reads them does (`_START_EARLY`): the in-process tests leave one of
+the two cores idle much of the time, and these children fill it.
 
 Compiled work is shared through JAX's persistent compilation cache. Compiling
 the U-Net (its threefry initialisation above all) takes tens of seconds on a
@@ -62,6 +71,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -81,6 +91,19 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 # Every program, however quick to compile: the suite builds the same small ones
 # (optax's set-up, the derivations, the eval steps) in many runs and children.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Compiled for compiling fast, not for running fast: the suite's programs are
+# small and run a few times each, so XLA:CPU's compile dominates (a two-level
+# U-Net train step: 16-19 CPU seconds to compile by default, 9.5-10.3 with
+# LLVM's optimisations off). It changes how well the machine code is
+# optimised, not what it computes (no fast math either way: the float64
+# device-count comparisons still agree to ~1e-15). Children inherit it
+# through the environment. (Adding --xla_cpu_use_fusion_emitters=false cut
+# compiles further but moved those float64 comparisons to ~1e-8: not used.)
+SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
+_xla_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(
+    _xla_flags + [f for f in SUITE_XLA_FLAGS
+                  if f.split("=")[0] not in {g.split("=")[0] for g in _xla_flags}])
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -246,3 +269,46 @@ def data_parallel_run(tmp_path_factory, data_dir):
     return run
 
   return get
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedRuns:
+  single: list[Child]
+  multi: list[Child]
+  single_out: str
+  multi_out: str
+
+
+@pytest.fixture(scope="session")
+def distributed_runs(tmp_path_factory, data_dir) -> DistributedRuns:
+  root = tmp_path_factory.mktemp("distributed")
+  worker = os.path.join(HELPERS, "distributed_worker.py")
+  one, two = str(root / "one"), str(root / "two")
+  single_out, multi_out = str(root / "one_out"), str(root / "two_out")
+  # The two processes evaluate the single process's checkpoint (the same
+  # features, so any difference in the figures comes from how the work is
+  # split): they wait for it after their own training, until the single run
+  # writes single_out.npz once its training and evaluation are done.
+  single = [Child([worker, 0, 1, _free_port(), 4, data_dir, one, one, single_out])]
+  port = _free_port()
+  multi = [Child([worker, i, 2, port, 2, data_dir, two, one, multi_out, single_out + ".npz"])
+           for i in range(2)]
+  return DistributedRuns(single, multi, single_out, multi_out)
+
+
+# Session fixtures whose children take longest, started with the first test.
+_START_EARLY = ("distributed_runs",)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_early(request):
+  wanted = {name for item in request.session.items for name in item.fixturenames}
+  for name in _START_EARLY:
+    if name in wanted:
+      request.getfixturevalue(name)

@@ -1,80 +1,35 @@
 """Multi-process data parallelism on localhost: 2 processes x 2 CPU devices (gloo)
-train and evaluate like 1 process x 4 devices."""
+train and evaluate like 1 process x 4 devices (the `distributed_runs` fixture,
+whose processes start with the session's first test)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 TIMEOUT_S = 600  # a hung collective fails the test instead of hanging CI
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _start(num_processes, devices, data_dir, workdir, eval_workdir, out, wait_for=""):
-  """Starts the run's processes; `_finish` waits for them and reads what they wrote."""
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  # Output to files, not pipes: a process blocked on a full pipe that nobody
-  # reads yet would stall the collectives of the others.
-  logs = [open(f"{out}.process{i}.log", "w+") for i in range(num_processes)]
-  procs = [subprocess.Popen(
-      [sys.executable, WORKER, str(i), str(num_processes), str(port), str(devices),
-       data_dir, workdir, eval_workdir, out, wait_for], env=env, stdout=log,
-      stderr=subprocess.STDOUT, text=True) for i, log in enumerate(logs)]
-  return procs, logs, out
-
-
-def _kill(procs):
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-
-
-def _finish(run):
-  procs, logs, out = run
-  try:
-    for p in procs:
-      p.wait(timeout=TIMEOUT_S)
-  finally:
-    _kill(procs)
-  for p, log in zip(procs, logs):
-    log.seek(0)
-    assert p.returncode == 0, log.read()[-3000:]
-    log.close()
+def _finish(children, out):
+  """Waits for a run's processes; what its process 0 wrote."""
+  for child in children:
+    result = child.result(timeout=TIMEOUT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
   with open(out + ".json") as f:
     results = json.load(f)
   params = np.load(out + ".npz")
   return results, [params[k] for k in params.files]
 
 
-def test_two_processes_equal_one_process_with_the_same_devices(tmp_path, data_dir):
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  one_out = str(tmp_path / "one_out")
-  # Both runs at once (their start-ups and compiles overlap on two cores). The
-  # two processes evaluate the single process's checkpoint: the same features,
-  # so any difference in the figures would come from how the work is split.
-  # They wait for it after their own training: the single run writes
-  # one_out.npz once its training and evaluation are done.
-  single_run = _start(1, 4, data_dir, one, one, one_out)
-  multi_run = _start(2, 2, data_dir, two, one, str(tmp_path / "two_out"),
-                     wait_for=one_out + ".npz")
+def test_two_processes_equal_one_process_with_the_same_devices(distributed_runs):
+  runs = distributed_runs
   try:
-    single, single_params = _finish(single_run)
+    single, single_params = _finish(runs.single, runs.single_out)
   except BaseException:
-    _kill(multi_run[0])  # it would wait for a checkpoint that never comes
+    for child in runs.multi:  # they would wait for a checkpoint that never comes
+      child.stop()
     raise
-  multi, multi_params = _finish(multi_run)
+  multi, multi_params = _finish(runs.multi, runs.multi_out)
   assert (single["devices"], single["processes"]) == (4, 1)
   assert (multi["devices"], multi["processes"]) == (4, 2)
   assert len(single_params) == len(multi_params)

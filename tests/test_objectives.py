@@ -335,6 +335,10 @@ def test_a_short_training_run_lowers_the_objective_terms(tmp_path, data_dir):
   config = unet_objects.get_config("test")
   config.data.data_dir = data_dir
   config.num_epochs = 3
+  # Two levels instead of four (the same blocks, attention at the bottleneck,
+  # the head off the last decoder block), at about half the compile time.
+  config.model.depth, config.model.embedding_tap = 2, "dec2"
+  config.eval.taps = ("input", "enc1", "dec2", "embedding")
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   records = [r for r in logs.read_metrics(workdir) if "train/discriminative" in r]

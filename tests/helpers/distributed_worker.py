@@ -1,6 +1,6 @@
 """One process of a localhost multi-process run (tests/test_distributed.py).
 
-python tests/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES DATA_DIR WORKDIR \
+python tests/helpers/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES DATA_DIR WORKDIR \
     EVAL_WORKDIR OUT [WAIT_FOR]
 
 Trains the `:test` preset (a smaller network: this is about distribution, not
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_run_file(name: str):
@@ -33,7 +33,11 @@ def main() -> None:
   process_id, num_processes, port, devices = map(int, sys.argv[1:5])
   data_dir, workdir, eval_workdir, out = sys.argv[5:9]
   wait_for = sys.argv[9] if len(sys.argv) > 9 else ""
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # The suite's other XLA flags (tests/conftest.py) stay; the device count is ours.
+  os.environ["XLA_FLAGS"] = " ".join(
+      [f for f in os.environ.get("XLA_FLAGS", "").split()
+       if not f.startswith("--xla_force_host_platform_device_count")]
+      + [f"--xla_force_host_platform_device_count={devices}"])
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
