@@ -95,8 +95,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # small and run a few times each, so XLA:CPU's compile dominates (a two-level
 # U-Net train step: 16-19 CPU seconds to compile by default, 9.5-10.3 with
 # LLVM's optimisations off). It changes how well the machine code is
-# optimised, not what it computes (no fast math either way: the float64
-# device-count comparisons still agree to ~1e-15). Children inherit it
+# optimised; no fast math either way, so results move by rounding at most
+# (the float64 device-count comparisons still agree to ~1e-15). Children inherit it
 # through the environment. (Adding --xla_cpu_use_fusion_emitters=false cut
 # compiles further but moved those float64 comparisons to ~1e-8: not used.)
 SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
