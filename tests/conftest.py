@@ -308,7 +308,8 @@ _START_EARLY = ("distributed_runs",)
 
 @pytest.fixture(scope="session", autouse=True)
 def _start_early(request):
-  wanted = {name for item in request.session.items for name in item.fixturenames}
+  wanted = {name for item in request.session.items
+            for name in getattr(item, "fixturenames", ())}
   for name in _START_EARLY:
     if name in wanted:
       request.getfixturevalue(name)
