@@ -295,10 +295,10 @@ def distributed_runs(tmp_path_factory, data_dir) -> DistributedRuns:
   # features, so any difference in the figures comes from how the work is
   # split): they wait for it after their own training, until the single run
   # writes single_out.npz once its training and evaluation are done.
-  single = [Child([worker, 0, 1, _free_port(), 4, data_dir, one, one, single_out])]
+  single = [Child([worker, 0, 1, 0, data_dir, one, one, single_out], devices=4)]  # no port
   port = _free_port()
-  multi = [Child([worker, i, 2, port, 2, data_dir, two, one, multi_out, single_out + ".npz"])
-           for i in range(2)]
+  multi = [Child([worker, i, 2, port, data_dir, two, one, multi_out, single_out + ".npz"],
+                 devices=2) for i in range(2)]
   return DistributedRuns(single, multi, single_out, multi_out)
 
 

@@ -1,7 +1,11 @@
 """One process of a localhost multi-process run (tests/test_distributed.py).
 
-python tests/helpers/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES DATA_DIR WORKDIR \
+python tests/helpers/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR \
     EVAL_WORKDIR OUT [WAIT_FOR]
+
+Run it on CPU devices (JAX_PLATFORMS=cpu, and
+XLA_FLAGS=--xla_force_host_platform_device_count=N for N devices per process;
+tests/conftest.py's `distributed_runs` sets both through `child_env`).
 
 Trains the `:test` preset (a smaller network: this is about distribution, not
 the model) through the real pipeline into WORKDIR, evaluates the checkpoint in
@@ -30,15 +34,9 @@ def load_run_file(name: str):
 
 
 def main() -> None:
-  process_id, num_processes, port, devices = map(int, sys.argv[1:5])
-  data_dir, workdir, eval_workdir, out = sys.argv[5:9]
-  wait_for = sys.argv[9] if len(sys.argv) > 9 else ""
-  # The suite's other XLA flags (tests/conftest.py) stay; the device count is ours.
-  os.environ["XLA_FLAGS"] = " ".join(
-      [f for f in os.environ.get("XLA_FLAGS", "").split()
-       if not f.startswith("--xla_force_host_platform_device_count")]
-      + [f"--xla_force_host_platform_device_count={devices}"])
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  process_id, num_processes, port = map(int, sys.argv[1:4])
+  data_dir, workdir, eval_workdir, out = sys.argv[4:8]
+  wait_for = sys.argv[8] if len(sys.argv) > 8 else ""
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if num_processes > 1:
