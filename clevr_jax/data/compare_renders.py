@@ -1,16 +1,18 @@
 """Synthetic scenes beside real CLEVR renders: a figure and a table of numbers.
 
-  python -m clevr_jax.data.compare_renders --out docs/synthetic_vs_real.png
+  python -m clevr_jax.data.compare_renders --renders_dir=DIR --out docs/synthetic_vs_real.png
 
-The figure puts 8 synthetic scenes (seeds 0-7) beside the 8 real renders of
-`shared/data/clevr_renders`. The table compares the background-pixel fraction
-and the mean background colour of the two real `clevr_with_masks` samples with
-those of `--num_scenes` synthetic scenes.
+The figure puts 8 synthetic scenes (seeds 0-7) beside real CLEVR renders
+(`--renders_dir`: a folder of img*.png, 240x320; the repository does not ship
+them). The table compares the background-pixel fraction and the mean
+background colour of the two real `clevr_with_masks` samples (by default the
+ones in tests/data) with those of `--num_scenes` synthetic scenes.
 """
 
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Sequence
 
 from absl import app
@@ -24,10 +26,11 @@ _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _OUT = flags.DEFINE_string("out", "docs/synthetic_vs_real.png",
                            "Where to write the figure (PNG).")
-_SHARED_DIR = flags.DEFINE_string(
-    "shared_dir", str(_REPO_ROOT.parent / "shared"),
-    "The shared folder holding data/clevr_renders and "
-    "data/clevr_with_masks_samples.")
+_RENDERS_DIR = flags.DEFINE_string(
+    "renders_dir", None, "A folder of real CLEVR renders (img*.png, 240x320).")
+_SAMPLES_DIR = flags.DEFINE_string(
+    "samples_dir", str(_REPO_ROOT / "tests" / "data" / "clevr_with_masks_samples"),
+    "A folder of real clevr_with_masks samples (sample_*.npz).")
 _NUM_SCENES = flags.DEFINE_integer(
     "num_scenes", 200, "Synthetic scenes (seeds 0..n-1) behind the statistics.")
 _PROCESSES = flags.DEFINE_integer(
@@ -36,18 +39,16 @@ _PROCESSES = flags.DEFINE_integer(
 _SHOWN = 8  # scenes per side of the figure
 
 
-def _data_dir(shared_dir: str, name: str) -> pathlib.Path:
-  path = pathlib.Path(shared_dir) / "data" / name
-  if not path.is_dir():
-    raise FileNotFoundError(
-        f"{path} is missing: point --shared_dir at the shared folder that "
-        f"holds data/{name} (default: ../shared next to the repository).")
-  return path
+def _folder(path: str, flag: str) -> pathlib.Path:
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{folder} is not a folder: point --{flag} at one")
+  return folder
 
 
-def load_real_renders(shared_dir: str) -> list[np.ndarray]:
+def load_real_renders(renders_dir: str) -> list[np.ndarray]:
   """The real CLEVR renders as RGB uint8 [240, 320, 3] (alpha dropped)."""
-  folder = _data_dir(shared_dir, "clevr_renders")
+  folder = _folder(renders_dir, "renders_dir")
   paths = sorted(folder.glob("img*.png"),
                  key=lambda p: int(p.stem.removeprefix("img")))
   if not paths:
@@ -55,9 +56,9 @@ def load_real_renders(shared_dir: str) -> list[np.ndarray]:
   return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
 
-def load_real_samples(shared_dir: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def load_real_samples(samples_dir: str) -> list[tuple[np.ndarray, np.ndarray]]:
   """The real clevr_with_masks samples as (image [H, W, 3], background [H, W])."""
-  folder = _data_dir(shared_dir, "clevr_with_masks_samples")
+  folder = _folder(samples_dir, "samples_dir")
   samples = []
   for path in sorted(folder.glob("sample_*.npz")):
     with np.load(path) as sample:
@@ -124,8 +125,14 @@ def _figure(synthetic: Sequence[np.ndarray], real: Sequence[np.ndarray],
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  real_renders = load_real_renders(_SHARED_DIR.value)
-  real_samples = load_real_samples(_SHARED_DIR.value)
+  if not _RENDERS_DIR.value:
+    sys.exit("error: --renders_dir is required: a folder of real CLEVR renders "
+             "(img*.png, 240x320), which the repository does not ship")
+  try:
+    real_renders = load_real_renders(_RENDERS_DIR.value)
+    real_samples = load_real_samples(_SAMPLES_DIR.value)
+  except FileNotFoundError as e:
+    sys.exit(f"error: {e}")
   count = max(_NUM_SCENES.value, _SHOWN)
   scenes = renderer.render_scenes(range(count), processes=_PROCESSES.value)
   shown, synthetic_stats = [], []
