@@ -30,6 +30,7 @@ from clevr_jax import metrics
 from clevr_jax import models
 from clevr_jax import objectives
 from clevr_jax import schema
+from clevr_jax import step_cache
 from clevr_jax.state import AXIS, TrainState
 
 Batch = dict[str, jax.Array]
@@ -153,9 +154,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.UNet,
   step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
                        out_specs=(P(), P()))
   jitted = jax.jit(step, donate_argnums=(0,))
+  run = (step_cache.cached(jitted, "train_step", config, donate_argnums=(0,))
+         if config.reuse_traced_steps else jitted)
 
   def train_step(state: TrainState, batch: Batch, data: Data | None = None):
-    return jitted(state, batch, data or {})
+    return run(state, batch, data or {})
   train_step.jitted = jitted  # for .lower(...) in the benchmarks
   return train_step
 
