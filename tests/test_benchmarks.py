@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from clevr_jax import models
+from clevr_jax.benchmarks import conv_benchmark
 from clevr_jax.benchmarks import pipeline_benchmark
 from clevr_jax.benchmarks import train_benchmark as tb
 
@@ -23,7 +24,8 @@ H, W = 16, 24
 
 def test_train_benchmark_imports_no_tensorflow():
   # GPU machines may lack TensorFlow: neither module may pull it in.
-  modules = ['clevr_jax.benchmarks.train_benchmark', 'clevr_jax.benchmarks.gpu_check']
+  modules = ['clevr_jax.benchmarks.train_benchmark', 'clevr_jax.benchmarks.gpu_check',
+             'clevr_jax.benchmarks.conv_benchmark']
   if importlib.util.find_spec('torch'):
     modules.append('clevr_jax.benchmarks.torch_reference')
   code = (f"import sys, {', '.join(modules)}; "
@@ -208,6 +210,39 @@ def test_torch_columns_are_filled_with_positive_throughput(tiny_row):
 
 
 # --- the input pipeline ------------------------------------------------------
+
+
+@pytest.mark.parametrize('base_width,depth', [(8, 4), (4, 2)])
+def test_conv_benchmark_times_every_3x3_convolution_of_the_unet(base_width, depth):
+  # The layers it times are the model's: same shapes, so the same kernels.
+  model = models.UNet(out_channels=3, base_width=base_width, depth=depth)
+  params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((1, 32, 48, 3)))['params']
+  kernels = sorted(tuple(x.shape) for x in jax.tree.leaves(params) if x.shape[:2] == (3, 3))
+  layers = conv_benchmark.unet_layers(32, 48, base_width, depth)
+  assert sorted((3, 3, cin, cout) for _, _, cin, cout in layers) == kernels
+  assert layers[0][:2] == layers[-1][:2] == (32, 48)
+  assert min(h for h, _, _, _ in layers) == 32 // 2**depth
+
+
+def test_conv_benchmark_parts_are_the_convolution_and_its_two_gradients():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 6, 8, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+  parts = conv_benchmark.jax_parts(x, kernel)
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
+                           padding='SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  y = conv(x, kernel)
+  # The cotangent is y itself: the gradients of sum(y**2) / 2.
+  dx, dw = jax.grad(lambda x, k: 0.5 * jnp.sum(conv(x, k) ** 2), argnums=(0, 1))(x, kernel)
+  for got, want in [(parts['fwd'](), y), (parts['dx'](), dx), (parts['dw'](), dw)]:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  torch_parts = conv_benchmark.torch_parts(np.asarray(x), np.asarray(kernel))
+  if torch_parts is not None:  # the same three arrays, in NCHW / OIHW
+    for got, want in [(torch_parts['fwd']().numpy().transpose(0, 2, 3, 1), y),
+                      (torch_parts['dx']().numpy().transpose(0, 2, 3, 1), dx),
+                      (torch_parts['dw']().numpy().transpose(2, 3, 1, 0), dw)]:
+      np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_pipeline_benchmark_runs_on_the_test_preset(tmp_path):
