@@ -28,6 +28,7 @@ CORE_MODULES = [
     "clevr_jax.defaults", "clevr_jax.guards",
     "clevr_jax.benchmarks.train_benchmark", "clevr_jax.benchmarks.kmeans_benchmark",
     "clevr_jax.benchmarks.torch_reference", "clevr_jax.benchmarks.xla_cpu_options",
+    "clevr_jax.benchmarks.conv_benchmark", "clevr_jax.step_cache",
 ]
 
 _WITHOUT_TENSORFLOW = """

@@ -29,17 +29,24 @@ def _counting(jitted, traces):
   return jax.jit(body, donate_argnums=(0,))
 
 
-def test_the_kept_train_step_is_the_jitted_step_bit_for_bit_and_is_read_back_untraced(
-    test_config, tmp_path):
+def test_the_training_loop_keeps_its_step_which_is_the_jitted_step_bit_for_bit(
+    test_config):
+  # The `:test` preset turns the reuse off (see defaults.py); the quick and full
+  # presets leave it on. The suite's compilation cache is a local directory.
   config = test_config("unet_gray")
   config.model.depth, config.model.base_width = 1, 4
+  config.reuse_traced_steps = True
+  folder = step_cache.directory()
+  assert folder is not None
   mesh = state_lib.make_mesh()
   model = state_lib.make_model(config, axis_name=state_lib.AXIS)
   tx = state_lib.make_optimizer(config, 8)
   state = state_lib.replicate(state_lib.create_state(config, tx), mesh)
   batch = batch_lib.to_global(next(pipeline.Split(config, "train").train_batches(
       0, fields=batch_lib.fields(config, "train"))), mesh)
-  jitted = train_step.make_train_step(config, model, tx, mesh).jitted
+  # The key holds the shardings: those of the copies the steps below are given.
+  path = pathlib.Path(folder, step_cache.key("train_step", config, (_copy(state), batch, {})))
+  step = train_step.make_train_step(config, model, tx, mesh)
 
   def two_steps(step):
     s, history = _copy(state), []
@@ -48,16 +55,15 @@ def test_the_kept_train_step_is_the_jitted_step_bit_for_bit_and_is_read_back_unt
       history.append(metrics)
     return s, history
 
-  expected = two_steps(jitted)
+  kept = two_steps(step)  # written (or read, if the cache held it already)
+  assert path.is_file()
   traces = []
-  written = two_steps(step_cache.cached(_counting(jitted, traces), "train_step", config,
-                                        (0,), folder=str(tmp_path)))
-  assert len(traces) == 1
-  assert len(list(tmp_path.iterdir())) == 1
-  read = two_steps(step_cache.cached(_counting(jitted, traces), "train_step", config,
-                                     (0,), folder=str(tmp_path)))
-  assert len(traces) == 1  # read back: not traced again
-  for result in (written, read):
+  read = two_steps(step_cache.cached(_counting(step.jitted, traces), "train_step", config,
+                                     (0,), folder=folder))
+  assert not traces  # read back: not traced
+  # The exported program is the jitted step's own lowering: the same program.
+  expected = two_steps(step.jitted)
+  for result in (kept, read):
     assert jax.tree.structure(result) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(expected)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -119,21 +125,3 @@ def test_a_step_of_another_shape_of_result_is_not_kept(test_config, tmp_path):
 def test_steps_are_kept_beside_a_local_compilation_cache_only(cache_dir, expected):
   assert step_cache.directory(cache_dir) == expected
 
-
-def test_the_training_loop_keeps_its_step_beside_the_compilation_cache(test_config):
-  # The `:test` preset turns the reuse off (see defaults.py); the quick and full
-  # presets leave it on. The suite's compilation cache is a local directory.
-  config = test_config("unet_rgb")
-  config.model.depth, config.model.base_width = 1, 4
-  config.reuse_traced_steps = True
-  folder = step_cache.directory()
-  assert folder is not None
-  mesh = state_lib.make_mesh()
-  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
-  tx = state_lib.make_optimizer(config, 8)
-  state = state_lib.replicate(state_lib.create_state(config, tx), mesh)
-  stored = batch_lib.stored_like(config, config.batch_size, seed=0)
-  batch = batch_lib.to_global({k: stored[k] for k in batch_lib.fields(config, "train")}, mesh)
-  path = pathlib.Path(folder, step_cache.key("train_step", config, (state, batch, {})))
-  train_step.make_train_step(config, model, tx, mesh)(state, batch)
-  assert path.is_file()
