@@ -53,8 +53,9 @@ Session fixtures (each built once, on first use):
                    paths (without .npz/.json) that process 0 of each writes.
 
 Some children are started when the session's first test starts, not when the
-test that reads them does (`_START_EARLY`): the in-process tests leave one of
-the two cores idle much of the time, and these children fill it.
+test that reads them does (`_START_EARLY`, `_DATA_PARALLEL_EARLY`): the
+in-process tests leave one of the two cores idle much of the time, and these
+children fill it.
 
 Compiled work is shared through JAX's persistent compilation cache. Compiling
 the U-Net (its threefry initialisation above all) takes tens of seconds on a
@@ -304,6 +305,11 @@ def distributed_runs(tmp_path_factory, data_dir) -> DistributedRuns:
 
 # Session fixtures whose children take longest, started with the first test.
 _START_EARLY = ("distributed_runs",)
+# The data-parallel children that tests read, as data_parallel_run's
+# (devices, float64): test_steps.py compares the float64 ones, test_train.py
+# restores the float32 one's checkpoint. Started with the first test too: at
+# the end of the suite test_train.py's own dozen children already fill both cores.
+_DATA_PARALLEL_EARLY = ((1, True), (4, True), (4, False))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -313,3 +319,7 @@ def _start_early(request):
   for name in _START_EARLY:
     if name in wanted:
       request.getfixturevalue(name)
+  if "data_parallel_run" in wanted:
+    start = request.getfixturevalue("data_parallel_run")
+    for devices, float64 in _DATA_PARALLEL_EARLY:
+      start(devices, wait=False, float64=float64)
