@@ -10,9 +10,10 @@ devices, same argument shapes, dtypes and shardings) reads it back in about
 exported program, so they compute the same thing (tested against the plain
 jitted step, bit for bit).
 
-Anything unusual falls back to tracing, with a warning when a file was there
-but could not be used: several processes (jax.export is used in one process
-only), no compilation cache, or a file that does not deserialize.
+Anything unusual falls back to tracing: several processes (jax.export is used
+in one process only), no compilation cache, and, with a warning, a file that
+does not deserialize or a step that jax.export cannot serialise (host
+callbacks, for one).
 """
 
 from __future__ import annotations
@@ -129,7 +130,12 @@ def _resolve(jitted, name, config, args, donate_argnums, folder):
       out_structure.append(jax.tree.structure(out))
       return jax.tree.leaves(out)
 
-    exported = jax.export.export(jax.jit(flat, donate_argnums=donated))(*leaves)
+    try:
+      exported = jax.export.export(jax.jit(flat, donate_argnums=donated))(*leaves)
+    except Exception as e:  # pylint: disable=broad-except  (e.g. host callbacks)
+      logging.warning("Could not export the step %s (%s): it is traced in every run",
+                      name, e)
+      return jitted
     names = _metric_names(out_structure[0], jax.tree.structure(args[0]))
     if names is None:  # not (state, {name: array}): nothing to keep
       return jitted

@@ -120,6 +120,21 @@ def test_a_step_of_another_shape_of_result_is_not_kept(test_config, tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+def test_a_step_that_cannot_be_exported_runs_as_jitted(test_config, tmp_path, caplog):
+  def with_host_callback(state, batch):  # jax.export cannot serialise host callbacks
+    w = jax.pure_callback(lambda x: np.asarray(x) + 1, jax.ShapeDtypeStruct((), jnp.float32),
+                          state["w"])
+    return {"w": w}, {"total": batch.sum()}
+
+  with caplog.at_level(logging.WARNING):
+    state, metrics = step_cache.cached(jax.jit(with_host_callback), "callback",
+                                       _toy_config(test_config), (0,), folder=str(tmp_path))(
+                                           {"w": jnp.zeros(())}, jnp.ones(3))
+  assert float(state["w"]) == 1.0 and float(metrics["total"]) == 3.0
+  assert "Could not export the step callback" in caplog.text
+  assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("cache_dir, expected", [
     ("", None), ("gs://bucket/jax_cache", None), ("/tmp/jax_cache", "/tmp/jax_cache/clevr_jax_steps")])
 def test_steps_are_kept_beside_a_local_compilation_cache_only(cache_dir, expected):
