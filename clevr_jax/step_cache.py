@@ -101,25 +101,27 @@ def cached(jitted: Callable[..., Any], name: str, config: ml_collections.ConfigD
   resolved: dict[Any, Callable[..., Any]] = {}
 
   def call(*args):
-    leaves, treedef = jax.tree.flatten(args)
+    leaves, treedef = jax.tree.flatten(args)  # once per step: the resolved step takes both
     signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
     if signature not in resolved:
-      resolved[signature] = _resolve(jitted, name, config, args, donate_argnums,
-                                     folder or directory())
-    return resolved[signature](*args)
+      resolved[signature] = _resolve(jitted, name, config, args, leaves, treedef,
+                                     donate_argnums, folder or directory())
+    return resolved[signature](args, leaves)
 
   return call
 
 
-def _resolve(jitted, name, config, args, donate_argnums, folder):
+def _resolve(jitted, name, config, args, leaves, treedef, donate_argnums, folder):
+  """step(args, leaves): the exported program, or `jitted` when none is kept."""
   if folder is None:
-    return jitted
-  leaves, treedef = jax.tree.flatten(args)
+    return lambda args, leaves: jitted(*args)
   # Flat leaves in, flat leaves out: the exported program then needs no pytree
   # registrations (TrainState, optax's states) to be serialised.
-  counts = [len(jax.tree.leaves(a)) for a in args]
+  counts = [child.num_leaves for child in treedef.children()]
   starts = [sum(counts[:a]) for a in range(len(args))]
   donated = tuple(i for a in donate_argnums for i in range(starts[a], starts[a] + counts[a]))
+  state_treedef = treedef.children()[0]
+  n = state_treedef.num_leaves
   path = os.path.join(folder, key(name, config, args))
   exported, names = _read(path)
   if exported is None:
@@ -135,17 +137,16 @@ def _resolve(jitted, name, config, args, donate_argnums, folder):
     except Exception as e:  # pylint: disable=broad-except  (e.g. host callbacks)
       logging.warning("Could not export the step %s (%s): it is traced in every run",
                       name, e)
-      return jitted
-    names = _metric_names(out_structure[0], jax.tree.structure(args[0]))
+      return lambda args, leaves: jitted(*args)
+    names = _metric_names(out_structure[0], state_treedef)
     if names is None:  # not (state, {name: array}): nothing to keep
-      return jitted
+      return lambda args, leaves: jitted(*args)
     _write(path, exported, names)
-  state_treedef = jax.tree.structure(args[0])
   run = jax.jit(exported.call, donate_argnums=donated)
 
-  def step(*call_args):
-    out = run(*jax.tree.leaves(call_args))
-    n = state_treedef.num_leaves
+  def step(args, leaves):
+    del args  # the leaves are the program's arguments
+    out = run(*leaves)
     return jax.tree.unflatten(state_treedef, out[:n]), dict(zip(names, out[n:]))
   return step
 

@@ -19,7 +19,6 @@ TensorFlow-free.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Sequence
 
 from absl import app
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PARTS = ("fwd", "dx", "dw")
+from clevr_jax.benchmarks import train_benchmark as tb
 
 _BATCH = flags.DEFINE_integer("conv_batch", 2, "Images per call.")
 _HEIGHT = flags.DEFINE_integer("conv_height", 240, "Image height.")
@@ -60,12 +59,7 @@ def unet_layers(height: int, width: int, base_width: int = 8, depth: int = 4,
 
 def best_ms(run: Callable[[], Any], repeats: int) -> float:
   jax.block_until_ready(run())  # compiles (JAX) or warms up (PyTorch)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
-  return 1e3 * min(times)
+  return 1e3 * min(tb.step_seconds(lambda _: jax.block_until_ready(run()), 1, repeats))
 
 
 def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -94,12 +88,7 @@ def torch_parts(x: np.ndarray, kernel: np.ndarray) -> dict[str, Callable[[], Any
   functional, grad = torch.nn.functional, torch.nn.grad
   with torch.no_grad():
     cotangent = functional.conv2d(xt, kt, padding=1)
-
-  def no_grad(f):
-    def run():
-      with torch.no_grad():
-        return f()
-    return run
+  no_grad = torch.no_grad()  # as a decorator: each call runs without autograd
   return {"fwd": no_grad(lambda: functional.conv2d(xt, kt, padding=1)),
           "dx": no_grad(lambda: grad.conv2d_input(xt.shape, kt, cotangent, padding=1)),
           "dw": no_grad(lambda: grad.conv2d_weight(xt, kt.shape, cotangent, padding=1))}
