@@ -38,6 +38,25 @@ UPDATES = ("gru", "mean")
 _EVAL_NOISE_SEED = 0
 
 
+def _batch_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
+  """Where `x` is explicitly split along its first axis (state.make_mesh's batch
+  axis, under jit), that split for an array of any rank; else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if not spec or spec[0] is None:
+    return None
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0]))
+
+
+def _reshape_batch(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """x.reshape(shape) where the first axis (batch, or batch x slots) stays the
+  split one: explicit sharding asks for the result's sharding when axes merge."""
+  sharding = _batch_sharding(x)
+  if sharding is None:
+    return x.reshape(shape)
+  return jax.lax.reshape(x, shape, out_sharding=sharding)
+
+
 def position_grid(height: int, width: int, dtype: Any = jnp.float32) -> jax.Array:
   """The paper's [height, width, 4] grid: y, x, 1 - y, 1 - x, each from 0 to 1."""
   y = jnp.linspace(0.0, 1.0, height, dtype=dtype)
@@ -119,9 +138,7 @@ class SlotAttention(nn.Module):
       updates, attention = attend(project_q(norm_slots(slots)), keys, values, scale=scale,
                                   epsilon=self.epsilon)
       if self.update == "gru":
-        b, k, d = slots.shape
-        slots, _ = gru(slots.reshape(b * k, d), updates.reshape(b * k, d))
-        slots = slots.reshape(b, k, d)
+        slots, _ = gru(slots, updates)  # its Dense layers take any leading axes
       else:
         slots = updates
       if self.mlp:
@@ -190,6 +207,18 @@ class SlotAttentionAutoEncoder(nn.Module):
         jax.random.fold_in(key, row), (self.num_slots, self.slot_size), self.dtype))(rows)
     return (mu + jnp.exp(log_sigma) * noise).astype(self.dtype)
 
+  @staticmethod
+  def _split_like(value: jax.Array, x: jax.Array) -> jax.Array:
+    """`value` [b, ...] split over the mesh like the batch `x` [b, ...].
+
+    Under jit on an explicitly sharded mesh (state.make_mesh) the noise, made
+    from constants, would be replicated, and so would every result it enters:
+    the evaluation's per-device segmenters expect the batch split. Inside
+    shard_map (the train step) arrays are per device: unchanged.
+    """
+    sharding = _batch_sharding(x)
+    return value if sharding is None else jax.sharding.reshard(value, sharding)
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,
                taps: Sequence[str] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -229,14 +258,16 @@ class SlotAttentionAutoEncoder(nn.Module):
         slot_size=self.slot_size, mlp_hidden=self.mlp_hidden,
         num_iterations=self.num_iterations, epsilon=self.epsilon, scale=self.scale,
         update=self.update, mlp=self.mlp, layer_norm=self.layer_norm, dtype=self.dtype,
-        name="slot_attention")(h.reshape(b, fh * fw, -1), self._initial_slots(b))
+        name="slot_attention")(h.reshape(b, fh * fw, -1),
+                               self._split_like(self._initial_slots(b), x))
     record("attention", jnp.swapaxes(attention, 1, 2).reshape(b, fh, fw, self.num_slots))
 
     # Spatial broadcast: every slot tiled over a small grid, decoded on its own.
     factor = 2**self.decoder_upsamplings
     gh, gw = height // factor, width // factor
     k = self.num_slots
-    d = jnp.broadcast_to(slots.reshape(b * k, 1, 1, -1), (b * k, gh, gw, slots.shape[-1]))
+    d = jnp.broadcast_to(_reshape_batch(slots, (b * k, 1, 1, slots.shape[-1])),
+                         (b * k, gh, gw, slots.shape[-1]))
     d = SoftPositionEmbed(self.dtype, name="decoder_position")(d)
     deconv = lambda features, kernel, stride, name: nn.ConvTranspose(
         features, (kernel, kernel), strides=(stride, stride), padding="SAME",
@@ -248,7 +279,7 @@ class SlotAttentionAutoEncoder(nn.Module):
     d = deconv(self.out_channels + 1, 3, 1, "decoder_output")(d)
     # The mixture in float32 at least (a float64 network, the device-count
     # comparisons, keeps float64).
-    d = d.reshape(b, k, height, width, self.out_channels + 1)
+    d = _reshape_batch(d, (b, k, height, width, self.out_channels + 1))
     d = d.astype(jnp.promote_types(d.dtype, jnp.float32))
     images, alpha_logits = d[..., :-1], d[..., -1:]
     alphas = jax.nn.softmax(alpha_logits, axis=1)  # over the slots

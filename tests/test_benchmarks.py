@@ -283,13 +283,17 @@ def test_gpu_check_runs_every_part_in_reduced_mode(tmp_path):
   parts = [line.part for line in lines]
   plan = gpu_check.Plan.reduced()
   assert parts.count('train step') == len(plan.base_widths) * len(plan.dtypes)
-  assert parts[-3:] == ['K-Means', 'evaluation protocol', 'peak device memory']
+  assert parts[-4:] == ['K-Means', 'evaluation protocol', 'Slot Attention step',
+                        'peak device memory']
+  slot = lines[-2]
+  assert 'global batch 2' in slot.setting and 'images/s' in slot.ours
+  assert 'compiled step memory' in slot.note and 'n/a' not in slot.note
   text = out.read_text()
   assert text.count('\n|') == len(lines) + 2  # header, rule, one row per line
   assert 'images/s' in text and 'Seconds per part' in text
-  assert 'mIoU (oracle K) nan' not in lines[-2].note  # the raw-pixel baseline is scored
+  assert 'mIoU (oracle K) nan' not in lines[-3].note  # the raw-pixel baseline is scored
   if importlib.util.find_spec('sklearn'):
-    assert 'scikit-learn' in lines[-3].reference
+    assert 'scikit-learn' in lines[-4].reference
   if importlib.util.find_spec('torch'):
     assert all(l.reference.startswith('PyTorch') for l in lines if l.part == 'train step')
 
