@@ -19,6 +19,7 @@ from clevr_jax import evaluation
 from clevr_jax import kmeans
 from clevr_jax import models
 from clevr_jax import slot_attention
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train
 from clevr_jax.data import pipeline
@@ -272,7 +273,7 @@ def _load_test_config():
 def _restore(config, workdir):
   from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
   manager = checkpoints.make_manager(workdir, read_only=True)
-  return checkpoints.restore(manager, state_lib.abstract_state(config), state_lib.make_mesh())
+  return checkpoints.restore(manager, state_lib.abstract_state(config), sharding.make_mesh())
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +286,7 @@ def trained_slots(tmp_path_factory, test_config):
   return config, workdir
 
 
+@pytest.mark.slow  # trains
 def test_a_step_budget_stops_part_way_and_a_resumed_run_equals_the_straight_one(
     trained_slots, tmp_path):
   config, straight = trained_slots
@@ -306,10 +308,11 @@ def test_a_step_budget_stops_part_way_and_a_resumed_run_equals_the_straight_one(
 
 def _write_samples(path):
   from clevr_jax.data import official  # pylint: disable=g-import-not-at-top
-  from clevr_jax.experiments import real_samples  # pylint: disable=g-import-not-at-top
+  from tools import real_samples  # pylint: disable=g-import-not-at-top
   official.write_records(path, real_samples.sample_examples(SAMPLES, (0, 1), None))
 
 
+@pytest.mark.slow  # trains
 def test_evaluation_scores_the_slot_masks_by_argmax_on_an_eval_file_of_another_size(
     trained_slots, tmp_path):
   config, workdir = trained_slots

@@ -1,6 +1,6 @@
 r"""One prepared accelerator check: the figures to record whenever a GPU is lent.
 
-  python -m clevr_jax.benchmarks.gpu_check --out=gpu_check.md [--reduced]
+  python -m benchmarks.gpu_check --out=gpu_check.md [--reduced]
 
 TensorFlow-free (the lent GPU machines have JAX, flax, optax, orbax, numpy,
 scipy and PyTorch, no TensorFlow): the data are rendered by the NumPy renderer,
@@ -48,8 +48,10 @@ from clevr_jax import defaults
 from clevr_jax import kmeans
 from clevr_jax import models
 from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
-from clevr_jax.benchmarks import train_benchmark
+from benchmarks import samples
+from benchmarks import train_benchmark
 from clevr_jax.data import renderer
 
 _OUT = flags.DEFINE_string('out', 'gpu_check.md', 'Markdown file to write.')
@@ -251,16 +253,16 @@ def score_taps(config: ml_collections.ConfigDict, split: ArraySplit,
   taps = tuple(config.eval.taps)
   predict = state_lib.make_predict_fn(model, taps)
   table_, _ = protocol.score_features(
-      config, state_lib.make_mesh(), lambda batch: predict(state, batch['image'])[1], taps,
+      config, sharding.make_mesh(), lambda batch: predict(state, batch['image'])[1], taps,
       split, segmenters.configured(config), what='GPU check protocol')
   return table_
 
 
 def protocol_lines(plan: Plan, stored: dict[str, np.ndarray]) -> list[Line]:
   config = protocol_config(plan)
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   model = state_lib.make_model(config)
-  state = state_lib.replicate(state_lib.create_state(config), mesh)
+  state = sharding.replicate(state_lib.create_state(config), mesh)
   split = ArraySplit(stored, plan.eval_batch)
   start = time.perf_counter()
   scores = score_taps(config, split, state, model)
@@ -296,16 +298,16 @@ def slot_attention_config(plan: Plan) -> ml_collections.ConfigDict:
 def slot_attention_lines(plan: Plan) -> list[Line]:
   from clevr_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   config = slot_attention_config(plan)
-  mesh = state_lib.make_mesh()
-  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
+  mesh = sharding.make_mesh()
+  model = state_lib.make_model(config, axis_name=sharding.AXIS)
   tx = state_lib.make_optimizer(config, 1)
-  state = state_lib.replicate(state_lib.create_state(config, tx), mesh)
-  host_batch = batch_lib.stored_like(config, config.batch_size // jax.process_count(),
+  state = sharding.replicate(state_lib.create_state(config, tx), mesh)
+  host_batch = samples.random_stored(config, config.batch_size // jax.process_count(),
                                      batch_lib.fields(config, 'train'))
-  batch = batch_lib.to_global(host_batch, mesh)
-  jitted = train_step_lib.make_train_step(config, model, tx, mesh).jitted
+  batch = sharding.to_global(host_batch, mesh)
+  train_step = train_step_lib.make_train_step(config, model, tx, mesh)
   start = time.perf_counter()
-  compiled = jitted.lower(state, batch, {}).compile()
+  compiled = train_step.lower(state, batch, {}).compile()
   compile_s = time.perf_counter() - start
   holder = {'state': state}
 
@@ -357,7 +359,7 @@ def run(plan: Plan, out: str, *, torch: bool = True, label: str = 'full',
   header = (f'GPU check ({label}), '
             f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}: '
             f'{train_benchmark.describe_device()}')
-  if torch and _optional('clevr_jax.benchmarks.torch_reference') is None:
+  if torch and _optional('benchmarks.torch_reference') is None:
     torch = False
     header += '; PyTorch not installed'
   lines: list[Line] = []
