@@ -338,3 +338,25 @@ def test_evaluation_scores_the_slot_masks_by_argmax_on_an_eval_file_of_another_s
     markdown = f.read()
   assert "## segmenter `slot_argmax`" in markdown and "| slot_masks |" in markdown
   assert "argmax over the slots" in markdown
+
+
+@pytest.mark.slow  # trains, and starts a child
+def test_the_learning_curve_tool_scores_every_checkpoint(trained_slots, tmp_path, data_dir,
+                                                         run_python):
+  config, workdir = trained_slots
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(".lock"))
+  result = run_python(["-m", "tools.slot_curve",
+                       f"--config={REPO_ROOT}/configs/slot_attention.py:test",
+                       f"--config.data.data_dir={data_dir}", f"--workdir={copy}"])
+  assert result.returncode == 0, result.stderr[-5000:]
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(copy, "curve.json"), encoding="utf-8") as f:
+    rows = json.load(f)
+  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  steps = sorted(checkpoints.make_manager(copy, read_only=True).all_steps())
+  assert steps[-1] == 6 and len(steps) >= 2
+  assert [(r["step"], r["tap"]) for r in rows] == [
+      (s, t) for s in steps for t in ("slot_masks", "attention")]
+  assert all(0 <= r["poster_miou"] <= 1 for r in rows)

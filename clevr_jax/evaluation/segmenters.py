@@ -203,6 +203,11 @@ def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
 
   def run(features, num_clusters, keys, true_labels):
     if segmenter.cluster == "argmax":
+      if features.shape[-1] > segmenter.k_max:  # labels past k_max would not be counted
+        raise ValueError(
+            f"eval.segmenters.{segmenter.name}: the tap has {features.shape[-1]} channels "
+            f"(slots), more than the {segmenter.k_max} labels it counts: set "
+            f"--config.eval.segmenters.{segmenter.name}.num_clusters={features.shape[-1]}")
       x, labels = features, jnp.argmax(features, axis=-1).astype(jnp.int32)
     else:
       x, labels = transform_and_cluster(segmenter, km, features, num_clusters, keys,
