@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clevr_jax import defaults
 from clevr_jax import evaluation
 from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax.data import official
 from clevr_jax.data import pipeline
 from clevr_jax.evaluation import results as results_lib
 from clevr_jax.evaluation import segmenters
-from clevr_jax.experiments import real_samples
+from tools import real_samples
 
 # Two real records, kept in the repository (see their README for licence and source).
 SAMPLES = os.path.join(os.path.dirname(__file__), "data", "clevr_with_masks_samples")
@@ -86,7 +88,7 @@ def test_the_posters_figures_equal_an_independent_computation(evaluated):
   resolution with the oracle K and a key folded from the image index, labels upsampled,
   scored by metrics.score_instances on the device's label maps."""
   config, workdir, results = evaluated
-  state, model = evaluation.restore_state(config, workdir, state_lib.make_mesh())
+  state, model = evaluation.restore_state(config, workdir, sharding.make_mesh())
   predict = state_lib.make_predict_fn(model, tuple(config.eval.taps))
   km = config.eval.kmeans
   base = jax.random.key(config.seed)
@@ -224,8 +226,10 @@ def test_user_images_every_readable_one_at_its_size_then_the_unreadable_named(
     tmp_path, trained_workdir, test_config):
   _user_images(tmp_path)
   config = test_config("unet_rgb")
-  # Euclidean: under cosine distance every gray RGB pixel points the same way,
-  # so a gray image is rightly one cluster at the input tap.
+  # Plain K-Means, whose K is --num_clusters. Euclidean: under cosine distance
+  # every gray RGB pixel points the same way, so a gray image is rightly one
+  # cluster at the input tap.
+  config.eval.user_segmenter = "kmeans"
   config.eval.segmenters.kmeans.metric = "euclidean"
   for tap, k in (("input", 4), ("enc2", 3)):
     out = tmp_path / tap
@@ -257,12 +261,24 @@ def test_user_images_through_a_post_processing_segmenter(tmp_path, trained_workd
                                       output_dir=str(tmp_path / "out"))
   labels = np.asarray(Image.open(written[0]))
   assert labels.shape == (240, 320) and len(np.unique(labels)) == 6
+  # The default segmenter predicts K: no --num_clusters needed. The scene has 9
+  # true masks (8 objects); the prediction lands near that.
+  config.eval.user_segmenter = defaults.base_config().eval.user_segmenter
+  written = evaluation.segment_images(config, trained_workdir, [str(tmp_path / "scene.png")],
+                                      tap="input", num_clusters=0,
+                                      output_dir=str(tmp_path / "default"))
+  assert 4 <= len(np.unique(np.asarray(Image.open(written[0])))) <= 11
+  # R too small for the image: one clear error that names the field.
+  config.eval.max_regions = 2
+  with pytest.raises(ValueError, match=r"eval\.max_regions=2 is too small"):
+    evaluation.segment_images(config, trained_workdir, [str(tmp_path / "scene.png")],
+                              tap="input", num_clusters=0, output_dir=str(tmp_path / "r"))
 
 
 def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workdir, test_config):
   sklearn_cluster = pytest.importorskip("sklearn.cluster")
   config = test_config("unet_rgb")
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   state, model = evaluation.restore_state(config, trained_workdir, mesh)
   rgb = np.load(os.path.join(SAMPLES, "sample_1.npz"))["image"]
   images = np.asarray(Image.fromarray(rgb).resize((64, 48)), np.float32)[None] / 255

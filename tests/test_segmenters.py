@@ -309,20 +309,24 @@ def test_host_contingency_equals_the_device_one():
 def test_segmenter_benchmark_runs_and_the_engine_imports_no_tensorflow(start_python):
   # The GPU machine may lack TensorFlow: the engine and its benchmark may not pull it in.
   code = ("import sys, clevr_jax.evaluation, "
-          "clevr_jax.benchmarks.segmenter_benchmark; "
+          "benchmarks.segmenter_benchmark; "
           "print(sorted(m for m in sys.modules if m.startswith('tensorflow') "
           "or m.startswith('clevr_jax.data')))")
   # Both children at once: on two cores their start-ups (imports) overlap.
   importing = start_python(["-c", code])
-  benchmark = start_python(["-m", "clevr_jax.benchmarks.segmenter_benchmark", "--images=1",
-                            "--repeats=1", "--taps=30x40x8"])
+  benchmark = start_python(["-m", "benchmarks.segmenter_benchmark", "--batch=2",
+                            "--repeats=1", "--sizes=48x64"])
   imported = importing.result()
   assert imported.returncode == 0, imported.stderr[-2000:]
   assert imported.stdout.strip() == "[]"
   result = benchmark.result()
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = [line for line in result.stdout.splitlines() if line.startswith("| 30x40x8 |")]
-  assert {row.split("|")[2].strip() for row in rows} == {"split_merge", "split_merge_predict_k"}
+  rows = {cells[2]: cells for cells in (
+      [c.strip() for c in line.split("|")] for line in result.stdout.splitlines()
+      if line.startswith("| 48x64 |"))}
+  assert set(rows) == set(defaults.base_config().eval.segmenter_names)
+  # Without post-processing both columns are the same K-Means labels: equal scores.
+  assert rows["kmeans"][7].split(" / ")[0] == rows["kmeans"][7].split(" / ")[1]
 
 
 def test_hypercolumns_are_scored_after_the_taps_and_need_no_extra_config():

@@ -26,7 +26,7 @@ from clevr_jax import batch as batch_lib
 from clevr_jax import kmeans
 from clevr_jax import logs
 from clevr_jax import metrics
-from clevr_jax import state as state_lib
+from clevr_jax import sharding
 from clevr_jax.evaluation import segmenters as segmenters_lib
 
 FeaturesFn = Callable[[dict[str, jax.Array]], dict[str, jax.Array]]
@@ -40,7 +40,7 @@ def host_batches(config: ml_collections.ConfigDict, split: Any, mesh: jax.shardi
   for host_batch in split.eval_batches(
       process_index=jax.process_index(), process_count=jax.process_count(),
       max_examples=config.eval.max_images, fields=batch_lib.fields(config, "evaluate")):
-    yield derive(batch_lib.to_global(host_batch, mesh))
+    yield derive(sharding.to_global(host_batch, mesh))
 
 
 def num_images(config: ml_collections.ConfigDict, split: Any) -> int:
@@ -49,14 +49,6 @@ def num_images(config: ml_collections.ConfigDict, split: Any) -> int:
 
 def num_pred_slots(segmenters: Sequence[segmenters_lib.Segmenter]) -> int:
   return max(s.k_max for s in segmenters)
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a global array sharded over the batch axis, in order."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards])
 
 
 class Runner:
@@ -81,8 +73,8 @@ class Runner:
     """(global contingency tables [B, T, P] on the host, the labels on the devices)."""
     fn = self._fn(segmenter, tap in segmenters_lib.PIXEL_TAPS)
     tables, labels, counts = fn(features, batch["num_masks"], keys, batch["instance_labels"])
-    tables, counts = state_lib.to_host(tables), state_lib.to_host(counts)
-    valid = state_lib.to_host(batch["valid"])
+    tables, counts = sharding.to_host(tables), sharding.to_host(counts)
+    valid = sharding.to_host(batch["valid"])
     segmenters_lib.check_region_counts(counts[valid], self.config.eval.max_regions,
                                        f"tap {tap!r} (segmenter {segmenter.name!r})")
     return tables, labels
@@ -108,7 +100,7 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   progress = logs.Progress(what, num_images(config, split), config.eval.progress_every_s)
   for batch in host_batches(config, split, mesh):
     keys = kmeans.image_keys(config.seed, batch["index"])
-    num_masks, valid = state_lib.to_host(batch["num_masks"]), state_lib.to_host(batch["valid"])
+    num_masks, valid = sharding.to_host(batch["num_masks"]), sharding.to_host(batch["valid"])
     features = features_fn(batch)
     labels, scores = {}, {}
     for segmenter in segmenters:
@@ -135,7 +127,7 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 def _figures(first: dict[str, Any], n: int, taps: Sequence[str]) -> dict[str, Any]:
   """The first `n` images of this process's share of the first batch, to the host."""
   def rows(x):
-    return _local_rows(x)[:n]
+    return sharding.local_rows(x)[:n]
 
   batch = first["batch"]
   figures: dict[str, Any] = {k: rows(batch[k]) for k in ("image", "instance_labels",

@@ -21,6 +21,7 @@ from clevr_jax import kmeans
 from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax.evaluation import segmenters as segmenters_lib
 
@@ -96,7 +97,7 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
   target, threshold = segmenters_lib.merge_rule(segmenter, segmenters_lib.target_k(
       segmenter, jnp.zeros(1, jnp.int32)), tap, _MAX_LABELS)
   files = image_files(paths)
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   if tap == "input":
     state, predict = None, None  # raw pixels: no checkpoint needed
   else:
