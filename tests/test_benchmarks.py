@@ -240,13 +240,16 @@ def test_gpu_check_runs_every_part_in_reduced_mode(tmp_path):
   parts = [line.part for line in lines]
   plan = gpu_check.Plan.reduced()
   assert parts.count('train step') == len(plan.base_widths) * len(plan.dtypes)
-  assert parts[-3:] == ['K-Means', 'evaluation protocol', 'peak device memory']
+  assert parts[-4:] == ['K-Means', 'evaluation protocol', 'full protocol',
+                        'peak device memory']
   text = out.read_text()
   assert text.count('\n|') == len(lines) + 2  # header, rule, one row per line
   assert 'images/s' in text and 'Seconds per part' in text
-  assert 'mIoU (oracle K) nan' not in lines[-2].note  # the raw-pixel baseline is scored
+  for line in lines[-3:-1]:  # the raw-pixel baseline is scored
+    assert 'mIoU (oracle K) nan' not in line.note
+  assert '4 segmenters' in lines[-2].setting
   if importlib.util.find_spec('sklearn'):
-    assert 'scikit-learn' in lines[-3].reference
+    assert 'scikit-learn' in lines[-4].reference
   if importlib.util.find_spec('torch'):
     assert all(l.reference.startswith('PyTorch') for l in lines if l.part == 'train step')
 
