@@ -141,8 +141,8 @@ def base_config() -> ml_collections.ConfigDict:
       merge_threshold=0.2)
   ev.segmenter_names = ("kmeans", "kmeans_fixed_k", "split_merge", "split_merge_predict_k")
   # R: region slots per image after absorbing specks, the static size of the
-  # device merge (an R x R distance matrix). An image with more regions is an
-  # error that names this field.
+  # device merge (an R x R distance matrix). An image with more regions has its
+  # smallest absorbed too, with a warning that names this field.
   ev.max_regions = 128
   # Baselines (--mode=baselines): raw pixels through every segmenter, and random masks.
   ev.baselines_seed = 0

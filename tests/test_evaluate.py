@@ -268,9 +268,9 @@ def test_user_images_through_a_post_processing_segmenter(tmp_path, trained_workd
                                       tap="input", num_clusters=0,
                                       output_dir=str(tmp_path / "default"))
   assert 4 <= len(np.unique(np.asarray(Image.open(written[0])))) <= 11
-  # R too small for the image: one clear error that names the field.
-  config.eval.max_regions = 2
-  with pytest.raises(ValueError, match=r"eval\.max_regions=2 is too small"):
+  # No region slots: one clear error that names the field.
+  config.eval.max_regions = 0
+  with pytest.raises(ValueError, match=r"eval\.max_regions=0"):
     evaluation.segment_images(config, trained_workdir, [str(tmp_path / "scene.png")],
                               tap="input", num_clusters=0, output_dir=str(tmp_path / "r"))
 

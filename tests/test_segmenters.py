@@ -441,16 +441,26 @@ def test_whole_postprocessing_equals_the_reference_without_specks(merge, k):
   assert (np.asarray(counts) > 11).all()  # the cap had work to do
 
 
-def test_more_regions_than_slots_is_an_error_that_names_the_field():
-  # A checkerboard: every pixel its own 4-connected region, more than R.
-  labels = (np.indices((8, 8)).sum(0) % 2).astype(np.int32)[None]
-  seg = _segmenter("s", metric="euclidean", split=True, merge=True)
-  target, threshold = segmenters.merge_rule(seg, jnp.array([2]), "pixels", 11)
-  _, counts = jax.vmap(functools.partial(
-      regions.postprocess, num_labels=2, modal_size=0, split=True, min_area=0,
-      max_regions=16, cap=11, metric="euclidean"))(
-          jnp.asarray(labels), jnp.zeros((1, 8, 8, 1)), target, threshold)
-  assert int(counts[0]) == 64
-  with pytest.raises(ValueError, match=r"eval\.max_regions=16 is too small.*64 regions"):
-    segmenters.check_region_counts(np.asarray(counts), 16, "tap 'input'")
-  segmenters.check_region_counts(np.asarray(counts), 64, "tap 'input'")  # fits: no error
+def test_more_regions_than_slots_absorbs_the_smallest_and_warns(caplog):
+  # Vertical stripes 1..6 pixels wide, alternately clusters 0 and 1: six
+  # components of 8, 16, ..., 48 pixels. With R = 3 slots the three largest
+  # stay, numbered in (cluster, first pixel) order; the others are absorbed.
+  widths = np.arange(1, 7)
+  labels = np.repeat(np.arange(6) % 2, widths)[None].repeat(8, 0).astype(np.int32)
+  out, count = _compact(jnp.asarray(labels), num_labels=2, split=True, min_area=0)
+  assert int(count) == 6 and len(np.unique(np.asarray(out))) == 6  # R = _SLOTS: all fit
+  root = regions.root_map(jnp.asarray(labels), 2, True)
+  out, count = regions.compact(jnp.asarray(labels), root, 2, 0, 3)
+  out = np.asarray(out)
+  assert int(count) == 6
+  starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+  kept = [out[0, starts[i]] for i in (3, 4, 5)]  # widths 4, 5, 6 (clusters 1, 0, 1)
+  assert kept == [1, 0, 2] and set(np.unique(out)) == {0, 1, 2}
+  with caplog.at_level("WARNING"):
+    segmenters.check_region_counts(np.array([6, 2]), 3, "tap 'input'")
+  assert "1 image(s) of tap 'input'" in caplog.text and "eval.max_regions=3" in caplog.text
+  with pytest.raises(ValueError, match=r"eval\.max_regions=0"):
+    segmenters.segment(_segmenter("s", split=True), defaults.base_config().eval.kmeans,
+                       jnp.zeros((1, 8, 8, 3)), jnp.array([2]), jax.random.key(0)[None],
+                       jnp.array([2]), jnp.array([np.inf]), is_pixels=True, max_regions=0,
+                       cap=11)

@@ -15,16 +15,19 @@ batch runs as one jitted program (`postprocess` is vmapped over images):
                  SciPy's order in the reference, so the merge order is the same;
                  lost pixels take a neighbour's label, repeated until none is left
                  (the reference takes the Euclidean-nearest kept pixel's: the two
-                 differ on a few pixels inside specks)
+                 differ on a few pixels inside specks); at most R are kept
   merge          adjacent regions merge, closest area-weighted mean features
                  first, down to a target count or while the closest pair is
                  nearer than a threshold, and in any case until at most `cap`
                  remain: a while_loop over an R x R distance matrix
 
 R (`max_regions`, config `eval.max_regions`) is the static number of region
-slots after absorbing specks. An image with more regions than R cannot be
-merged faithfully: `postprocess` returns each image's region count so that the
-caller can name the field to raise (see `segmenters.check_region_counts`).
+slots after absorbing specks, the size of the merge's distance matrix. An
+image with more regions of at least `min_area` pixels than R has its minimum
+area raised until R remain (a noisy learned tap can leave hundreds of small
+regions): it then differs from the reference, which keeps them all.
+`postprocess` returns each image's count of regions before that, so that the
+caller can say so and name the field (see `segmenters.check_region_counts`).
 
 `clevr_jax/evaluation/postprocess_reference.py` is the SciPy version of the
 same steps, the tests' oracle.
@@ -119,11 +122,13 @@ def _rank_in_cluster_order(selected: jax.Array, cluster: jax.Array, num_labels: 
 
 def compact(labels: jax.Array, root: jax.Array, num_labels: int, min_area: int,
             max_regions: int) -> tuple[jax.Array, jax.Array]:
-  """(regions [h, w] in 0..R-1, the number of kept regions before clipping to R).
+  """(regions [h, w] in 0..R-1, the number of regions of at least `min_area` pixels).
 
   Regions of at least `min_area` pixels are kept (the largest if none is),
   numbered in (cluster, first pixel) order; pixels of smaller regions take the
-  label of a 4-neighbour that has one, round after round.
+  label of a 4-neighbour that has one, round after round. If more than R
+  (`max_regions`) are that large, the image's minimum area is raised to the
+  smallest at which at most R remain: its smallest regions are absorbed too.
   """
   h, w = labels.shape
   n = h * w
@@ -131,15 +136,27 @@ def compact(labels: jax.Array, root: jax.Array, num_labels: int, min_area: int,
   index = jnp.arange(n, dtype=jnp.int32)
   is_root = root == index
   area = jnp.zeros(n, jnp.int32).at[root].add(1)
-  keep = is_root & (area >= min_area)
+  count = jnp.sum(is_root & (area >= min_area))
+
+  def fits(a):  # at most R regions of `a` pixels or more
+    return jnp.sum(is_root & (area >= a)) <= max_regions
+
+  def bisect(_, bounds):  # the smallest area in [lo, hi] that fits (hi always fits)
+    lo, hi = bounds
+    mid = (lo + hi) // 2
+    ok = fits(mid)
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+  steps = max(1, (n + 1).bit_length())
+  _, least = jax.lax.fori_loop(0, steps, bisect, (jnp.int32(min_area), jnp.int32(n + 1)))
+  keep = is_root & (area >= least)
   # If no region is that large, keep the largest (the first of equals in region order).
   order_key = cluster * n + index
   largest = jnp.argmin(jnp.where(is_root & (area == jnp.max(area)), order_key,
                                  jnp.iinfo(jnp.int32).max))
   keep = jnp.where(jnp.any(keep), keep, index == largest)
-  count = jnp.sum(keep)
   rank = _rank_in_cluster_order(keep, cluster, num_labels)
-  slot = jnp.where(keep, jnp.minimum(rank, max_regions - 1), -1)
+  slot = jnp.where(keep, rank, -1)
   regions = slot[root].reshape(h, w)
 
   def unlabelled(r):
@@ -236,7 +253,8 @@ def postprocess(labels: jax.Array, features: jax.Array, target: jax.Array,
                 ) -> tuple[jax.Array, jax.Array]:
   """One image: cluster labels [h, w] (in 0..num_labels-1) and the features
   [h, w, c] they came from -> (region labels [h, w] in 0..cap-1, the number of
-  regions after absorbing specks, which must not exceed `max_regions`).
+  regions of at least `min_area` pixels: more than `max_regions` means that
+  the smallest of them were absorbed too).
 
   `target` and `threshold` are the merge's stopping rule (see `merge`): a target K
   with an infinite threshold merges to K; a threshold with target 0 predicts K;
@@ -245,6 +263,6 @@ def postprocess(labels: jax.Array, features: jax.Array, target: jax.Array,
   labels = modal_filter(labels.astype(jnp.int32), num_labels, modal_size)
   root = root_map(labels, num_labels, split)
   regions, count = compact(labels, root, num_labels, min_area, max_regions)
-  regions = merge(regions, jnp.minimum(count, max_regions), features, target, threshold,
+  regions = merge(regions, jnp.max(regions) + 1, features, target, threshold,
                   max_regions=max_regions, cap=cap, metric=metric)
   return regions, count
