@@ -7,6 +7,10 @@ device on its own images: the transform, K-Means, the optional
 post-processing (`regions.py`) and the contingency tables.
 
 Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
+  cluster           'kmeans', or 'argmax': each pixel's largest channel is its
+                    label (a tap of per-slot masks: Slot Attention's
+                    'slot_masks'), no transform, no K; labels >= k_max count as none
+  taps              the taps it scores (() = every tap and the raw pixels)
   pixel_transforms  transforms of raw pixels (the 'input' tap and baselines),
                     comma-separated names from `transforms.TRANSFORMS`
   tap_transforms    transforms of learned taps (and hypercolumns)
@@ -53,6 +57,7 @@ from clevr_jax.evaluation import regions
 from clevr_jax.evaluation import transforms
 
 K_SOURCES = ("oracle", "fixed", "predict")
+CLUSTERS = ("kmeans", "argmax")
 METRICS = ("cosine", "euclidean")
 # Tap names whose features are the image itself.
 PIXEL_TAPS = ("input", "pixels")
@@ -62,6 +67,8 @@ PIXEL_TAPS = ("input", "pixels")
 class Segmenter:
   """One configured segmenter (see the module docstring for the fields)."""
   name: str
+  cluster: str = "kmeans"
+  taps: tuple[str, ...] = ()
   pixel_transforms: tuple[str, ...] = ()
   tap_transforms: tuple[str, ...] = ()
   pca_dim: int = 8
@@ -77,6 +84,10 @@ class Segmenter:
   merge_threshold: float = 0.0
   tap_merge_threshold: float = 0.0
 
+  def scores(self, tap: str) -> bool:
+    """Whether it scores `tap` (its `taps`, or every tap)."""
+    return not self.taps or tap in self.taps
+
   @property
   def post_processes(self) -> bool:
     return self.split or self.merge or self.min_area > 0 or self.modal_size > 1
@@ -89,9 +100,9 @@ class Segmenter:
   def device_key(self) -> tuple[Any, ...]:
     """What the device program depends on (K, the merge target and threshold are
     inputs): segmenters that agree on it share one compiled program."""
-    return (self.pixel_transforms, self.tap_transforms, self.pca_dim, self.xy_weight,
-            self.metric, self.k_max, self.post_processes, self.modal_size, self.split,
-            self.min_area)
+    return (self.cluster, self.pixel_transforms, self.tap_transforms, self.pca_dim,
+            self.xy_weight, self.metric, self.k_max, self.post_processes, self.modal_size,
+            self.split, self.min_area)
 
   def transforms_for(self, tap: str) -> tuple[str, ...]:
     return self.pixel_transforms if tap in PIXEL_TAPS else self.tap_transforms
@@ -118,7 +129,12 @@ def from_config(name: str, spec: ml_collections.ConfigDict, fixed_k: int) -> Seg
   for key in ("pixel_transforms", "tap_transforms"):
     if key in values:
       values[key] = transforms.parse(values[key])
+  if "taps" in values:
+    values["taps"] = tuple(values["taps"])
   segmenter = Segmenter(name=name, fixed_k=fixed_k, **values)
+  if segmenter.cluster not in CLUSTERS:
+    raise ValueError(f"eval.segmenters.{name}.cluster={segmenter.cluster!r}: "
+                     f"choose one of {list(CLUSTERS)}")
   if segmenter.metric not in METRICS:
     raise ValueError(f"eval.segmenters.{name}.metric={segmenter.metric!r}: "
                      f"choose one of {list(METRICS)}")
@@ -197,6 +213,8 @@ def segment(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
             point_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The whole segmenter on a batch of one tap, jittable: (labels [B, h, w] in
   0..cap-1 at the tap's resolution, regions per image after absorbing specks).
+  The labels come from K-Means, or for cluster='argmax' from each pixel's largest
+  channel; then the optional post-processing.
 
   `num_clusters` [B]: K-Means' K (`cluster_k`); `target`, `threshold` [B]: the
   merge's stopping rule (`merge_rule`); `max_regions`: R, the region slots (an
@@ -205,8 +223,16 @@ def segment(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
   """
   if max_regions < 1:
     raise ValueError(f"eval.max_regions={max_regions}: the region slots must be at least 1")
-  x, labels = transform_and_cluster(segmenter, kmeans_config, features, num_clusters, keys,
-                                    is_pixels=is_pixels, point_weights=point_weights)
+  if segmenter.cluster == "argmax":
+    if features.shape[-1] > segmenter.k_max:  # labels past k_max would not be counted
+      raise ValueError(
+          f"eval.segmenters.{segmenter.name}: the tap has {features.shape[-1]} channels "
+          f"(slots), more than the {segmenter.k_max} labels it counts: set "
+          f"--config.eval.segmenters.{segmenter.name}.num_clusters={features.shape[-1]}")
+    x, labels = features, jnp.argmax(features, axis=-1).astype(jnp.int32)
+  else:
+    x, labels = transform_and_cluster(segmenter, kmeans_config, features, num_clusters, keys,
+                                      is_pixels=is_pixels, point_weights=point_weights)
   if not segmenter.post_processes:
     return labels, jnp.zeros(labels.shape[:1], jnp.int32)
   _, h, w = labels.shape
@@ -235,8 +261,9 @@ def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
   """The whole segmenter and its scoring, sharded: each device its own images.
 
   (features, true mask counts (for K), keys, true labels) -> (contingency tables
-  [B, T, P], labels [B, H, W], regions per image after absorbing specks [B]). Only the tables and counts need to reach the host;
-  the labels stay on the devices unless figures want them.
+  [B, T, P], labels [B, H, W], regions per image after absorbing specks [B]).
+  Only the tables and counts need to reach the host; the labels stay on the
+  devices unless figures want them.
   """
   height, width = config.data.image_height, config.data.image_width
 

@@ -108,7 +108,7 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
       segmenter, config.eval.kmeans, f, k, key[None], target, threshold,
       is_pixels=tap == "input", max_regions=config.eval.max_regions, cap=_MAX_LABELS,
       point_weights=w))
-  factor = 2 ** config.model.depth
+  factor, _ = models.size_factor(config)
   os.makedirs(output_dir, exist_ok=True)
   palette = plots.label_colors(256)[1:]
   written, unreadable = [], []
