@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clevr_jax import defaults
 from clevr_jax import evaluation
 from clevr_jax import kmeans
 from clevr_jax import metrics
@@ -225,8 +226,10 @@ def test_user_images_every_readable_one_at_its_size_then_the_unreadable_named(
     tmp_path, trained_workdir, test_config):
   _user_images(tmp_path)
   config = test_config("unet_rgb")
-  # Euclidean: under cosine distance every gray RGB pixel points the same way,
-  # so a gray image is rightly one cluster at the input tap.
+  # Plain K-Means, whose K is --num_clusters. Euclidean: under cosine distance
+  # every gray RGB pixel points the same way, so a gray image is rightly one
+  # cluster at the input tap.
+  config.eval.user_segmenter = "kmeans"
   config.eval.segmenters.kmeans.metric = "euclidean"
   for tap, k in (("input", 4), ("enc2", 3)):
     out = tmp_path / tap
@@ -258,6 +261,18 @@ def test_user_images_through_a_post_processing_segmenter(tmp_path, trained_workd
                                       output_dir=str(tmp_path / "out"))
   labels = np.asarray(Image.open(written[0]))
   assert labels.shape == (240, 320) and len(np.unique(labels)) == 6
+  # The default segmenter predicts K: no --num_clusters needed. The scene has 9
+  # true masks (8 objects); the prediction lands near that.
+  config.eval.user_segmenter = defaults.base_config().eval.user_segmenter
+  written = evaluation.segment_images(config, trained_workdir, [str(tmp_path / "scene.png")],
+                                      tap="input", num_clusters=0,
+                                      output_dir=str(tmp_path / "default"))
+  assert 4 <= len(np.unique(np.asarray(Image.open(written[0])))) <= 11
+  # No region slots: one clear error that names the field.
+  config.eval.max_regions = 0
+  with pytest.raises(ValueError, match=r"eval\.max_regions=0"):
+    evaluation.segment_images(config, trained_workdir, [str(tmp_path / "scene.png")],
+                              tap="input", num_clusters=0, output_dir=str(tmp_path / "r"))
 
 
 def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workdir, test_config):
