@@ -72,7 +72,8 @@ class Runner:
           batch: dict[str, jax.Array], keys: jax.Array) -> tuple[np.ndarray, jax.Array]:
     """(global contingency tables [B, T, P] on the host, the labels on the devices)."""
     fn = self._fn(segmenter, tap in segmenters_lib.PIXEL_TAPS)
-    tables, labels, counts = fn(features, batch["num_masks"], keys, batch["instance_labels"])
+    tables, labels, counts = fn(features, batch["num_masks"], keys, batch["instance_labels"],
+                                batch["image"])
     tables, counts = sharding.to_host(tables), sharding.to_host(counts)
     valid = sharding.to_host(batch["valid"])
     segmenters_lib.check_region_counts(counts[valid], self.config.eval.max_regions,
