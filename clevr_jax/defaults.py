@@ -292,6 +292,16 @@ def objectives_config() -> ml_collections.ConfigDict:
   # The eval segmenter (config.eval.segmenters) that makes them; it must
   # predict K (no labels): by default the best no-oracle raw-pixel pipeline.
   pm.segmenter = "split_merge_predict_k"
+  # Self-training (issue 18): round n >= 1 trains on masks of the segmenter
+  # `round_segmenter` (it must predict K; by default the hybrid: pixels split,
+  # the learned tap `objectives.tap` merges) run on round n-1's network, the
+  # newest checkpoint of `teacher_workdir`. Cached per round (<split>_round<n>.npz).
+  pm.round = 0
+  pm.round_segmenter = "hybrid_predict_k"
+  pm.teacher_workdir = ""
+  # Rounds a --mode=train run chains after its own (round 0): round n trains
+  # from scratch in <workdir>/round<n> on round n-1's masks, then is scored.
+  obj.self_training_rounds = 0
   return obj
 
 
