@@ -288,14 +288,18 @@ def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workd
     feats = np.asarray(by_tap[tap])
     points = feats.reshape(1, -1, feats.shape[-1])
     k = 6
-    ours = kmeans.kmeans(points, np.array([k]), jax.random.key(0), k_max=k,
-                         num_restarts=10, metric="euclidean")
-    reference = sklearn_cluster.KMeans(n_clusters=k, n_init=10, random_state=0).fit(
-        points[0].astype(np.float64))
-    ours_inertia = float(((points[0] - np.asarray(ours.centroids)[0][np.asarray(ours.labels)[0]])
-                          ** 2).sum())
-    # Both take the best of 10 restarts from their own random starts, so each may
-    # end in another local optimum: 1% is the room tests/test_kmeans.py measures
-    # between such optima on CLEVR pixels (the float32 features against sklearn's
-    # float64 fit differ by rounding only, about 1e-7 of the inertia).
-    assert ours_inertia <= reference.inertia_ * 1.01, tap
+    # One best-of-10 search, ours or sklearn's, can end in a local optimum above
+    # the best: measured on these taps over keys and random_state 0-4, by up to
+    # 1.7% (ours) and 1.3% (sklearn's), so one run against one run would compare
+    # draws. The best of five such searches on each side lands on the same
+    # optimum: within 0.2% of each other, measured (rounding, float32 against
+    # float64, is about 1e-7 of that); 0.5% leaves room for another CPU.
+    ours = []
+    for seed in range(5):
+      result = kmeans.kmeans(points, np.array([k]), jax.random.key(seed), k_max=k,
+                             num_restarts=10, metric="euclidean")
+      centroids = np.asarray(result.centroids, np.float64)[0]
+      ours.append(float(((points[0] - centroids[np.asarray(result.labels)[0]]) ** 2).sum()))
+    theirs = [sklearn_cluster.KMeans(n_clusters=k, n_init=10, random_state=seed).fit(
+        points[0].astype(np.float64)).inertia_ for seed in range(5)]
+    assert min(ours) <= 1.005 * min(theirs), (tap, ours, theirs)

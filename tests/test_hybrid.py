@@ -115,3 +115,29 @@ def test_bad_sources_are_clear_errors():
   spec.split_source, spec.split = "pixels", False
   with pytest.raises(ValueError, match="split=True"):
     segmenters.from_config("hybrid", spec, 11)
+
+
+def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
+  # The sharded program gets the images besides the tap: the two touching
+  # squares come apart, so the tables give poster mIoU 1.
+  from clevr_jax import kmeans  # pylint: disable=g-import-not-at-top
+  from clevr_jax import metrics  # pylint: disable=g-import-not-at-top
+  from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
+  from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
+  config = defaults.get_config("test")
+  config.data.image_height, config.data.image_width = _H, _W
+  seg, _ = _hybrid()
+  image = np.full((_H, _W, 3), _GREY, np.float32)
+  image[4:12, 2:14] = _RED
+  tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
+  truth = np.zeros((_H, _W), np.int32)
+  truth[4:12, 2:8], truth[4:12, 8:14] = 1, 2
+  mesh = sharding.make_mesh()
+  batch = sharding.to_global({"image": image[None], "instance_labels": truth[None],
+                              "num_masks": np.array([3], np.int32),
+                              "index": np.zeros(1, np.int32), "tap": tap[None]}, mesh)
+  runner = protocol.Runner(config, mesh, [seg])
+  keys = kmeans.image_keys(0, batch["index"])
+  tables = runner.collect(seg, "embedding", runner.dispatch(seg, "embedding", batch["tap"],
+                                                            batch, keys), np.ones(1, bool))
+  assert metrics.score_tables(tables, np.array([3])).poster_miou[0] == pytest.approx(1.0)

@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from clevr_jax import defaults
+from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax.evaluation import postprocess_reference
 from clevr_jax.evaluation import regions
@@ -464,3 +465,38 @@ def test_more_regions_than_slots_absorbs_the_smallest_and_warns(caplog):
                        jnp.zeros((1, 8, 8, 3)), jnp.array([2]), jax.random.key(0)[None],
                        jnp.array([2]), jnp.array([np.inf]), is_pixels=True, max_regions=0,
                        cap=11)
+
+
+def test_segmenters_that_share_a_program_keep_their_own_k_and_merge_rule():
+  # kmeans / kmeans_fixed_k, and split_merge / split_merge_predict_k, share a
+  # compiled program each (K and the merge's rule are its inputs): each must
+  # still get its own tables, the ones it gets alone.
+  from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
+  from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
+  config = defaults.get_config("test")
+  config.data.image_height, config.data.image_width = 24, 32
+  found = segmenters.configured(config)
+  assert found[0].device_key == found[1].device_key
+  assert found[2].device_key == found[3].device_key
+  rng = _rng(8)
+  mesh = sharding.make_mesh()
+  batch = sharding.to_global({
+      "instance_labels": np.repeat(np.repeat(rng.integers(0, 4, (2, 6, 8)), 4, 1), 4, 2
+                                   ).astype(np.int32),
+      "num_masks": np.array([4, 4], np.int32), "index": np.arange(2, dtype=np.int32),
+      "features": rng.random((2, 24, 32, 3)).astype(np.float32)}, mesh)
+  features = batch["features"]
+  keys = kmeans.image_keys(0, batch["index"])
+  together = protocol.Runner(config, mesh, found)
+  valid = np.ones(2, bool)
+  for seg in found:
+    alone = protocol.Runner(config, mesh, [seg])
+    np.testing.assert_array_equal(
+        together.collect(seg, "input", together.dispatch(seg, "input", features, batch, keys),
+                         valid),
+        alone.collect(seg, "input", alone.dispatch(seg, "input", features, batch, keys), valid))
+  tables = {s.name: together.collect(s, "input", together.dispatch(s, "input", features,
+                                                                   batch, keys), valid)
+            for s in found}
+  # K = 11 (fixed) leaves more labels in use than the oracle K = 4.
+  assert (tables["kmeans_fixed_k"].sum(1) > 0).sum() > (tables["kmeans"].sum(1) > 0).sum()

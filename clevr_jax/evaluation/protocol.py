@@ -16,6 +16,8 @@ or processes share the work.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -59,26 +61,40 @@ class Runner:
     self.config, self.mesh = config, mesh
     self.segmenters = list(segmenters)
     self.slots = num_pred_slots(self.segmenters)
+    # Made up front, so that threads only look them up.
     self._fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
+    for segmenter in self.segmenters:
+      for is_pixels in (True, False):
+        key = self.program_key(segmenter, is_pixels)
+        if key not in self._fns:
+          self._fns[key] = segmenters_lib.make_device_fn(
+              segmenter, config, mesh, is_pixels=is_pixels, num_pred_slots=self.slots)
 
-  def _fn(self, segmenter, is_pixels):
-    key = (segmenter.device_key, is_pixels)
-    if key not in self._fns:
-      self._fns[key] = segmenters_lib.make_device_fn(
-          segmenter, self.config, self.mesh, is_pixels=is_pixels, num_pred_slots=self.slots)
-    return self._fns[key]
+  @staticmethod
+  def program_key(segmenter: segmenters_lib.Segmenter, is_pixels: bool) -> tuple[Any, ...]:
+    return (segmenter.device_key, is_pixels)
 
-  def run(self, segmenter: segmenters_lib.Segmenter, tap: str, features: jax.Array,
-          batch: dict[str, jax.Array], keys: jax.Array) -> tuple[np.ndarray, jax.Array]:
-    """(global contingency tables [B, T, P] on the host, the labels on the devices)."""
-    fn = self._fn(segmenter, tap in segmenters_lib.PIXEL_TAPS)
-    tables, labels, counts = fn(features, batch["num_masks"], keys, batch["instance_labels"],
-                                batch["image"])
+  def dispatch(self, segmenter: segmenters_lib.Segmenter, tap: str, features: jax.Array,
+               batch: dict[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, ...]:
+    """Starts the device program (compiling it on its first call): (tables, labels,
+    region counts) as device arrays."""
+    fn = self._fns[self.program_key(segmenter, tap in segmenters_lib.PIXEL_TAPS)]
+    num_masks = batch["num_masks"]
+    target, threshold = segmenters_lib.merge_rule(
+        segmenter, segmenters_lib.target_k(segmenter, num_masks), tap, self.slots)
+    return fn(features, segmenters_lib.cluster_k(segmenter, num_masks), target, threshold,
+              keys, batch["instance_labels"],
+              batch["image"] if segmenter.uses_pixels else None)
+
+  def collect(self, segmenter: segmenters_lib.Segmenter, tap: str,
+              out: tuple[jax.Array, ...], valid: np.ndarray) -> np.ndarray:
+    """The global contingency tables [B, T, P] on the host (and a warning for
+    images with more regions than eval.max_regions)."""
+    tables, _, counts = out
     tables, counts = sharding.to_host(tables), sharding.to_host(counts)
-    valid = sharding.to_host(batch["valid"])
     segmenters_lib.check_region_counts(counts[valid], self.config.eval.max_regions,
                                        f"tap {tap!r} (segmenter {segmenter.name!r})")
-    return tables, labels
+    return tables
 
 
 def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -100,22 +116,40 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     for s in segmenters if s.predicts_k for t in taps if s.scores(t)}
   first: dict[str, Any] = {}
   progress = logs.Progress(what, num_images(config, split), config.eval.progress_every_s)
+  jobs = [(s, t) for s in segmenters for t in taps if s.scores(t)]
+  # Each batch's programs are started from a pool of threads (one per core):
+  # their first calls compile them, so XLA compiles on all of the host's cores
+  # at once instead of one program after another. Segmenters that share a
+  # program share a thread (one compile). Host transfers stay in this thread,
+  # in order (in several processes they are collectives).
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
   for batch in host_batches(config, split, mesh):
     keys = kmeans.image_keys(config.seed, batch["index"])
     num_masks, valid = sharding.to_host(batch["num_masks"]), sharding.to_host(batch["valid"])
     features = features_fn(batch)
+    groups: dict[tuple[Any, ...], list[tuple[segmenters_lib.Segmenter, str]]] = {}
+    for segmenter, tap in jobs:
+      program = (Runner.program_key(segmenter, tap in segmenters_lib.PIXEL_TAPS),
+                 features[tap].shape)
+      groups.setdefault(program, []).append((segmenter, tap))
+
+    def dispatch_group(group, batch=batch, features=features, keys=keys):
+      return [((s.name, t), runner.dispatch(s, t, features[t], batch, keys)) for s, t in group]
+
+    outputs = dict(o for out in pool.map(dispatch_group, groups.values()) for o in out)
     labels, scores = {}, {}
-    for segmenter in segmenters:
-      for tap in (t for t in taps if segmenter.scores(t)):
-        tables, labels[segmenter.name, tap] = runner.run(segmenter, tap, features[tap], batch,
-                                                         keys)
-        scores[segmenter.name, tap] = metrics.score_tables(tables, num_masks, valid)
-        accumulators[segmenter.name, tap].add(scores[segmenter.name, tap])
-        if segmenter.predicts_k:
-          k_accumulators[segmenter.name, tap].add(metrics.k_error(tables, num_masks, valid))
+    for segmenter, tap in jobs:
+      out = outputs[segmenter.name, tap]
+      tables = runner.collect(segmenter, tap, out, valid)
+      labels[segmenter.name, tap] = out[1]
+      scores[segmenter.name, tap] = metrics.score_tables(tables, num_masks, valid)
+      accumulators[segmenter.name, tap].add(scores[segmenter.name, tap])
+      if segmenter.predicts_k:
+        k_accumulators[segmenter.name, tap].add(metrics.k_error(tables, num_masks, valid))
     if keep_first and not first:
       first = {"batch": batch, "features": features, "labels": labels, "scores": scores}
     progress.update(int(valid.sum()))
+  pool.shutdown()
   table: dict[str, dict[str, dict[str, float]]] = {}
   for segmenter in segmenters:
     for tap in (t for t in taps if segmenter.scores(t)):

@@ -227,13 +227,14 @@ def merge_rule(segmenter: Segmenter, target: jax.Array, tap: str, cap: int
   """(target [B], threshold [B]) for `regions.merge`: down to `target` (K) with no
   threshold, while under the segmenter's threshold for 'predict', or without
   merging only down to `cap` (the label slots)."""
+  # full_like keeps the target's sharding: these are inputs of sharded programs.
   target = jnp.asarray(target, jnp.int32)
-  inf = jnp.full(target.shape, jnp.inf, jnp.float32)
+  inf = jnp.full_like(target, jnp.inf, dtype=jnp.float32)
   if not segmenter.merge:
     return jnp.full_like(target, cap), inf
   if segmenter.predicts_k:
-    return jnp.zeros_like(target), jnp.full(target.shape, segmenter.threshold_for(tap),
-                                            jnp.float32)
+    return jnp.zeros_like(target), jnp.full_like(target, segmenter.threshold_for(tap),
+                                                  dtype=jnp.float32)
   return jnp.maximum(target, 1), inf
 
 
@@ -342,19 +343,18 @@ def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
                    ) -> Callable[..., Any]:
   """The whole segmenter and its scoring, sharded: each device its own images.
 
-  (features, true mask counts (for K), keys, true labels, the images) -> (contingency tables
-  [B, T, P], labels [B, H, W], regions per image after absorbing specks [B]).
+  (features, K-Means' K, merge target, merge threshold (`merge_rule`), keys,
+  true labels, the images) -> (contingency tables [B, T, P], labels [B, H, W],
+  regions per image after absorbing specks [B]). K and the merge's rule are inputs, not
+  constants: segmenters with the same `device_key` share the program.
   Only the tables and counts need to reach the host; the labels stay on the
   devices unless figures want them.
   """
   height, width = config.data.image_height, config.data.image_width
 
-  def run(features, num_masks, keys, true_labels, pixels):
-    target, threshold = merge_rule(segmenter, target_k(segmenter, num_masks),
-                                   PIXEL_TAPS[0] if is_pixels else "tap", num_pred_slots)
-    labels, counts = segment(segmenter, config.eval.kmeans, features,
-                             cluster_k(segmenter, num_masks), keys, target, threshold,
-                             is_pixels=is_pixels,
+  def run(features, num_clusters, target, threshold, keys, true_labels, pixels):
+    labels, counts = segment(segmenter, config.eval.kmeans, features, num_clusters, keys,
+                             target, threshold, is_pixels=is_pixels,
                              max_regions=config.eval.max_regions, cap=num_pred_slots,
                              pixels=pixels)
     labels = kmeans.upsample_labels(labels, height, width)
