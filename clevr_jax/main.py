@@ -121,13 +121,16 @@ def _run(config, workdir: str) -> None:
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
   if mode == "train":
     from clevr_jax import evaluation, train  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:  # held through the final evaluation too
-      with guards.lock(workdir):
-        train.train_and_evaluate(config, workdir)
-        evaluation.evaluate(config, workdir)
-    else:
-      train.train_and_evaluate(config, workdir)
-      evaluation.evaluate(config, workdir)
+    # Round 0, then any self-training rounds, each trained and scored in its workdir.
+    for round_config, round_workdir in [(config, workdir)] + train.self_training_rounds(
+        config, workdir):
+      if jax.process_index() == 0:  # held through the final evaluation too
+        with guards.lock(round_workdir):
+          train.train_and_evaluate(round_config, round_workdir)
+          evaluation.evaluate(round_config, round_workdir)
+      else:
+        train.train_and_evaluate(round_config, round_workdir)
+        evaluation.evaluate(round_config, round_workdir)
   elif mode == "evaluate":
     from clevr_jax import evaluation  # pylint: disable=g-import-not-at-top
     evaluation.evaluate(config, workdir)
