@@ -114,6 +114,19 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 
 _CHILDREN = []  # every Child started, to stop those a session leaves running
 
+# A test that uses one of these starts child processes or trains a network: it is
+# `slow` (pyproject.toml), left out of the fast tier `pytest -m "not slow"`. Tests
+# that start processes or train by other means carry the mark themselves.
+SLOW_FIXTURES = frozenset({"run_python", "start_python", "data_parallel_run",
+                           "distributed_runs", "trained_workdir"})
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus

@@ -271,6 +271,7 @@ def test_any_setting_change_names_another_dataset(synthetic, setting, value):
   assert builder.is_prepared() and not other.is_prepared()  # old data not reused
 
 
+@pytest.mark.slow  # two worker processes
 def test_synthetic_build_is_deterministic_across_dirs_and_workers(
     synthetic, tmp_path):
   config, builder = synthetic

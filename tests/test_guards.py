@@ -62,6 +62,7 @@ print(json.dumps({"loaded": loaded, "skipped": skipped}))
 """
 
 
+@pytest.mark.slow  # a child interpreter
 def test_core_modules_import_and_log_where_tensorflow_is_absent():
   result = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, json.dumps(CORE_MODULES)],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)

@@ -22,6 +22,8 @@ TPU = REPO / "launch" / "tpu_vm.sh"
 SLURM = REPO / "launch" / "gpu_slurm.sbatch"
 DRY = "[dry-run] "
 
+pytestmark = pytest.mark.slow  # each test runs a launch script in a child bash
+
 # Variables the scripts read: tests start from none of them, whatever the caller's shell has.
 _SCRIPT_VARS = {
     "CONFIG", "WORKDIR", "DATA_DIR", "MODE", "PREPARE", "PYTHON", "REPO_DIR", "DRY_RUN",
@@ -460,10 +462,11 @@ def test_slurm_real_run_checks_the_filesystem_then_trains(tmp_path):
 
 # ------------------------------------------------------------------------ shellcheck
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_clean():
+  # Required, not skipped: .ci/run installs it from the system's packages.
+  assert shutil.which("shellcheck"), "shellcheck is required: apt-get install shellcheck"
   # -x from the repository root: follow `source launch/lib.sh` into the shared helpers.
   res = subprocess.run(["shellcheck", "-x", "--shell=bash", str(LOCAL), str(TPU), str(SLURM),
-                        str(REPO / "launch" / "lib.sh")],
+                        str(REPO / "launch" / "lib.sh"), str(REPO / ".ci" / "run")],
                        capture_output=True, text=True, timeout=60, cwd=REPO)
   assert res.returncode == 0, res.stdout + res.stderr

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from clevr_jax import evaluation
 from clevr_jax import state as state_lib
@@ -43,6 +44,7 @@ def _final_test_loss(tmp_path, test_config, dtype, seed):
   return final, config, workdir
 
 
+@pytest.mark.slow  # trains five runs
 def test_bfloat16_run_ends_within_float32s_seed_to_seed_spread(tmp_path, test_config):
   float32 = [_final_test_loss(tmp_path, test_config, "float32", seed)[0]
              for seed in _FLOAT32_SEEDS]

@@ -283,6 +283,7 @@ def test_build_model():
     models.build_model(config)
 
 
+@pytest.mark.slow  # a child interpreter
 def test_no_tensorflow_import():
   code = ('import sys; import clevr_jax.models, clevr_jax.losses; '
           'assert "tensorflow" not in sys.modules, "tensorflow imported"')

@@ -25,11 +25,18 @@ sys.path.insert(0, HELPERS)
 from objectives_case import make_case  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def four_device_child(start_python):
-  """The 4-device comparison runs in a child (this process has one device);
-  started with the module's first test, so that it overlaps the others."""
+  """The 4-device comparison runs in a child (this process has one device)."""
   return start_python([os.path.join(HELPERS, "objectives_devices.py")], devices=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_four_device_child(request):
+  """Starts the child with the module's first test when its test is selected: it overlaps the others."""
+  if any("four_device_child" in item.fixturenames and item.module is request.module
+         for item in request.session.items):
+    request.getfixturevalue("four_device_child")
 
 
 # --- label downsampling --------------------------------------------------------
@@ -327,6 +334,7 @@ def test_unet_objects_config_presets_and_model():
   assert "embedding" in models.config_tap_names(config)
 
 
+@pytest.mark.slow  # trains
 def test_a_short_training_run_lowers_the_objective_terms(tmp_path, data_dir):
   # The real loop (train.py): pseudo-masks computed once and cached, the terms
   # added in the jitted data-parallel step and logged, and they fall.
@@ -352,6 +360,7 @@ def test_a_short_training_run_lowers_the_objective_terms(tmp_path, data_dir):
     assert 1 < len(np.unique(stored["labels"])) <= config.objectives.pseudo_masks.max_labels
 
 
+@pytest.mark.slow  # a child interpreter
 def test_no_tensorflow_import():
   # The objectives run in the step on a TF-free accelerator machine.
   import subprocess  # pylint: disable=g-import-not-at-top

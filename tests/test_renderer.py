@@ -127,6 +127,7 @@ def test_pixel_coords_project_each_centre_onto_its_object():
   assert own / total > 0.8  # occlusion of the very centre is the exception
 
 
+@pytest.mark.slow  # two worker processes
 def test_render_scenes_in_two_processes_equals_render_scene():
   seeds = [3, 1, 4, 1, 5]
   scenes = list(renderer.render_scenes(seeds, SMALL, processes=2))
