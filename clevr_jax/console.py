@@ -57,9 +57,20 @@ class _ProjectLinesOnly(python_logging.Filter):
     return False
 
 
+def _raised_in_asyncio(traceback) -> bool:
+  last = traceback
+  while last is not None and last.tb_next is not None:
+    last = last.tb_next
+  return last is not None and _RAISE_WHAT_THEY_LOG[1] in last.tb_frame.f_code.co_filename
+
+
 def _unraisable(unraisable) -> None:
-  """Drops what is left of asyncio work when its loop is gone (orbax's, at exit)."""
-  if inspect.iscoroutine(unraisable.object) or "asyncio" in type(unraisable.object).__module__:
+  """Drops what is left of orbax's asyncio work once its event loop is closed:
+  coroutines collected unawaited, and TensorStore's write callbacks that reach
+  the closed loop after a failed save (the save's own error is raised to us)."""
+  if (inspect.iscoroutine(unraisable.object)
+      or "asyncio" in type(unraisable.object).__module__
+      or _raised_in_asyncio(unraisable.exc_traceback)):
     return
   sys.__unraisablehook__(unraisable)
 

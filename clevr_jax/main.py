@@ -136,7 +136,7 @@ def main(argv: list[str]) -> None:
     console.interrupted(_interrupted_line(workdir, _MODE.value))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing after the validation pass: a bad flag is one `error:` line."""
   try:
     validate.check_command_line(argv[1:])
@@ -148,4 +148,4 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)
