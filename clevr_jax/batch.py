@@ -9,9 +9,7 @@ luminance), the gray-pixel map, the semantic target and the oracle K. A
 maps. `fields` says which stored fields a purpose needs, so that, e.g., the
 reconstruction step is sent images only.
 
-Each process holds a flat slice of the global batch ([per-process batch, ...],
-process p's examples after those of processes 0..p-1) and `to_global` makes the
-global arrays, split over the mesh axis.
+Each process sends its flat slice of the global batch (`sharding.to_global`).
 
 `DeviceData` keeps a whole split on the devices (`config.data.device_resident`):
 the host then sends each step only the positions of its examples, and `gather`
@@ -22,18 +20,18 @@ No TensorFlow here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
 from clevr_jax import losses
 from clevr_jax import objectives
 from clevr_jax import schema
-from clevr_jax import state as state_lib
+from clevr_jax import sharding
 
 # Stored fields, as the host sends them (leading batch axis b):
 #   image       uint8 [b, H, W, 3]   RGB, also for grayscale runs
@@ -116,18 +114,6 @@ def make_derive(config: ml_collections.ConfigDict
   return jax.jit(lambda batch: derive(batch, config))
 
 
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(state_lib.AXIS))
-
-
-def to_global(host_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
-              ) -> dict[str, jax.Array]:
-  """Each process's flat slice [per-process batch, ...] -> global arrays split over AXIS."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in host_batch.items()}
-
-
 class DeviceData:
   """A whole split's stored fields, replicated on every device of the mesh.
 
@@ -138,7 +124,7 @@ class DeviceData:
 
   def __init__(self, arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh):
     self.num_examples = len(next(iter(arrays.values())))
-    self.arrays = state_lib.replicate(arrays, mesh)
+    self.arrays = sharding.replicate(arrays, mesh)
 
   def nbytes(self) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(self.arrays))
@@ -156,26 +142,5 @@ def gather(data: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[str,
 def make_gather(mesh: jax.sharding.Mesh
                 ) -> Callable[[dict[str, jax.Array], dict[str, jax.Array]], dict[str, jax.Array]]:
   """`gather` as the train step runs it (each device picks its own examples), jitted."""
-  return jax.jit(jax.shard_map(gather, mesh=mesh, in_specs=(P(), P(state_lib.AXIS)),
-                               out_specs=P(state_lib.AXIS)))
-
-
-def stored_like(config: ml_collections.ConfigDict, batch_size: int,
-                names: Sequence[str] = STORED, seed: int = 0) -> dict[str, np.ndarray]:
-  """A random host batch of stored fields (benchmarks, tests): no dataset needed."""
-  rng = np.random.default_rng(seed)
-  h, w = config.data.image_height, config.data.image_width
-  s = schema.MAX_SLOTS
-  visible = rng.integers(2, s + 1, batch_size)
-  arrays: dict[str, Any] = {
-      "image": rng.integers(0, 256, (batch_size, h, w, 3), dtype=np.uint8),
-      "labels": (rng.integers(0, 256, (batch_size, h, w)) % visible[:, None, None]
-                 ).astype(np.uint8),
-      "shape": np.where(np.arange(s) < visible[:, None],
-                        rng.integers(1, 4, (batch_size, s)), 0).astype(np.uint8),
-      "visibility": (np.arange(s) < visible[:, None]).astype(np.uint8),
-      "valid": np.ones(batch_size, bool),
-      "index": np.arange(batch_size, dtype=np.int32),
-  }
-  arrays["shape"][:, 0] = 0  # the background slot
-  return {k: arrays[k] for k in names}
+  return jax.jit(jax.shard_map(gather, mesh=mesh, in_specs=(P(), P(sharding.AXIS)),
+                               out_specs=P(sharding.AXIS)))

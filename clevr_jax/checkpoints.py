@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 
 
@@ -171,8 +172,8 @@ def set_aside(manager: ocp.CheckpointManager, damaged: list[int]) -> None:
 
 
 def _abstract(like: state_lib.TrainState, mesh: jax.sharding.Mesh):
-  sharding = state_lib.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                       like)
 
 

@@ -102,10 +102,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 3
   config.num_preview_images = 4
-  # Keep the traced train step beside JAX's compilation cache and reuse it in
-  # later runs of the same config and code (clevr_jax/step_cache.py): saves the
-  # ~3 s trace at start-up. Single-process runs only.
-  config.reuse_traced_steps = True
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 10  # global
@@ -267,9 +263,6 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
     config.num_preview_images = 2
     config.eval.kmeans.num_restarts = 2
     config.eval.kmeans.max_iter = 50
-    # The suite builds dozens of one-off configs: exporting each costs about 1 s
-    # more than tracing it, and tests/test_step_cache.py tests the export itself.
-    config.reuse_traced_steps = False
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

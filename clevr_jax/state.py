@@ -5,8 +5,7 @@ Training, evaluation and the benchmarks all build their state here:
 only, the target of a checkpoint restore). Neither compiles anything: the
 initial parameters are drawn on the host with NumPy (see `init_variables`).
 
-The mesh has one axis, `AXIS`, over all devices of all processes: the state is
-replicated over it and batches are split along it (clevr_jax/batch.py).
+Where the state lives (the mesh, replicated over it) is clevr_jax/sharding.py.
 
 No TensorFlow here.
 """
@@ -20,8 +19,6 @@ from typing import Any, Callable
 
 import flax
 import jax
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -31,7 +28,6 @@ from clevr_jax import models
 from clevr_jax import objectives
 from clevr_jax import schema
 
-AXIS = "batch"  # the data-parallel mesh axis
 
 
 @flax.struct.dataclass
@@ -140,7 +136,7 @@ def init_variables(model: models.UNet, shape: tuple[int, ...], seed: int) -> dic
 
 def create_state(config: ml_collections.ConfigDict,
                  tx: optax.GradientTransformation | None = None) -> TrainState:
-  """A fresh state from config.seed, on the host (place it with `replicate`).
+  """A fresh state from config.seed, on the host (place it with `sharding.replicate`).
 
   Without `tx` the optimizer is the config's (its state does not depend on the
   schedule's length).
@@ -164,28 +160,6 @@ def abstract_state(config: ml_collections.ConfigDict) -> TrainState:
   """
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                       create_state(config))
-
-
-# --- the mesh ------------------------------------------------------------------
-
-
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), (AXIS,))
-
-
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A global array, gathered whole onto every host."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def make_predict_fn(model: models.UNet, taps: tuple[str, ...] = ()

@@ -36,6 +36,7 @@ from clevr_jax import metrics
 from clevr_jax import objectives
 from clevr_jax import plots
 from clevr_jax import pseudo_masks
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
 from clevr_jax.evaluation import protocol
@@ -119,7 +120,7 @@ def evaluate_epoch(config: ml_collections.ConfigDict, state: state_lib.TrainStat
   for host_batch in split.eval_batches(process_index=jax.process_index(),
                                        process_count=jax.process_count(),
                                        fields=batch_lib.fields(config, "eval_loss")):
-    sums = eval_step(state, batch_lib.to_global(host_batch, mesh))
+    sums = eval_step(state, sharding.to_global(host_batch, mesh))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.tree.map(np.asarray, totals)
   result = {"test/loss": float(totals["loss_sum"] / totals["count"])}
@@ -135,11 +136,11 @@ def write_preview(config: ml_collections.ConfigDict, path: str, state: state_lib
   host_batch = next(split.eval_batches(process_index=jax.process_index(),
                                        process_count=jax.process_count(),
                                        fields=("image", "labels", "shape")))
-  batch = batch_lib.make_derive(config)(batch_lib.to_global(host_batch, mesh))
+  batch = batch_lib.make_derive(config)(sharding.to_global(host_batch, mesh))
   output, _ = predict(state, batch["image"])
   n = config.num_preview_images
-  images, outputs = state_lib.to_host(batch["image"])[:n], state_lib.to_host(output)[:n]
-  semantic = state_lib.to_host(batch["semantic"])[:n]
+  images, outputs = sharding.to_host(batch["image"])[:n], sharding.to_host(output)[:n]
+  semantic = sharding.to_host(batch["semantic"])[:n]
   if jax.process_index() == 0:
     plots.save_preview(path, images, outputs, config.task, semantic)
 
@@ -176,8 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   steps_per_epoch = train_split.steps_per_epoch(config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
-  mesh = state_lib.make_mesh()
-  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
+  mesh = sharding.make_mesh()
+  model = state_lib.make_model(config, axis_name=sharding.AXIS)
   tx = state_lib.make_optimizer(config, total_steps)
   state = state_lib.create_state(config, tx)
   manager = checkpoints.make_manager(workdir, config)
@@ -190,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       manager.reload()
     logging.info("Resumed from the checkpoint of step %d in %s", int(state.step), workdir)
   else:
-    state = state_lib.replicate(state, mesh)
+    state = sharding.replicate(state, mesh)
   if is_chief:  # the steps after the checkpoint run again: log them once
     dropped = logs.drop_records_after(workdir, int(state.step))
     if dropped:
@@ -253,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for host_batch in batches:
         if masks is not None and device_data is None:
           host_batch = pseudo_masks.add_to_batch(host_batch, masks)
-        state, train_metrics = train_step(state, batch_lib.to_global(host_batch, mesh), data)
+        state, train_metrics = train_step(state, sharding.to_global(host_batch, mesh), data)
         step += 1
         if step % config.log_every_steps == 0 or step == total_steps:
           train_metrics = {f"train/{k}": float(v) for k, v in train_metrics.items()}

@@ -30,8 +30,8 @@ from clevr_jax import metrics
 from clevr_jax import models
 from clevr_jax import objectives
 from clevr_jax import schema
-from clevr_jax import step_cache
-from clevr_jax.state import AXIS, TrainState
+from clevr_jax.sharding import AXIS
+from clevr_jax.state import TrainState
 
 Batch = dict[str, jax.Array]
 Data = dict[str, jax.Array]  # a device-resident split (batch.DeviceData.arrays), or {}
@@ -153,13 +153,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.UNet,
   step = functools.partial(_train_step, model=model, tx=tx, config=config)
   step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()),
                        out_specs=(P(), P()))
-  jitted = jax.jit(step, donate_argnums=(0,))
-  run = (step_cache.cached(jitted, "train_step", config, donate_argnums=(0,))
-         if config.reuse_traced_steps else jitted)
 
+  @functools.partial(jax.jit, donate_argnums=(0,))
   def train_step(state: TrainState, batch: Batch, data: Data | None = None):
-    return run(state, batch, data or {})
-  train_step.jitted = jitted  # for .lower(...) in the benchmarks
+    return step(state, batch, data or {})
   return train_step
 
 

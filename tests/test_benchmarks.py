@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from clevr_jax import models
-from clevr_jax.benchmarks import conv_benchmark
-from clevr_jax.benchmarks import pipeline_benchmark
-from clevr_jax.benchmarks import train_benchmark as tb
+from benchmarks import pipeline_benchmark
+from benchmarks import train_benchmark as tb
 
 # A network small enough to compile in seconds on a loaded CPU.
 TINY = dict(base_width=8, depth=1)
@@ -24,10 +23,9 @@ H, W = 16, 24
 
 def test_train_benchmark_imports_no_tensorflow():
   # GPU machines may lack TensorFlow: neither module may pull it in.
-  modules = ['clevr_jax.benchmarks.train_benchmark', 'clevr_jax.benchmarks.gpu_check',
-             'clevr_jax.benchmarks.conv_benchmark']
+  modules = ['benchmarks.train_benchmark', 'benchmarks.gpu_check']
   if importlib.util.find_spec('torch'):
-    modules.append('clevr_jax.benchmarks.torch_reference')
+    modules.append('benchmarks.torch_reference')
   code = (f"import sys, {', '.join(modules)}; "
           "print(sorted(m for m in sys.modules if m.startswith('tensorflow') "
           "or m == 'clevr_jax.data.pipeline'))")
@@ -171,7 +169,7 @@ def test_train_step_flops_are_forward_and_backward_convolutions(tiny_row):
                                                    (2, 1, True), (8, 4, False)])
 def test_torch_unet_has_the_jax_parameter_count(base_width, depth, skip):
   pytest.importorskip('torch')
-  from clevr_jax.benchmarks import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference as tr  # pylint: disable=g-import-not-at-top
   model = tr.UNet(3, 3, base_width, depth, skip)
   assert tr.count_params(model) == tr.jax_param_count(3, 3, base_width, depth, skip)
   if (base_width, depth, skip) == (8, 4, True):
@@ -180,7 +178,7 @@ def test_torch_unet_has_the_jax_parameter_count(base_width, depth, skip):
 
 def test_torch_unet_computes_the_jax_function():
   torch = pytest.importorskip('torch')
-  from clevr_jax.benchmarks import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference as tr  # pylint: disable=g-import-not-at-top
   net = models.UNet(3, base_width=2, depth=2)
   x = np.random.default_rng(0).random((2, H, W, 3), dtype=np.float32)
   variables = jax.jit(functools.partial(net.init, train=False))(
@@ -212,47 +210,6 @@ def test_torch_columns_are_filled_with_positive_throughput(tiny_row):
 # --- the input pipeline ------------------------------------------------------
 
 
-@pytest.mark.parametrize('base_width,depth', [(8, 4), (4, 2)])
-def test_conv_benchmark_times_every_3x3_convolution_of_the_unet(base_width, depth):
-  # The layers it times are the model's: same shapes, so the same kernels.
-  model = models.UNet(out_channels=3, base_width=base_width, depth=depth)
-  params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jnp.zeros((1, 32, 48, 3)))['params']
-  kernels = sorted(tuple(x.shape) for x in jax.tree.leaves(params) if x.shape[:2] == (3, 3))
-  layers = conv_benchmark.unet_layers(32, 48, base_width, depth)
-  assert sorted((3, 3, cin, cout) for _, _, cin, cout in layers) == kernels
-  assert layers[0][:2] == layers[-1][:2] == (32, 48)
-  assert min(h for h, _, _, _ in layers) == 32 // 2**depth
-
-
-def test_conv_benchmark_parts_are_the_convolution_and_its_two_gradients():
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 6, 8, 3)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
-  parts = conv_benchmark.jax_parts(x, kernel)
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
-                           padding='SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  y = conv(x, kernel)
-  # The cotangent is y itself: the gradients of sum(y**2) / 2.
-  dx, dw = jax.grad(lambda x, k: 0.5 * jnp.sum(conv(x, k) ** 2), argnums=(0, 1))(x, kernel)
-  # Margin by construction: a float32 sum of m products, in any order, is off by
-  # at most m * 2**-24 * (sum of the products' magnitudes). The same parts on
-  # |x| and |kernel| bound those magnitudes (their cotangent conv(|x|, |k|) is at
-  # least |y| everywhere); m <= 96 (dw sums 2*6*8 pixels; fwd 27, dx 45 terms);
-  # two computations compared: twice the bound.
-  magnitude = conv_benchmark.jax_parts(jnp.abs(x), jnp.abs(kernel))
-  bound = {p: 2 * 96 * 2.0**-24 * np.asarray(magnitude[p]()) for p in ('fwd', 'dx', 'dw')}
-  want = {'fwd': np.asarray(y), 'dx': np.asarray(dx), 'dw': np.asarray(dw)}
-  for p in ('fwd', 'dx', 'dw'):
-    assert np.all(np.abs(np.asarray(parts[p]()) - want[p]) <= bound[p]), p
-  torch_parts = conv_benchmark.torch_parts(np.asarray(x), np.asarray(kernel))
-  if torch_parts is not None:  # the same three arrays, in NCHW / OIHW
-    layouts = {'fwd': (0, 2, 3, 1), 'dx': (0, 2, 3, 1), 'dw': (2, 3, 1, 0)}
-    for p, axes in layouts.items():
-      got = torch_parts[p]().numpy().transpose(axes)
-      assert np.all(np.abs(got - want[p]) <= bound[p]), p
-
-
 def test_pipeline_benchmark_runs_on_the_test_preset(tmp_path):
   from configs import unet_rgb  # pylint: disable=g-import-not-at-top
   config = unet_rgb.get_config('test')
@@ -275,7 +232,7 @@ def test_pipeline_benchmark_runs_on_the_test_preset(tmp_path):
 
 
 def test_gpu_check_runs_every_part_in_reduced_mode(tmp_path):
-  from clevr_jax.benchmarks import gpu_check  # pylint: disable=g-import-not-at-top
+  from benchmarks import gpu_check  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'check.md'
   lines = gpu_check.run(gpu_check.Plan.reduced(), str(out),
                         torch=importlib.util.find_spec('torch') is not None,

@@ -24,7 +24,7 @@ from clevr_jax.data import renderer
 from clevr_jax import schema
 from clevr_jax.data import synthetic_clevr
 from clevr_jax import defaults
-from clevr_jax import state as state_lib
+from clevr_jax import sharding
 
 tfds.disable_progress_bar()
 
@@ -620,7 +620,7 @@ def test_device_resident_split_gives_the_streamed_batches(synthetic):
   config, _ = synthetic
   split = pipeline.Split(config, "train")
   arrays = split.stored_arrays()
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   data = batch_lib.DeviceData(arrays, mesh)
   assert data.num_examples == split.num_examples
   for epoch, skip in ((0, 0), (1, 2)):
@@ -631,7 +631,7 @@ def test_device_resident_split_gives_the_streamed_batches(synthetic):
     _assert_batches_equal(gathered, streamed)
     gather = batch_lib.make_gather(mesh)
     on_devices = [{k: np.asarray(v) for k, v in gather(
-        data.arrays, batch_lib.to_global(p, mesh)).items()} for p in positions]
+        data.arrays, sharding.to_global(p, mesh)).items()} for p in positions]
     _assert_batches_equal(on_devices, streamed)
   halves = [list(split.position_batches(0, process_index=p, process_count=2))
             for p in range(2)]

@@ -16,12 +16,13 @@ from clevr_jax import evaluation
 from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax.data import official
 from clevr_jax.data import pipeline
 from clevr_jax.evaluation import results as results_lib
 from clevr_jax.evaluation import segmenters
-from clevr_jax.experiments import real_samples
+from tools import real_samples
 
 # Two real records, kept in the repository (see their README for licence and source).
 SAMPLES = os.path.join(os.path.dirname(__file__), "data", "clevr_with_masks_samples")
@@ -86,7 +87,7 @@ def test_the_posters_figures_equal_an_independent_computation(evaluated):
   resolution with the oracle K and a key folded from the image index, labels upsampled,
   scored by metrics.score_instances on the device's label maps."""
   config, workdir, results = evaluated
-  state, model = evaluation.restore_state(config, workdir, state_lib.make_mesh())
+  state, model = evaluation.restore_state(config, workdir, sharding.make_mesh())
   predict = state_lib.make_predict_fn(model, tuple(config.eval.taps))
   km = config.eval.kmeans
   base = jax.random.key(config.seed)
@@ -262,7 +263,7 @@ def test_user_images_through_a_post_processing_segmenter(tmp_path, trained_workd
 def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workdir, test_config):
   sklearn_cluster = pytest.importorskip("sklearn.cluster")
   config = test_config("unet_rgb")
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   state, model = evaluation.restore_state(config, trained_workdir, mesh)
   rgb = np.load(os.path.join(SAMPLES, "sample_1.npz"))["image"]
   images = np.asarray(Image.fromarray(rgb).resize((64, 48)), np.float32)[None] / 255

@@ -27,9 +27,8 @@ CORE_MODULES = [
     "clevr_jax.models", "clevr_jax.kmeans", "clevr_jax.metrics", "clevr_jax.losses",
     "clevr_jax.state", "clevr_jax.batch", "clevr_jax.train_step", "clevr_jax.schema", "clevr_jax.checkpoints", "clevr_jax.logs",
     "clevr_jax.defaults", "clevr_jax.guards", "clevr_jax.validate", "clevr_jax.console",
-    "clevr_jax.benchmarks.train_benchmark", "clevr_jax.benchmarks.kmeans_benchmark",
-    "clevr_jax.benchmarks.torch_reference", "clevr_jax.benchmarks.xla_cpu_options",
-    "clevr_jax.benchmarks.conv_benchmark", "clevr_jax.step_cache",
+    "benchmarks.train_benchmark", "benchmarks.kmeans_benchmark",
+    "benchmarks.torch_reference", "clevr_jax.sharding",
 ]
 
 _WITHOUT_TENSORFLOW = """
@@ -46,7 +45,7 @@ for name in json.loads(sys.argv[1]):
     skipped.append(name)  # an optional extra
     continue
   module = importlib.import_module(name)
-  if ".benchmarks." in name:  # each defines its own absl flags; some share names
+  if name.startswith("benchmarks."):  # each defines its own absl flags; some share names
     from absl import flags
     for flag in flags.FLAGS.get_key_flags_for_module(module):
       delattr(flags.FLAGS, flag.name)

@@ -258,12 +258,12 @@ def test_host_contingency_equals_the_device_one():
 def test_segmenter_benchmark_runs_and_the_engine_imports_no_tensorflow(start_python):
   # The GPU machine may lack TensorFlow: the engine and its benchmark may not pull it in.
   code = ("import sys, clevr_jax.evaluation, "
-          "clevr_jax.benchmarks.segmenter_benchmark; "
+          "benchmarks.segmenter_benchmark; "
           "print(sorted(m for m in sys.modules if m.startswith('tensorflow') "
           "or m.startswith('clevr_jax.data')))")
   # Both children at once: on two cores their start-ups (imports) overlap.
   importing = start_python(["-c", code])
-  benchmark = start_python(["-m", "clevr_jax.benchmarks.segmenter_benchmark", "--images=1",
+  benchmark = start_python(["-m", "benchmarks.segmenter_benchmark", "--images=1",
                             "--repeats=1", "--taps=30x40x8"])
   imported = importing.result()
   assert imported.returncode == 0, imported.stderr[-2000:]

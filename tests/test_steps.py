@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import samples
 from clevr_jax import batch as batch_lib
 from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step
 from clevr_jax.data import pipeline
@@ -196,12 +198,12 @@ def test_loss_goes_down_on_a_fixed_batch(name, test_config):
   config = _small(test_config(name))
   host_batch = next(pipeline.Split(config, "train").train_batches(
       0, fields=batch_lib.fields(config, "train")))
-  mesh = state_lib.make_mesh()
-  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
+  mesh = sharding.make_mesh()
+  model = state_lib.make_model(config, axis_name=sharding.AXIS)
   tx = state_lib.make_optimizer(config, 8)
-  state = state_lib.replicate(state_lib.create_state(config, tx), mesh)
+  state = sharding.replicate(state_lib.create_state(config, tx), mesh)
   step = train_step.make_train_step(config, model, tx, mesh)
-  batch = batch_lib.to_global(host_batch, mesh)
+  batch = sharding.to_global(host_batch, mesh)
   assert batch["image"].dtype == jnp.uint8
   losses = []
   for _ in range(6):
@@ -222,13 +224,13 @@ def test_eval_loss_is_the_train_objective_in_eval_mode(name, test_config):
   # the objective of the valid examples alone (padding out of the weighted
   # loss's counts too).
   config = _small(test_config(name))
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   model = state_lib.make_model(config)
   host_state = state_lib.create_state(config)
-  state = state_lib.replicate(host_state, mesh)
-  stored = batch_lib.stored_like(config, config.eval.batch_size, seed=3)
+  state = sharding.replicate(host_state, mesh)
+  stored = samples.random_stored(config, config.eval.batch_size, seed=3)
   stored["valid"][5:] = False
-  sums = train_step.make_eval_step(config, model, mesh)(state, batch_lib.to_global(
+  sums = train_step.make_eval_step(config, model, mesh)(state, sharding.to_global(
       {k: stored[k] for k in batch_lib.fields(config, "eval_loss")}, mesh))
   eval_loss = float(sums["loss_sum"] / sums["count"])
   assert float(sums["count"]) == 5

@@ -24,6 +24,7 @@ import pytest
 
 from clevr_jax import checkpoints
 from clevr_jax import guards
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train
 from clevr_jax import train_step as train_step_lib
@@ -78,7 +79,7 @@ def _restore(config, workdir, step=None):
   """The state of a workdir's checkpoint, as train.py restores it (on one device)."""
   manager = checkpoints.make_manager(workdir, read_only=True)
   assert step is None or step in manager.all_steps(), (step, manager.all_steps())
-  return checkpoints.restore(manager, state_lib.abstract_state(config), state_lib.make_mesh(),
+  return checkpoints.restore(manager, state_lib.abstract_state(config), sharding.make_mesh(),
                              step=step)
 
 

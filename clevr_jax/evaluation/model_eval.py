@@ -11,6 +11,7 @@ import ml_collections
 from clevr_jax import checkpoints
 from clevr_jax import models
 from clevr_jax import plots
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax.evaluation import protocol
 from clevr_jax.evaluation import results as results_lib
@@ -66,7 +67,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Scores the newest checkpoint of `workdir`; writes results and figures there."""
   from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   segmenters = segmenters_lib.configured(config)
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   split = pipeline.Split(config, "test")
   state, model = restore_state(config, workdir, mesh)
   step = int(jax.device_get(state.step))

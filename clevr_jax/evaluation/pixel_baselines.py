@@ -10,7 +10,7 @@ import numpy as np
 
 from clevr_jax import metrics
 from clevr_jax import schema
-from clevr_jax import state as state_lib
+from clevr_jax import sharding
 from clevr_jax.evaluation import protocol
 from clevr_jax.evaluation import results as results_lib
 from clevr_jax.evaluation import segmenters as segmenters_lib
@@ -27,8 +27,8 @@ def random_masks(config: ml_collections.ConfigDict, split: Any, mesh: jax.shardi
   progress = protocol.Progress("random masks", protocol.num_images(config, split),
                                config.eval.progress_every_s)
   for batch, _ in protocol.host_batches(config, split, mesh):
-    truth = state_lib.to_host(batch["instance_labels"])
-    num_masks, valid = state_lib.to_host(batch["num_masks"]), state_lib.to_host(batch["valid"])
+    truth = sharding.to_host(batch["instance_labels"])
+    num_masks, valid = sharding.to_host(batch["num_masks"]), sharding.to_host(batch["valid"])
     for k in RANDOM_K:
       ks = num_masks if k == "oracle" else np.full_like(num_masks, config.eval.kmeans.fixed_k)
       labels = (rng.random(truth.shape) * np.maximum(ks, 1)[:, None, None]).astype(np.int32)
@@ -41,7 +41,7 @@ def random_masks(config: ml_collections.ConfigDict, split: Any, mesh: jax.shardi
 def baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Raw pixels through every segmenter, and random masks; writes baselines.{json,md}."""
   from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   split = pipeline.Split(config, "test")
   segmenters = segmenters_lib.configured(config)
   table, _ = protocol.score_features(

@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -29,7 +28,7 @@ import numpy as np
 from clevr_jax import metrics
 from clevr_jax import schema
 from clevr_jax import batch as batch_lib
-from clevr_jax import state as state_lib
+from clevr_jax import sharding
 from clevr_jax.evaluation import segmenters as segmenters_lib
 
 FeaturesFn = Callable[[dict[str, jax.Array]], dict[str, jax.Array]]
@@ -67,8 +66,8 @@ def device_batch(host_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
   rows of what host post-processing and the scores need (labels, K, validity),
   derived once on the devices by the same function as the steps use.
   """
-  batch = derive(batch_lib.to_global(host_batch, mesh))
-  local = {k: _local_rows(batch[k]) for k in _LOCAL}
+  batch = derive(sharding.to_global(host_batch, mesh))
+  local = {k: sharding.local_rows(batch[k]) for k in _LOCAL}
   return batch, local
 
 
@@ -94,21 +93,6 @@ def image_keys(seed: int, index: jax.Array) -> jax.Array:
 
 def num_pred_slots(segmenters: Sequence[segmenters_lib.Segmenter]) -> int:
   return max(s.k_max for s in segmenters)
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a global array sharded over the batch axis, in order."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards])
-
-
-def _gather_rows(local: np.ndarray) -> np.ndarray:
-  """Every process's rows (the same count each), in process order: the global batch."""
-  if jax.process_count() == 1:
-    return local
-  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 class Runner:
@@ -137,8 +121,8 @@ class Runner:
              batch["instance_labels"])
     if not segmenter.post_processes:
       tables, labels = out
-      return state_lib.to_host(tables), (_local_rows(labels) if want_labels else None)
-    cluster_labels, transformed = (_local_rows(o) for o in out)
+      return sharding.to_host(tables), (sharding.local_rows(labels) if want_labels else None)
+    cluster_labels, transformed = (sharding.local_rows(o) for o in out)
     targets = np.asarray(segmenters_lib.target_k(segmenter, jnp.asarray(local["num_masks"])))
     height, width = local["instance_labels"].shape[1:]
     regions = segmenters_lib.postprocess_batch(
@@ -146,7 +130,7 @@ class Runner:
     labels = segmenters_lib.upsample(regions, height, width)
     tables = metrics.contingency_host(local["instance_labels"], labels, schema.MAX_SLOTS,
                                       self.slots)
-    return _gather_rows(tables), (labels if want_labels else None)
+    return sharding.gather_rows(tables), (labels if want_labels else None)
 
 
 def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -169,7 +153,7 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   progress = Progress(what, num_images(config, split), config.eval.progress_every_s)
   for batch, local in host_batches(config, split, mesh):
     keys = image_keys(config.seed, batch["index"])
-    num_masks, valid = state_lib.to_host(batch["num_masks"]), state_lib.to_host(batch["valid"])
+    num_masks, valid = sharding.to_host(batch["num_masks"]), sharding.to_host(batch["valid"])
     features = features_fn(batch)
     want = bool(keep_first) and not first
     labels_kept: dict[str, dict[str, np.ndarray]] = {}
@@ -186,8 +170,8 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
           scores_kept.setdefault(segmenter.name, {})[tap] = scores
     if want:
       first = {k: local[k][:keep_first] for k in ("instance_labels", "num_masks")}
-      first["image"] = _local_rows(batch["image"])[:keep_first]
-      first["features"] = {t: _local_rows(features[t])[:keep_first] for t in taps}
+      first["image"] = sharding.local_rows(batch["image"])[:keep_first]
+      first["features"] = {t: sharding.local_rows(features[t])[:keep_first] for t in taps}
       first["labels"], first["scores"] = labels_kept, scores_kept
     progress.update(int(valid.sum()))
   table: dict[str, dict[str, dict[str, float]]] = {}

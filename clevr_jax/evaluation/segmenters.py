@@ -45,6 +45,7 @@ import numpy as np
 from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax.evaluation import postprocess
 from clevr_jax.evaluation import transforms
 
@@ -52,7 +53,6 @@ K_SOURCES = ("oracle", "fixed", "predict")
 METRICS = ("cosine", "euclidean")
 # Tap names whose features are the image itself.
 PIXEL_TAPS = ("input", "pixels")
-AXIS = "batch"  # the data-parallel mesh axis (state.AXIS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +196,8 @@ def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
 
   # No collective inside: K-Means' loop carries would need varying-axis
   # annotations for the check, which adds nothing here.
-  return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS),
-                               check_vma=False))
+  return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P(sharding.AXIS),
+                               out_specs=P(sharding.AXIS), check_vma=False))
 
 
 def postprocess_one(segmenter: Segmenter, labels: np.ndarray, features: np.ndarray,

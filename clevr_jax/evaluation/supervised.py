@@ -10,6 +10,7 @@ import ml_collections
 
 from clevr_jax import metrics
 from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax.evaluation import protocol
 
@@ -25,13 +26,13 @@ def score(config: ml_collections.ConfigDict, state: Any, model: Any, split: Any,
   first: dict[str, Any] = {}
   for batch, _ in protocol.host_batches(config, split, mesh):
     logits, _ = predict(state, batch["image"])
-    pred = state_lib.to_host(jnp.argmax(logits, -1))
-    semantic, valid = state_lib.to_host(batch["semantic"]), state_lib.to_host(batch["valid"])
+    pred = sharding.to_host(jnp.argmax(logits, -1))
+    semantic, valid = sharding.to_host(batch["semantic"]), sharding.to_host(batch["valid"])
     accumulator.add(metrics.score_supervised(
         semantic, pred, valid, num_classes=schema.NUM_SEMANTIC_CLASSES))
     if not first:
       n = config.eval.num_figure_images
-      first = {"image": state_lib.to_host(batch["image"])[:n], "semantic": semantic[:n],
+      first = {"image": sharding.to_host(batch["image"])[:n], "semantic": semantic[:n],
                "pred": pred[:n]}
     progress.update(int(valid.sum()))
   result = accumulator.result()

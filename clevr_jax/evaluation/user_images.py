@@ -20,6 +20,7 @@ import numpy as np
 from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax.evaluation import segmenters as segmenters_lib
 
@@ -116,7 +117,7 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     segmenter = dataclasses.replace(segmenter, k="fixed")
   files = image_files(paths)
   stems = output_stems(files)
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   if tap == "input":
     state, predict = None, None  # raw pixels: no checkpoint needed
   else:

@@ -64,12 +64,13 @@ def main(argv) -> None:
 
   from clevr_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
   from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
   from clevr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from clevr_jax import train_step  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
-  mesh = state_lib.make_mesh()
-  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
+  mesh = sharding.make_mesh()
+  model = state_lib.make_model(config, axis_name=sharding.AXIS)
   if _FLOAT64.value:
     model = model.clone(dtype=jnp.float64)  # compute dtype; params are cast below
   tx = state_lib.make_optimizer(config, max(_STEPS.value, 1))
@@ -82,14 +83,14 @@ def main(argv) -> None:
       params = to_float64(state.params)
       state = state.replace(params=params, batch_stats=to_float64(state.batch_stats),
                             opt_state=tx.init(params))
-    state = state_lib.replicate(state, mesh)
+    state = sharding.replicate(state, mesh)
 
   losses, grad_norms = [], []
   if _STEPS.value:
     from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     host_batch = next(pipeline.Split(config, "train").train_batches(
         0, fields=batch_lib.fields(config, "train")))
-    batch = batch_lib.to_global(host_batch, mesh)  # uint8: derived on the device
+    batch = sharding.to_global(host_batch, mesh)  # uint8: derived on the device
     step = train_step.make_train_step(config, model, tx, mesh)
     for _ in range(_STEPS.value):
       state, metrics = step(state, batch)

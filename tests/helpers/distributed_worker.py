@@ -43,7 +43,7 @@ def main() -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id,
                                initialization_timeout=60)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from clevr_jax import evaluation, state as state_lib, train  # pylint: disable=g-import-not-at-top
+  from clevr_jax import evaluation, sharding, train  # pylint: disable=g-import-not-at-top
 
   config = load_run_file("unet_rgb").get_config("test")
   with config.unlocked():
@@ -64,7 +64,7 @@ def main() -> None:
       raise TimeoutError(f"{wait_for} never appeared")
     time.sleep(0.5)
   results = evaluation.evaluate(config, eval_workdir)
-  state, _ = evaluation.restore_state(config, workdir, state_lib.make_mesh())
+  state, _ = evaluation.restore_state(config, workdir, sharding.make_mesh())
   leaves = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.batch_stats)))
   if jax.process_index() == 0:
     np.savez(out + ".npz", *leaves)

@@ -28,8 +28,10 @@ def train_steps_on_devices(num_steps: int = 2) -> float:
   is rounded to float32 and averaged in float32 (bounded separately below).
   Adam's eps = 1: updates proportional to the gradients (see data_parallel.py).
   """
+  from benchmarks import samples  # pylint: disable=g-import-not-at-top
   from configs import unet_objects  # pylint: disable=g-import-not-at-top
   from clevr_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
+  from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
   from clevr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from clevr_jax import train_step  # pylint: disable=g-import-not-at-top
 
@@ -46,28 +48,28 @@ def train_steps_on_devices(num_steps: int = 2) -> float:
   obj.view_infonce.weight = 0.25
   obj.view_infonce.num_points = 16
   h, w = config.data.image_height, config.data.image_width
-  host_batch = batch_lib.stored_like(config, 2 * devices, batch_lib.fields(config, "train"))
+  host_batch = samples.random_stored(config, 2 * devices, batch_lib.fields(config, "train"))
   blocks = np.random.default_rng(1).integers(0, 6, (2 * devices, h // 4, w // 4))
   host_batch["pseudo_labels"] = np.repeat(np.repeat(blocks, 4, 1), 4, 2).astype(np.uint8)
 
   def run(mesh):
-    model = state_lib.make_model(config, axis_name=state_lib.AXIS).clone(dtype=jnp.float64)
+    model = state_lib.make_model(config, axis_name=sharding.AXIS).clone(dtype=jnp.float64)
     tx = state_lib.make_optimizer(config, num_steps)
     state = state_lib.create_state(config, tx)
     as64 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float64), t)
     params = as64(state.params)
     state = state.replace(params=params, batch_stats=as64(state.batch_stats),
                           opt_state=tx.init(params))
-    state = state_lib.replicate(state, mesh)
+    state = sharding.replicate(state, mesh)
     step = train_step.make_train_step(config, model, tx, mesh)
-    batch = batch_lib.to_global(host_batch, mesh)
+    batch = sharding.to_global(host_batch, mesh)
     for _ in range(num_steps):
       state, metrics = step(state, batch)
     return jax.device_get(state), jax.device_get(metrics)
 
-  whole_state, whole_metrics = run(jax.make_mesh((1,), (state_lib.AXIS,),
+  whole_state, whole_metrics = run(jax.make_mesh((1,), (sharding.AXIS,),
                                                  devices=jax.devices()[:1]))
-  split_state, split_metrics = run(state_lib.make_mesh())
+  split_state, split_metrics = run(sharding.make_mesh())
   worst = 0.0
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(whole_state.params)[0],
                           jax.tree.leaves(split_state.params)):

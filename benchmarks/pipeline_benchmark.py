@@ -1,6 +1,6 @@
 r"""Is training input-bound? tf.data's delivery rate beside the train step's.
 
-  python -m clevr_jax.benchmarks.pipeline_benchmark \
+  python -m benchmarks.pipeline_benchmark \
       [--config=configs/unet_rgb.py:quick] [--batches=0] [--cached_epochs=3]
       [--step_images_per_s=...]
 
@@ -43,8 +43,8 @@ from ml_collections import config_flags
 import numpy as np
 
 from clevr_jax import batch as batch_lib
-from clevr_jax import state as state_lib
-from clevr_jax.benchmarks import train_benchmark
+from clevr_jax import sharding
+from benchmarks import train_benchmark
 from clevr_jax.data import pipeline
 
 # configs/ beside the package, in a checkout.
@@ -181,7 +181,7 @@ def run(config: Any, *, batches: int = 0, cached_epochs: int = 3,
         step_steps: int = 5, step_repeats: int = 5,
         device_resident: bool = False) -> Result:
   """Prepares the data if needed, then times the stages (see module docstring)."""
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   per_device = pipeline.per_device_batch(config.batch_size, jax.process_count(),
                                          jax.local_device_count())
   start = time.perf_counter()
@@ -198,7 +198,7 @@ def run(config: Any, *, batches: int = 0, cached_epochs: int = 3,
 
   def to_devices(host_batch):
     if device_put:
-      jax.block_until_ready(batch_lib.to_global(host_batch, mesh))
+      jax.block_until_ready(sharding.to_global(host_batch, mesh))
 
   epochs = itertools.count()
   make = lambda: split.train_batches(next(epochs), fields=fields)
@@ -213,7 +213,7 @@ def run(config: Any, *, batches: int = 0, cached_epochs: int = 3,
     gather = batch_lib.make_gather(mesh)
 
     def gathered(host_batch):
-      jax.block_until_ready(gather(data.arrays, batch_lib.to_global(host_batch, mesh)))
+      jax.block_until_ready(gather(data.arrays, sharding.to_global(host_batch, mesh)))
 
     resident = median_timing([
         time_batches(lambda: split.position_batches(next(epochs)), gathered, batches)

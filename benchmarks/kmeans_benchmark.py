@@ -1,6 +1,6 @@
 r"""Our batched K-Means against scikit-learn at the sizes of the U-Net's taps.
 
-  python -m clevr_jax.benchmarks.kmeans_benchmark [--batch=16 --restarts=10
+  python -m benchmarks.kmeans_benchmark [--batch=16 --restarts=10
       --sizes=76800x3,19200x16 --repeats=2]
 
 Features are realistic rather than blobs: the two real CLEVR samples, shifted
@@ -28,7 +28,7 @@ from sklearn.cluster import KMeans
 import threadpoolctl
 
 from clevr_jax import kmeans as km
-from clevr_jax.benchmarks import samples
+from benchmarks import samples
 
 _SAMPLES = flags.DEFINE_string(
     'samples', samples.SAMPLES_DIR,

@@ -1,6 +1,6 @@
 """Synthetic scenes beside real CLEVR renders: a figure and a table of numbers.
 
-  python -m clevr_jax.data.compare_renders --renders_dir=DIR --out docs/synthetic_vs_real.png
+  python -m tools.compare_renders --renders_dir=DIR --out docs/synthetic_vs_real.png
 
 The figure puts 8 synthetic scenes (seeds 0-7) beside real CLEVR renders
 (`--renders_dir`: a folder of img*.png, 240x320; the repository does not ship
@@ -22,7 +22,7 @@ from PIL import Image
 
 from clevr_jax.data import renderer
 
-_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _OUT = flags.DEFINE_string("out", "docs/synthetic_vs_real.png",
                            "Where to write the figure (PNG).")

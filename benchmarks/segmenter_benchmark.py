@@ -1,6 +1,6 @@
 r"""Host post-processing cost per 240x320 image, per tap size and segmenter.
 
-  python -m clevr_jax.benchmarks.segmenter_benchmark [--images=8 --repeats=3]
+  python -m benchmarks.segmenter_benchmark [--images=8 --repeats=3]
 
 Inputs are realistic cluster maps: the two real CLEVR samples, mirrored and
 shifted into `--images` images; for the pixel tap (240x320x3) the image
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clevr_jax import defaults
-from clevr_jax.benchmarks import samples
+from benchmarks import samples
 from clevr_jax.evaluation import postprocess
 from clevr_jax.evaluation import segmenters as segmenters_lib
 

@@ -1,6 +1,6 @@
 r"""One prepared accelerator check: the figures to record whenever a GPU is lent.
 
-  python -m clevr_jax.benchmarks.gpu_check --out=gpu_check.md [--reduced]
+  python -m benchmarks.gpu_check --out=gpu_check.md [--reduced]
 
 TensorFlow-free (the lent GPU machines have JAX, flax, optax, orbax, numpy,
 scipy and PyTorch, no TensorFlow): the data are rendered by the NumPy renderer,
@@ -43,8 +43,9 @@ from clevr_jax import defaults
 from clevr_jax import kmeans
 from clevr_jax import models
 from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
-from clevr_jax.benchmarks import train_benchmark
+from benchmarks import train_benchmark
 from clevr_jax.data import renderer
 
 _OUT = flags.DEFINE_string('out', 'gpu_check.md', 'Markdown file to write.')
@@ -241,16 +242,16 @@ def score_taps(config: ml_collections.ConfigDict, split: ArraySplit,
   taps = tuple(config.eval.taps)
   predict = state_lib.make_predict_fn(model, taps)
   table_, _ = protocol.score_features(
-      config, state_lib.make_mesh(), lambda batch: predict(state, batch['image'])[1], taps,
+      config, sharding.make_mesh(), lambda batch: predict(state, batch['image'])[1], taps,
       split, segmenters.configured(config), what='GPU check protocol')
   return table_
 
 
 def protocol_lines(plan: Plan, stored: dict[str, np.ndarray]) -> list[Line]:
   config = protocol_config(plan)
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh()
   model = state_lib.make_model(config)
-  state = state_lib.replicate(state_lib.create_state(config), mesh)
+  state = sharding.replicate(state_lib.create_state(config), mesh)
   split = ArraySplit(stored, plan.eval_batch)
   start = time.perf_counter()
   scores = score_taps(config, split, state, model)
@@ -289,7 +290,7 @@ def run(plan: Plan, out: str, *, torch: bool = True, label: str = 'full',
   header = (f'GPU check ({label}), '
             f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}: '
             f'{train_benchmark.describe_device()}')
-  if torch and _optional('clevr_jax.benchmarks.torch_reference') is None:
+  if torch and _optional('benchmarks.torch_reference') is None:
     torch = False
     header += '; PyTorch not installed'
   lines: list[Line] = []

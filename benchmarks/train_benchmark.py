@@ -1,6 +1,6 @@
 r"""Throughput of the real train step, optionally beside a PyTorch reference.
 
-  python -m clevr_jax.benchmarks.train_benchmark [--sizes=240x320]
+  python -m benchmarks.train_benchmark [--sizes=240x320]
       [--base_widths=8,64] [--dtypes=float32,bfloat16]
       [--per_device_batch=1,2,4,8,10] [--steps=20 --repeats=5] [--torch]
       [--full]
@@ -8,7 +8,7 @@ r"""Throughput of the real train step, optionally beside a PyTorch reference.
 The step is the one train.py runs, `train_step.make_train_step` (jit over
 shard_map on the mesh of all devices, state donated), of the poster's U-Net
 (reconstruction, MSE, AdamW), fed what the pipeline sends it (random uint8
-images, `batch.stored_like`; the step derives its float input on the device),
+images, `samples.random_stored`; the step derives its float input on the device),
 per-device batch swept. Without flags a CPU runs a short sweep
 (base width 8, per-device batch 1 and 2, both dtypes, few steps: minutes); an
 accelerator, or `--full`, runs base widths 8 (the poster) and 64 (the original
@@ -47,8 +47,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from benchmarks import samples
 from clevr_jax import batch as batch_lib
 from clevr_jax import defaults
+from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
 
@@ -191,7 +193,7 @@ class CompiledStep:
 
   def step_on(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Dispatches one step on a host batch as the pipeline yields it (stored fields)."""
-    self.state, metrics = self.step(self.state, batch_lib.to_global(host_batch, self.mesh), {})
+    self.state, metrics = self.step(self.state, sharding.to_global(host_batch, self.mesh), {})
     return metrics
 
   def wait(self) -> None:
@@ -205,29 +207,26 @@ class CompiledStep:
 
 
 def compile_step(config: ml_collections.ConfigDict, per_device_batch: int,
-                 seed: int = 0, compiler_options: dict[str, Any] | None = None
-                 ) -> CompiledStep:
+                 seed: int = 0) -> CompiledStep:
   """Builds the mesh, state and a batch in the pipeline's form, and compiles the real step.
 
   The batch holds the stored fields the step is sent in training
   (`batch.fields(config, 'train')`: uint8 images, for reconstruction), random,
   so that the benchmark needs no dataset (nor TensorFlow).
   """
-  mesh = state_lib.make_mesh()
-  model = state_lib.make_model(config, axis_name=state_lib.AXIS)
+  mesh = sharding.make_mesh()
+  model = state_lib.make_model(config, axis_name=sharding.AXIS)
   tx = state_lib.make_optimizer(config, total_steps=1000)
-  state = state_lib.replicate(_host_state(
+  state = sharding.replicate(_host_state(
       (config.model.base_width, config.model.depth, config.data.grayscale, config.task)),
       mesh)
   per_process = per_device_batch * jax.local_device_count()
-  host_batch = batch_lib.stored_like(config, per_process,
+  host_batch = samples.random_stored(config, per_process,
                                      batch_lib.fields(config, 'train'), seed=seed)
-  batch = batch_lib.to_global(host_batch, mesh)
+  batch = sharding.to_global(host_batch, mesh)
   train_step = train_step_lib.make_train_step(config, model, tx, mesh)
   start = time.perf_counter()
-  # compiler_options: XLA DebugOptions for this compile only (e.g. XLA:CPU's
-  # library fusions), so that variants can be timed side by side in one process.
-  compiled = train_step.jitted.lower(state, batch, {}).compile(compiler_options)
+  compiled = train_step.lower(state, batch, {}).compile()
   compile_s = time.perf_counter() - start
   return CompiledStep(config=config, mesh=mesh, step=compiled, state=state,
                       batch=batch, compile_s=compile_s,
@@ -296,7 +295,7 @@ def _torch_runner(config: ml_collections.ConfigDict, per_device_batch: int,
                   channels_last: bool | None) -> Any:
   """The PyTorch twin of `config`'s step on one device, warmed up."""
   # Optional dependency: imported only when asked for.
-  from clevr_jax.benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   return torch_reference.make_runner(
       base_width=config.model.base_width, depth=config.model.depth,
       dtype=config.model.dtype, batch=per_device_batch,
@@ -429,7 +428,7 @@ def main(argv: Sequence[str]) -> None:
       # before torch is imported; an explicit setting wins.
       os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     try:
-      from clevr_jax.benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+      from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise SystemExit(f'--torch: {e}') from e
     print(f"{torch_reference.describe_device()}, OMP_WAIT_POLICY="

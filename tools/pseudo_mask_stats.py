@@ -1,7 +1,7 @@
 """How the pseudo-mask segmenter of a config over- or under-segments a split:
 regions per image against the true masks, and how whole the background stays.
 
-  python -m clevr_jax.experiments.pseudo_mask_stats \
+  python -m tools.pseudo_mask_stats \
       --config=configs/unet_objects.py:experiment [--split=test]
 """
 

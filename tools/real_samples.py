@@ -2,7 +2,7 @@
 official-format GZIP TFRecord, to score any run on them through the eval-file
 path (resized to the run's image size):
 
-  python -m clevr_jax.experiments.real_samples --out=/tmp/samples.tfrecords
+  python -m tools.real_samples --out=/tmp/samples.tfrecords
   python -m clevr_jax.main --config=configs/unet_objects.py:experiment --mode=evaluate \
       --workdir=RUN --config.data.eval_file=/tmp/samples.tfrecords --config.eval.batch_size=1
 """
@@ -19,7 +19,7 @@ import numpy as np
 from clevr_jax import schema
 from clevr_jax.data import official
 
-SAMPLES_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data",
+SAMPLES_DIR = os.path.join(os.path.dirname(__file__), "..", "tests", "data",
                            "clevr_with_masks_samples")
 
 
