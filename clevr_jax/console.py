@@ -109,6 +109,15 @@ def fail(message: str) -> NoReturn:
        "(set CLEVR_JAX_TRACEBACK=1 for the traceback)", 2)
 
 
-def interrupted(message: str) -> NoReturn:
-  """Ctrl-C: one line that says where the work stands, exit status 130."""
-  _end(f"interrupted: {message}", INTERRUPTED_STATUS)
+def interrupted(workdir: str, mode: str) -> NoReturn:
+  """Ctrl-C: one line that says where training resumes, exit status 130."""
+  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  step = checkpoints.newest_step_on_disk(workdir) if workdir else None
+  if mode != "train":
+    line = f"--mode={mode} stopped before it finished; run the same command again"
+  elif step is None:
+    line = "no checkpoint was saved yet: run the same command again to train from step 0"
+  else:
+    line = (f"run the same command again to resume training from step {step} "
+            f"(its checkpoint is in {workdir})")
+  _end(f"interrupted: {line}", INTERRUPTED_STATUS)

@@ -31,23 +31,19 @@ MODES = ("prepare", "train", "evaluate", "baselines", "report", "segment")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally with ':preset' (quick, synthetic, test).",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (checkpoints, logs, results); default runs/<config>[_<preset>].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config>[_<preset>].")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode=report: the runs to merge.")
-_IMAGES = flags.DEFINE_list(
-    "images", [], "--mode=segment: image files (any format Pillow reads) or folders of them.")
+_IMAGES = flags.DEFINE_list("images", [], "--mode=segment: image files or folders of them.")
 _TAP = flags.DEFINE_string("tap", "input", "--mode=segment: the tap to cluster.")
 _NUM_CLUSTERS = flags.DEFINE_integer("num_clusters", 11, "--mode=segment: K.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "--mode=segment/report: where to write.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False,
-    "Call jax.distributed.initialize() with auto-detection (Cloud TPU VMs, SLURM).")
+    "distributed", False, "jax.distributed.initialize() auto-detected (Cloud TPU VMs, SLURM).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_LOG_ALL = flags.DEFINE_bool(
-    "log_all", False, "Also show the INFO lines of TensorFlow, TFDS, JAX and orbax.")
+_LOG_ALL = flags.DEFINE_bool("log_all", False, "Also show the libraries' INFO lines.")
 
 
 def default_workdir(config) -> str:
@@ -55,7 +51,7 @@ def default_workdir(config) -> str:
 
 
 def _devices() -> tuple[int, int]:
-  """Joins the distributed run (before anything asks JAX for devices); (processes, local devices)."""
+  """(processes, local devices), after joining the distributed run if asked to."""
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value:
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
@@ -86,7 +82,7 @@ def run(config, workdir: str, mode: str) -> None:
     from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     print(config, pipeline.prepare(config).info.splits, sep="\n")
     return
-  if mode == "report":
+  if mode == "report":  # no TensorFlow, no JAX backend
     from clevr_jax import report  # pylint: disable=g-import-not-at-top
     report.write_report(_WORKDIRS.value, output)
     return
@@ -106,17 +102,6 @@ def run(config, workdir: str, mode: str) -> None:
                               num_clusters=_NUM_CLUSTERS.value, output_dir=output)
 
 
-def _interrupted_line(workdir: str, mode: str) -> str:
-  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  step = checkpoints.newest_step_on_disk(workdir)
-  if mode != "train":
-    return f"--mode={mode} stopped before it finished; run the same command again"
-  if step is None:
-    return "no checkpoint was saved yet: run the same command again to train from step 0"
-  return (f"run the same command again to resume training from step {step} "
-          f"(its checkpoint is in {workdir})")
-
-
 def main(argv: list[str]) -> None:
   console.set_environment()
   console.quiet_libraries(_LOG_ALL.value, progress_bars=_LOG_ALL.value)
@@ -133,7 +118,7 @@ def main(argv: list[str]) -> None:
       raise
     console.fail(str(e))
   except KeyboardInterrupt:  # Ctrl-C: training saved its step (train.py) and stopped
-    console.interrupted(_interrupted_line(workdir, _MODE.value))
+    console.interrupted(workdir, _MODE.value)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
