@@ -11,10 +11,7 @@ import gzip
 import json
 import os
 import pathlib
-import resource
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -65,10 +62,15 @@ def _bad_eval_files(tmp: pathlib.Path) -> dict[str, str]:
   return {name: str(path) for name, path in files.items()}
 
 
-def _full_disk(limit_bytes: int):
-  """A child's file size limit: writes past it fail (EFBIG), as on a full disk.
-  (Python ignores SIGXFSZ, so the write fails instead of the process dying.)"""
-  return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+# `python -m clevr_jax.main` under a file size limit: a write past it fails (EFBIG)
+# as on a full disk. (Python ignores SIGXFSZ, so the write fails, the process lives.)
+_MAIN_ON_A_FULL_DISK = """
+import resource, runpy, sys
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv[0] = "clevr_jax.main"
+runpy.run_module("clevr_jax.main", run_name="__main__", alter_sys=True)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +119,9 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir):
   # about 5 MB, the log lines and metrics a few KB).
   full = workdir_with_checkpoints("full_disk")
   children["full_disk_workdir"] = full
-  children["full_disk"] = subprocess.Popen(
-      [sys.executable, *MAIN, *test, f"--workdir={full}", "--config.num_epochs=3",
-       "--config.eval.taps=('input',)"],
-      cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), text=True,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_full_disk(2**20))
+  children["full_disk"] = start_python(
+      ["-c", _MAIN_ON_A_FULL_DISK, 2**20, *test, f"--workdir={full}", "--config.num_epochs=3",
+       "--config.eval.taps=('input',)"])
   interrupted = str(tmp / "interrupted")
   children["interrupted_workdir"] = interrupted
   children["interrupted"] = start_python(
@@ -246,9 +246,8 @@ def test_changed_architecture_is_a_config_mismatch_not_damage(_children, mode):
 
 
 def test_full_disk_is_one_short_line_that_says_where_training_resumes(_children):
-  process = _children["full_disk"]
-  _, stderr = process.communicate(timeout=600)
-  result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+  result = _children["full_disk"].result()
+  stderr = result.stderr
   line = _error_line(result)
   assert line.startswith(
       f"error: cannot write a checkpoint in {_children['full_disk_workdir']}/checkpoints "
