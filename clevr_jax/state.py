@@ -27,6 +27,7 @@ import optax
 from clevr_jax import models
 from clevr_jax import objectives
 from clevr_jax import schema
+from clevr_jax import slot_attention
 
 
 
@@ -54,7 +55,7 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None
-               ) -> models.UNet:
+               ) -> models.UNet | slot_attention.SlotAttentionAutoEncoder:
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   model_config.out_channels = output_channels(config)
   return models.build_model(ml_collections.ConfigDict({"model": model_config}),
@@ -68,8 +69,16 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
     schedule = optax.constant_schedule(opt.learning_rate)
   elif opt.schedule == "cosine":
     schedule = optax.cosine_decay_schedule(opt.learning_rate, max(total_steps, 1))
+  elif opt.schedule == "warmup_exponential":
+    # Slot Attention's: a linear warm-up times an exponential decay that runs from
+    # step 0 (lr * min(t / warmup, 1) * decay_rate**(t / decay_steps)).
+    warmup = optax.linear_schedule(0.0, 1.0, max(opt.warmup_steps, 1))
+    decay = optax.exponential_decay(opt.learning_rate, opt.decay_steps, opt.decay_rate)
+    return optax.adamw(lambda count: warmup(count) * decay(count), b1=opt.b1, b2=opt.b2,
+                       eps=opt.eps, weight_decay=opt.weight_decay)
   else:
-    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use 'constant' or 'cosine'")
+    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use 'constant', "
+                     "'cosine' or 'warmup_exponential'")
   if opt.warmup_steps:
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), schedule],
@@ -104,6 +113,12 @@ def _initial_leaf(seed: int, path: str, name: str, shape: tuple[int, ...],
     # not depend on which other leaves exist.
     rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
     values = _truncated_normal(rng, shape) * (math.sqrt(1 / fan_in) / _TRUNCATED_STD)
+  elif name in ("slots_mu", "slots_log_sigma"):
+    # Slot Attention's learned Gaussian [1, 1, d]: Glorot uniform, as the paper's
+    # code and flax's xavier_uniform (fan in 1, fan out d).
+    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+    limit = math.sqrt(6 / (math.prod(shape[:-1]) + shape[-1]))
+    values = rng.uniform(-limit, limit, shape)
   elif name in ("bias", "mean"):
     values = np.zeros(shape)
   elif name in ("scale", "var"):

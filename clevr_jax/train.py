@@ -176,7 +176,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   test_split = pipeline.Split(config, "test")
 
   steps_per_epoch = train_split.steps_per_epoch(config.batch_size)
-  total_steps = steps_per_epoch * config.num_epochs
+  # num_train_steps > 0 (a step budget, e.g. Slot Attention's 500k) overrides the
+  # epochs; the last epoch may then stop part-way.
+  total_steps = config.get("num_train_steps", 0) or steps_per_epoch * config.num_epochs
+  num_epochs = -(-total_steps // steps_per_epoch)
   mesh = sharding.make_mesh()
   model = state_lib.make_model(config, axis_name=sharding.AXIS)
   tx = state_lib.make_optimizer(config, total_steps)
@@ -216,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(state.step)
   throughput = logs.Throughput(config.batch_size, total_steps, step)
   logging.info("Training %s for %d steps (%d epochs of %d) on %d devices, global batch %d",
-               config.name, total_steps, config.num_epochs, steps_per_epoch,
+               config.name, total_steps, num_epochs, steps_per_epoch,
                jax.device_count(), config.batch_size)
   test_metrics: dict[str, float] = {}
 
@@ -239,10 +242,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   stop = _StopAtStepEnd()
   try:
-    if step and step % steps_per_epoch == 0 and _evaluation_missing(workdir, step):
+    if (step and (step % steps_per_epoch == 0 or step == total_steps)
+        and _evaluation_missing(workdir, step)):
       # Killed after the epoch's final checkpoint, before its evaluation.
-      test_metrics = end_epoch(step // steps_per_epoch - 1)
-    for epoch in range(step // steps_per_epoch, config.num_epochs):
+      test_metrics = end_epoch((step - 1) // steps_per_epoch)
+    for epoch in range(step // steps_per_epoch, num_epochs):
+      if step >= total_steps:
+        break
       where = dict(skip_batches=step - epoch * steps_per_epoch,
                    process_index=jax.process_index(), process_count=jax.process_count())
       if device_data is None:
@@ -272,6 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           save_if_finite()
         if stop.requested:
           raise KeyboardInterrupt
+        if step == total_steps:
+          break
       save_if_finite()
       test_metrics = end_epoch(epoch)
       if stop.requested:

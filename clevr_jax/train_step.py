@@ -117,8 +117,9 @@ def _train_step(state: TrainState, batch: Batch, data: Data, *, model: models.UN
   """
   batch = batch_lib.derive(batch_lib.gather(data, batch), config)
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  # The views are drawn per example (by its index) from the step's key, so they
-  # do not depend on the device split; dropout is drawn per device.
+  # The views are drawn per example (by its index), and Slot Attention's initial
+  # slots per example (by its row in the global batch), from the step's key, so
+  # they do not depend on the device split; dropout is drawn per device.
   batch = forward_inputs(config, batch, step_key)
   rng = jax.random.fold_in(step_key, jax.lax.axis_index(AXIS))
 
@@ -126,9 +127,10 @@ def _train_step(state: TrainState, batch: Batch, data: Data, *, model: models.UN
     (output, taps), updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
         train=True, taps=objective_taps(config), mutable=["batch_stats"],
-        rngs={"dropout": rng})
+        rngs={"dropout": rng, "slots": step_key})
     loss, terms = objective(config, output, taps, batch, AXIS, step_key)
-    return jax.lax.pmean(loss, AXIS), (updates["batch_stats"], terms)
+    # A network without BatchNorm (Slot Attention) has no statistics to update.
+    return jax.lax.pmean(loss, AXIS), (updates.get("batch_stats", state.batch_stats), terms)
 
   (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)

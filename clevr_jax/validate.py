@@ -25,7 +25,7 @@ TASKS = ("reconstruction", "segmentation")
 _POSITIVE = ("batch_size", "eval.batch_size", "num_epochs", "log_every_steps",
              "checkpoint_every_steps", "keep_checkpoints", "model.base_width", "model.depth",
              "eval.kmeans.num_restarts", "eval.kmeans.max_iter", "eval.kmeans.fixed_k")
-_NON_NEGATIVE = ("eval.max_images", "eval.num_figure_images", "num_preview_images",
+_NON_NEGATIVE = ("num_train_steps", "eval.max_images", "eval.num_figure_images", "num_preview_images",
                  "optimizer.warmup_steps", "data.eval_file_height", "data.eval_file_width")
 # The modes that run batches over the devices, and the batches each one runs.
 _BATCHES = {"train": ("batch_size", "eval.batch_size"), "evaluate": ("eval.batch_size",),
@@ -110,8 +110,10 @@ def _get(config: ml_collections.ConfigDict, path: str):
 
 
 def check_image_size(config: ml_collections.ConfigDict) -> None:
-  """The image must halve `depth` times: say so, with the nearest sizes that do."""
-  factor = 2**config.model.depth
+  """The image must halve `depth` times (the U-Net; Slot Attention's decoder
+  doubles `decoder_upsamplings` times): say so, with the nearest sizes that do."""
+  from clevr_jax import models  # pylint: disable=g-import-not-at-top  (JAX, no TensorFlow)
+  factor, field = models.size_factor(config)
   for name in ("image_height", "image_width"):
     size = config.data[name]
     if size % factor == 0 and size > 0:
@@ -120,7 +122,7 @@ def check_image_size(config: ml_collections.ConfigDict) -> None:
     nearest = sorted({lower, upper}, key=lambda v: (abs(v - size), v))
     raise ValueError(
         f"config.data.{name}={size} is not divisible by {factor} (the network halves it "
-        f"{config.model.depth} times, config.model.depth): use "
+        f"{factor.bit_length() - 1} times, {field}): use "
         f"--config.data.{name}={nearest[0]}"
         + (f" (or {nearest[1]})" if len(nearest) > 1 else ""))
 
@@ -144,6 +146,10 @@ def check_config(config: ml_collections.ConfigDict, mode: str,
       raise ValueError(f"config.{path}={_get(config, path)} must be 0 or more")
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: choose one of {TASKS}")
+  from clevr_jax import models  # pylint: disable=g-import-not-at-top
+  if config.task == "segmentation" and models.architecture(config) == "slot_attention":
+    raise ValueError("config.model.architecture='slot_attention' is trained by "
+                     "reconstruction: use --config.task=reconstruction")
   if config.task == "segmentation" and config.loss.weighted:
     raise ValueError("config.loss.weighted applies to task='reconstruction' only: set "
                      "--config.loss.weighted=False")

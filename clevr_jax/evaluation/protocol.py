@@ -146,9 +146,10 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   and per-image scores {segmenter: {tap}}.
   """
   runner = Runner(config, mesh, segmenters)
-  accumulators = {(s.name, t): metrics.MeanAccumulator() for s in segmenters for t in taps}
+  accumulators = {(s.name, t): metrics.MeanAccumulator()
+                  for s in segmenters for t in taps if s.scores(t)}
   k_accumulators = {(s.name, t): metrics.MeanAccumulator()
-                    for s in segmenters if s.predicts_k for t in taps}
+                    for s in segmenters if s.predicts_k for t in taps if s.scores(t)}
   first: dict[str, Any] = {}
   progress = Progress(what, num_images(config, split), config.eval.progress_every_s)
   for batch, local in host_batches(config, split, mesh):
@@ -159,7 +160,7 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     labels_kept: dict[str, dict[str, np.ndarray]] = {}
     scores_kept: dict[str, dict[str, metrics.InstanceScores]] = {}
     for segmenter in segmenters:
-      for tap in taps:
+      for tap in (t for t in taps if segmenter.scores(t)):
         tables, labels = runner.run(segmenter, tap, features[tap], batch, local, keys, want)
         scores = metrics.score_tables(tables, num_masks, valid)
         accumulators[segmenter.name, tap].add(scores)
@@ -176,7 +177,7 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     progress.update(int(valid.sum()))
   table: dict[str, dict[str, dict[str, float]]] = {}
   for segmenter in segmenters:
-    for tap in taps:
+    for tap in (t for t in taps if segmenter.scores(t)):
       row = accumulators[segmenter.name, tap].result()
       if segmenter.predicts_k:
         row.update(k_accumulators[segmenter.name, tap].result())

@@ -6,6 +6,10 @@ and K-Means run on the devices, each device on its own images; the optional
 post-processing (`postprocess.py`) runs on the host, per image.
 
 Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
+  cluster           'kmeans', or 'argmax': each pixel's largest channel is its
+                    label (a tap of per-slot masks: Slot Attention's
+                    'slot_masks'), no transform, no K; labels >= k_max count as none
+  taps              the taps it scores (() = every tap and the raw pixels)
   pixel_transforms  transforms of raw pixels (the 'input' tap and baselines),
                     comma-separated names from `transforms.TRANSFORMS`
   tap_transforms    transforms of learned taps (and hypercolumns)
@@ -50,6 +54,7 @@ from clevr_jax.evaluation import postprocess
 from clevr_jax.evaluation import transforms
 
 K_SOURCES = ("oracle", "fixed", "predict")
+CLUSTERS = ("kmeans", "argmax")
 METRICS = ("cosine", "euclidean")
 # Tap names whose features are the image itself.
 PIXEL_TAPS = ("input", "pixels")
@@ -59,6 +64,8 @@ PIXEL_TAPS = ("input", "pixels")
 class Segmenter:
   """One configured segmenter (see the module docstring for the fields)."""
   name: str
+  cluster: str = "kmeans"
+  taps: tuple[str, ...] = ()
   pixel_transforms: tuple[str, ...] = ()
   tap_transforms: tuple[str, ...] = ()
   pca_dim: int = 8
@@ -74,6 +81,10 @@ class Segmenter:
   merge_threshold: float = 0.0
   tap_merge_threshold: float = 0.0
 
+  def scores(self, tap: str) -> bool:
+    """Whether it scores `tap` (its `taps`, or every tap)."""
+    return not self.taps or tap in self.taps
+
   @property
   def post_processes(self) -> bool:
     return self.split or self.merge or self.min_area > 0 or self.modal_size > 1
@@ -86,8 +97,8 @@ class Segmenter:
   def device_key(self) -> tuple[Any, ...]:
     """What the device half depends on (K is an input): segmenters that agree
     on it share one compiled program."""
-    return (self.pixel_transforms, self.tap_transforms, self.pca_dim, self.xy_weight,
-            self.metric, self.k_max, self.post_processes)
+    return (self.cluster, self.pixel_transforms, self.tap_transforms, self.pca_dim,
+            self.xy_weight, self.metric, self.k_max, self.post_processes)
 
   def transforms_for(self, tap: str) -> tuple[str, ...]:
     return self.pixel_transforms if tap in PIXEL_TAPS else self.tap_transforms
@@ -114,7 +125,12 @@ def from_config(name: str, spec: ml_collections.ConfigDict, fixed_k: int) -> Seg
   for key in ("pixel_transforms", "tap_transforms"):
     if key in values:
       values[key] = transforms.parse(values[key])
+  if "taps" in values:
+    values["taps"] = tuple(values["taps"])
   segmenter = Segmenter(name=name, fixed_k=fixed_k, **values)
+  if segmenter.cluster not in CLUSTERS:
+    raise ValueError(f"eval.segmenters.{name}.cluster={segmenter.cluster!r}: "
+                     f"choose one of {list(CLUSTERS)}")
   if segmenter.metric not in METRICS:
     raise ValueError(f"eval.segmenters.{name}.metric={segmenter.metric!r}: "
                      f"choose one of {list(METRICS)}")
@@ -186,8 +202,16 @@ def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
   km = config.eval.kmeans
 
   def run(features, num_clusters, keys, true_labels):
-    x, labels = transform_and_cluster(segmenter, km, features, num_clusters, keys,
-                                      is_pixels=is_pixels)
+    if segmenter.cluster == "argmax":
+      if features.shape[-1] > segmenter.k_max:  # labels past k_max would not be counted
+        raise ValueError(
+            f"eval.segmenters.{segmenter.name}: the tap has {features.shape[-1]} channels "
+            f"(slots), more than the {segmenter.k_max} labels it counts: set "
+            f"--config.eval.segmenters.{segmenter.name}.num_clusters={features.shape[-1]}")
+      x, labels = features, jnp.argmax(features, axis=-1).astype(jnp.int32)
+    else:
+      x, labels = transform_and_cluster(segmenter, km, features, num_clusters, keys,
+                                        is_pixels=is_pixels)
     if segmenter.post_processes:
       return labels, x
     labels = kmeans.upsample_labels(labels, height, width)

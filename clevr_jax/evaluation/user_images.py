@@ -127,7 +127,7 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
   cluster = jax.jit(lambda f, k, key, w: segmenters_lib.transform_and_cluster(
       segmenter, config.eval.kmeans, f, k, key[None], is_pixels=tap == "input",
       point_weights=w))
-  factor = 2 ** config.model.depth
+  factor, _ = models.size_factor(config)
   os.makedirs(output_dir, exist_ok=True)
   palette = plots.label_colors(256)[1:]
   written, unreadable = [], []
