@@ -1,9 +1,9 @@
 """What the command line prints: the process's environment, quiet libraries, one-line endings.
 
-Only this project's log lines and everyone's warnings are printed by default;
-errors a library logs on its way to raising one (orbax's writer threads,
-asyncio's unretrieved tasks, coroutines dropped with their event loop) are not:
-the exception reaches the entry point, which prints one `error:` line.
+By default only this project's log lines and everyone's warnings and errors are
+printed, except the errors orbax and asyncio log on the way to raising one
+(orbax's writer threads, unretrieved tasks, coroutines dropped with their event
+loop): that exception reaches the entry point, which prints one `error:` line.
 `--log_all` shows everything.
 """
 
@@ -33,7 +33,6 @@ def set_environment() -> None:
   """Settings JAX and TensorFlow read when imported (a user's own setting wins)."""
   from clevr_jax import data  # pylint: disable=g-import-not-at-top  (light: no TensorFlow)
   data.set_tensorflow_environment()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # C++ INFO banners (oneDNN, CPU features)
   # Compiled programs persist between runs: the quick preset's first train step
   # compiled in 26 s here, and loads in about 2 s.
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
@@ -75,22 +74,25 @@ def _unraisable(unraisable) -> None:
   sys.__unraisablehook__(unraisable)
 
 
-def quiet_libraries(log_all: bool, progress_bars: bool) -> None:
+def quiet_libraries(log_all: bool) -> None:
   """Before TensorFlow or JAX are imported (main imports them lazily)."""
   if log_all:
     return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # C++ INFO banners (oneDNN, CPU features)
   quiet = _ProjectLinesOnly()
   # On the absl logger and on every root handler: libraries log through either.
   logging.get_absl_logger().addFilter(quiet)
   for handler in python_logging.getLogger().handlers:
     handler.addFilter(quiet)
   sys.unraisablehook = _unraisable
-  if not progress_bars and not sys.stderr.isatty():
-    try:  # TFDS's progress bars are noise in a log file
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      return
-    tfds.disable_progress_bar()
+
+
+def quiet_progress_bars(log_all: bool) -> None:
+  """TFDS's progress bars are noise in a log file (imports TFDS: call when data is read)."""
+  if log_all or sys.stderr.isatty():
+    return
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
 
 
 def _end(line: str, status: int) -> NoReturn:

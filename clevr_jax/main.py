@@ -78,6 +78,8 @@ def run(config, workdir: str, mode: str) -> None:
   output = _OUTPUT_DIR.value or (os.path.join(workdir, "segments") if mode == "segment" else workdir)
   if mode != "prepare":  # a folder that cannot be written fails now, not after the work
     guards.check_writable(*((output, "--output_dir") if _OUTPUT_DIR.value else (workdir,)))
+  if mode in ("prepare", "train", "evaluate", "baselines"):  # the modes that read data
+    console.quiet_progress_bars(_LOG_ALL.value)
   if mode == "prepare":  # no JAX backend: runs alone on one worker of a slice
     from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     print(config, pipeline.prepare(config).info.splits, sep="\n")
@@ -104,7 +106,7 @@ def run(config, workdir: str, mode: str) -> None:
 
 def main(argv: list[str]) -> None:
   console.set_environment()
-  console.quiet_libraries(_LOG_ALL.value, progress_bars=_LOG_ALL.value)
+  console.quiet_libraries(_LOG_ALL.value)
   workdir = _WORKDIR.value or ""
   try:
     if len(argv) > 1:
