@@ -160,12 +160,18 @@ def base_config() -> ml_collections.ConfigDict:
       k="predict", num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
       merge_threshold=0.2)
   ev.segmenter_names = ("kmeans", "kmeans_fixed_k", "split_merge", "split_merge_predict_k")
+  # R: region slots per image after absorbing specks, the static size of the
+  # device merge (an R x R distance matrix). An image with more regions has its
+  # smallest absorbed too, with a warning that names this field.
+  ev.max_regions = 128
   # Baselines (--mode=baselines): raw pixels through every segmenter, and random masks.
   ev.baselines_seed = 0
   # Progress lines of long evaluation loops, at most this often.
   ev.progress_every_s = 10.0
-  # --mode=segment: the segmenter applied to user images (its K: --num_clusters).
-  ev.user_segmenter = "kmeans"
+  # --mode=segment: the segmenter applied to user images. The best one that needs
+  # no K; --num_clusters overrides its K-Means clusters (K0), or is K for one
+  # that takes K.
+  ev.user_segmenter = "split_merge_predict_k"
 
   config.objectives = objectives_config()
   return config

@@ -39,7 +39,6 @@ from clevr_jax import pseudo_masks
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
-from clevr_jax.evaluation import protocol
 from clevr_jax.data import pipeline
 
 
@@ -95,7 +94,7 @@ def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
 
   def compute():
     start = time.time()
-    progress = protocol.Progress("pseudo-masks", train_split.num_examples,
+    progress = logs.Progress("pseudo-masks", train_split.num_examples,
                                  config.eval.progress_every_s)
     store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config),
                                          key, progress.update)
