@@ -94,9 +94,12 @@ def run(config, workdir: str, mode: str) -> None:
   if mode == "train":
     import jax  # pylint: disable=g-import-not-at-top
     from clevr_jax import train  # pylint: disable=g-import-not-at-top
-    with guards.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-      train.train_and_evaluate(config, workdir)  # the lock is held through the evaluation
-      evaluation.evaluate(config, workdir)
+    # Round 0, then any self-training rounds, each trained and scored in its workdir.
+    for round_config, round_workdir in [(config, workdir)] + train.self_training_rounds(
+        config, workdir):
+      with guards.lock(round_workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        train.train_and_evaluate(round_config, round_workdir)  # locked through the evaluation
+        evaluation.evaluate(round_config, round_workdir)
   elif mode == "evaluate":
     evaluation.evaluate(config, workdir)
   elif mode == "baselines":

@@ -16,6 +16,7 @@ logged, saved, and the run resumes after it (a second Ctrl-C stops at once).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
 import os
 import signal
@@ -78,6 +79,49 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     multihost_utils.sync_global_devices("dataset prepared")
 
 
+def teacher_tap(config: ml_collections.ConfigDict
+                ) -> tuple[Callable[[np.ndarray], jax.Array] | None, str]:
+  """From self-training round 1 on: (images -> the teacher's tap `objectives.tap`,
+  the teacher's identity for the cache key: its checkpoint's path and step);
+  (None, '') in round 0."""
+  pm = config.objectives.pseudo_masks
+  if pm.round == 0:
+    return None, ""
+  teacher = os.path.abspath(os.path.expanduser(pm.teacher_workdir)) if pm.teacher_workdir else ""
+  if (not teacher or not os.path.isdir(checkpoints.checkpoint_dir(teacher))
+      or checkpoints.make_manager(teacher, read_only=True).latest_step() is None):
+    raise ValueError(f"config.objectives.pseudo_masks.round={pm.round} needs the previous "
+                     "round's network: set --config.objectives.pseudo_masks.teacher_workdir "
+                     f"to a workdir with a checkpoint (now {pm.teacher_workdir!r}), or chain "
+                     "rounds with --config.objectives.self_training_rounds=N")
+  from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
+  state, model = model_eval.restore_state(config, teacher, sharding.make_mesh())
+  tap = config.objectives.tap
+  predict = state_lib.make_predict_fn(model, (tap,))
+  step = int(jax.device_get(state.step))
+  return (lambda images: predict(state, images)[1][tap]), f"{teacher}@{step}"
+
+
+def self_training_rounds(config: ml_collections.ConfigDict, workdir: str
+                         ) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """(config, workdir) of each round a run chains after its own
+  (`objectives.self_training_rounds`): round n in <workdir>/round<n>, trained
+  from scratch on masks of the round segmenter run on round n-1's network."""
+  rounds = config.objectives.self_training_rounds
+  if rounds and not objectives.needs_pseudo_masks(config):
+    raise ValueError(f"config.objectives.self_training_rounds={rounds}: no objective uses "
+                     "pseudo-masks (e.g. --config.objectives.discriminative.weight=1)")
+  chain, teacher = [], workdir
+  for n in range(1, rounds + 1):
+    round_config = config.copy_and_resolve_references()
+    round_config.objectives.pseudo_masks.round = n
+    round_config.objectives.pseudo_masks.teacher_workdir = teacher
+    round_config.objectives.self_training_rounds = 0
+    teacher = os.path.join(workdir, f"round{n}")
+    chain.append((round_config, teacher))
+  return chain
+
+
 def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
                       train_split: pipeline.Split) -> pseudo_masks.PseudoMaskStore | None:
   """The training images' pseudo-instance masks when an objective uses them:
@@ -85,7 +129,8 @@ def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
   if not objectives.needs_pseudo_masks(config):
     return None
   path = pseudo_masks.cache_path(config, workdir)
-  key = pseudo_masks.fingerprint(config)
+  tap_fn, teacher = teacher_tap(config)
+  key = pseudo_masks.fingerprint(config, teacher)
   derive = batch_lib.make_derive(config)
 
   def batches():
@@ -96,7 +141,7 @@ def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
     start = time.time()
     progress = logs.Progress("pseudo-masks", train_split.num_examples,
                                  config.eval.progress_every_s)
-    store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config),
+    store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config, tap_fn),
                                          key, progress.update)
     logging.info("Pseudo-masks of %d training images ready (%s, %.0f s)", len(store), path,
                  time.time() - start)
@@ -106,7 +151,7 @@ def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("pseudo-masks written")
     if store is None:  # written by process 0: read, not computed again
-      store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config),
+      store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config, tap_fn),
                                            key)
   return store
 
