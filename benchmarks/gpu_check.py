@@ -45,6 +45,7 @@ from clevr_jax import models
 from clevr_jax import schema
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
+from clevr_jax import train_step
 from benchmarks import train_benchmark
 from clevr_jax.data import renderer
 
@@ -251,7 +252,8 @@ def protocol_lines(plan: Plan, stored: dict[str, np.ndarray]) -> list[Line]:
   config = protocol_config(plan)
   mesh = sharding.make_mesh()
   model = state_lib.make_model(config)
-  state = sharding.replicate(state_lib.create_state(config), mesh)
+  state = sharding.replicate(
+      state_lib.create_state(config, train_step.make_optimizer(config, 1)), mesh)
   split = ArraySplit(stored, plan.eval_batch)
   start = time.perf_counter()
   scores = score_taps(config, split, state, model)

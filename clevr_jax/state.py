@@ -1,9 +1,9 @@
-"""The train state, its one constructor, and where it lives (the device mesh).
+"""The train state and its one constructor (flax's own initialisers).
 
 Training, evaluation and the benchmarks all build their state here:
-`create_state` (fresh, from the config's seed) or `abstract_state` (shapes
-only, the target of a checkpoint restore). Neither compiles anything: the
-initial parameters are drawn on the host with NumPy (see `init_variables`).
+`create_state` (fresh, from the config's seed: flax's own initialisers) or
+`abstract_state` (shapes only, the target of a checkpoint restore). The
+optimizer lives with the step (train_step.make_optimizer).
 
 Where the state lives (the mesh, replicated over it) is clevr_jax/sharding.py.
 
@@ -13,8 +13,6 @@ No TensorFlow here.
 from __future__ import annotations
 
 import functools
-import math
-import zlib
 from typing import Any, Callable
 
 import flax
@@ -70,105 +68,56 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None
                             axis_name=axis_name)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
-  opt = config.optimizer
-  if opt.schedule == "constant":
-    schedule = optax.constant_schedule(opt.learning_rate)
-  elif opt.schedule == "cosine":
-    schedule = optax.cosine_decay_schedule(opt.learning_rate, max(total_steps, 1))
-  else:
-    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use 'constant' or 'cosine'")
-  if opt.warmup_steps:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), schedule],
-        [opt.warmup_steps])
-  return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                     weight_decay=opt.weight_decay)
-
-
-# --- initial values ------------------------------------------------------------
-
-# flax's default kernel initialiser (Conv, ConvTranspose, Dense) is LeCun normal:
-# a normal truncated at 2 standard deviations, rescaled so that its standard
-# deviation is sqrt(1 / fan_in). This constant is the truncated unit normal's.
-_TRUNCATED_STD = 0.87962566103423978
-
-
-def _truncated_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-  """Unit normal draws truncated to [-2, 2], by redrawing those outside."""
-  x = rng.standard_normal(shape)
-  outside = np.abs(x) > 2
-  while outside.any():
-    x[outside] = rng.standard_normal(int(outside.sum()))
-    outside = np.abs(x) > 2
-  return x
-
-
-def _initial_leaf(seed: int, path: str, name: str, shape: tuple[int, ...],
-                  dtype: Any) -> np.ndarray:
-  if name == "kernel":
-    fan_in = math.prod(shape[:-1])  # flax: receptive field x input features
-    # One stream per leaf, from the seed and the leaf's path: a leaf's values do
-    # not depend on which other leaves exist.
-    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-    values = _truncated_normal(rng, shape) * (math.sqrt(1 / fan_in) / _TRUNCATED_STD)
-  elif name in ("bias", "mean"):
-    values = np.zeros(shape)
-  elif name in ("scale", "var"):
-    values = np.ones(shape)
-  else:
-    raise ValueError(f"no initialiser for the variable {path}: add one in state.py")
-  return values.astype(dtype)
-
-
 def init_variables(model: models.UNet, shape: tuple[int, ...], seed: int) -> dict[str, Any]:
-  """The model's initial variables, drawn on the host with NumPy.
+  """The model's initial variables from flax's own initialisers, on the host.
 
-  Shapes come from `jax.eval_shape` of `model.init` (traced, not compiled);
-  values follow flax's default initialisers (LeCun-normal kernels, zero biases,
-  unit BatchNorm scales), one NumPy stream per leaf seeded by `seed` and the
-  leaf's path. XLA:CPU spent 25-50 s compiling the threefry draws of
-  `jax.jit(model.init)` for this network; this takes about half a second
-  (mostly tracing) and gives the same values on every backend and process count. (The values differ from
-  `model.init`'s; their distribution does not: tests/test_steps.py.)
+  `jax.jit(model.init)` on one zero image of `shape`. Its random draws use
+  threefry outside its partitionable mode: XLA:CPU compiled the poster U-Net's
+  draws in 10-14 s that way against about 50 s in the (default) partitionable
+  mode, at load 15-20 (docs/benchmarks.md); the values differ between the two
+  modes, their distribution does not. The image size is no concern: the
+  compile took as long at 16x16 as at 240x320.
   """
-  abstract = jax.eval_shape(functools.partial(model.init, train=False),
-                            jax.random.key(0), jnp.zeros((1,) + tuple(shape), jnp.float32))
-
-  def leaf(path, x):
-    key = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-    return _initial_leaf(seed, jax.tree_util.keystr(path), key, x.shape, x.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, flax.core.unfreeze(abstract))
+  init = jax.jit(functools.partial(model.init, train=False))
+  with jax.threefry_partitionable(False):
+    variables = init(jax.random.key(seed), jnp.zeros((1,) + tuple(shape), jnp.float32))
+  return jax.device_get(flax.core.unfreeze(variables))
 
 
-def create_state(config: ml_collections.ConfigDict,
-                 tx: optax.GradientTransformation | None = None) -> TrainState:
+def _dropout_key(seed: int) -> np.ndarray:
+  """The dropout key's data: the seed's second stream (the first drew the parameters)."""
+  return np.random.SeedSequence([seed, 1]).generate_state(2).astype(np.uint32)
+
+
+def create_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+                 ) -> TrainState:
   """A fresh state from config.seed, on the host (place it with `sharding.replicate`).
 
-  Without `tx` the optimizer is the config's (its state does not depend on the
-  schedule's length).
+  `tx` is the step's optimizer (train_step.make_optimizer).
   """
-  tx = tx or make_optimizer(config, 1)
   variables = init_variables(make_model(config), input_shape(config), config.seed)
   params = variables["params"]
-  # The dropout key: the seed's second stream (the first drew the parameters).
-  rng = np.random.SeedSequence([config.seed, 1]).generate_state(2).astype(np.uint32)
   return TrainState(step=np.zeros((), np.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
-                    opt_state=jax.device_get(tx.init(params)), rng=rng)
+                    opt_state=jax.device_get(tx.init(params)), rng=_dropout_key(config.seed))
 
 
-def abstract_state(config: ml_collections.ConfigDict) -> TrainState:
-  """The state's shapes and dtypes: what a checkpoint restore fills.
+def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+                   ) -> TrainState:
+  """The state's shapes and dtypes, what a checkpoint restore fills: traced, not compiled.
 
-  Evaluation restores into this without building anything itself (the
-  optimizer state's shapes follow from the config; drawing the host-side
-  initial values takes milliseconds).
+  The optimizer state's shapes do not depend on the schedule's length, so any
+  `train_step.make_optimizer(config, n)` will do.
   """
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                      create_state(config))
+  model = make_model(config)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             jax.ShapeDtypeStruct((1,) + input_shape(config), jnp.float32))
+  variables = flax.core.unfreeze(variables)
+  params = variables["params"]
+  return TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=jax.eval_shape(tx.init, params),
+                    rng=jax.ShapeDtypeStruct((2,), np.uint32))
 
 
 def make_predict_fn(model: models.UNet, taps: tuple[str, ...] = ()

@@ -168,7 +168,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   total_steps = steps_per_epoch * config.num_epochs
   mesh = sharding.make_mesh()
   model = state_lib.make_model(config, axis_name=sharding.AXIS)
-  tx = state_lib.make_optimizer(config, total_steps)
+  tx = train_step_lib.make_optimizer(config, total_steps)
   state = state_lib.create_state(config, tx)
   manager = checkpoints.make_manager(workdir, config)
   if manager.latest_step() is not None:

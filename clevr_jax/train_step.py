@@ -1,4 +1,4 @@
-"""The objective and the data-parallel train and eval steps that train.py runs.
+"""The objective, the optimizer and the data-parallel train and eval steps that train.py runs.
 
 The steps follow the pmap programming model (per-device code, named-axis
 collectives over `AXIS`) but run as `jax.jit` over `jax.shard_map` on a mesh of
@@ -35,6 +35,24 @@ from clevr_jax.state import TrainState
 
 Batch = dict[str, jax.Array]
 Data = dict[str, jax.Array]  # a device-resident split (batch.DeviceData.arrays), or {}
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+  """AdamW on the config's schedule (`total_steps`: the length of a cosine one)."""
+  opt = config.optimizer
+  if opt.schedule == "constant":
+    schedule = optax.constant_schedule(opt.learning_rate)
+  elif opt.schedule == "cosine":
+    schedule = optax.cosine_decay_schedule(opt.learning_rate, max(total_steps, 1))
+  else:
+    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use 'constant' or 'cosine'")
+  if opt.warmup_steps:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), schedule],
+        [opt.warmup_steps])
+  return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                     weight_decay=opt.weight_decay)
 
 
 def objective_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:

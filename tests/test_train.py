@@ -79,8 +79,8 @@ def _restore(config, workdir, step=None):
   """The state of a workdir's checkpoint, as train.py restores it (on one device)."""
   manager = checkpoints.make_manager(workdir, read_only=True)
   assert step is None or step in manager.all_steps(), (step, manager.all_steps())
-  return checkpoints.restore(manager, state_lib.abstract_state(config), sharding.make_mesh(),
-                             step=step)
+  like = state_lib.abstract_state(config, train_step_lib.make_optimizer(config, 1))
+  return checkpoints.restore(manager, like, sharding.make_mesh(), step=step)
 
 
 def _assert_same_state(actual, expected):

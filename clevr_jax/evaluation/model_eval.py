@@ -14,6 +14,7 @@ from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
+from clevr_jax import train_step
 from clevr_jax.evaluation import protocol
 from clevr_jax.evaluation import results as results_lib
 from clevr_jax.evaluation import segmenters as segmenters_lib
@@ -27,7 +28,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
                   mesh: jax.sharding.Mesh) -> tuple[state_lib.TrainState, models.UNet]:
   """The newest checkpoint of `workdir`, replicated over `mesh`, and its model."""
   model = state_lib.make_model(config)
-  like = state_lib.abstract_state(config)
+  like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
   manager = checkpoints.make_manager(workdir, read_only=True)
   return checkpoints.restore(manager, like, mesh), model
 

@@ -54,7 +54,7 @@ def train_steps_on_devices(num_steps: int = 2) -> float:
 
   def run(mesh):
     model = state_lib.make_model(config, axis_name=sharding.AXIS).clone(dtype=jnp.float64)
-    tx = state_lib.make_optimizer(config, num_steps)
+    tx = train_step.make_optimizer(config, num_steps)
     state = state_lib.create_state(config, tx)
     as64 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float64), t)
     params = as64(state.params)
