@@ -189,15 +189,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   train_step = train_step_lib.make_train_step(config, model, tx, mesh)
   eval_step = train_step_lib.make_eval_step(config, model, mesh)
   predict = state_lib.make_predict_fn(state_lib.make_model(config))
+  store = load_pseudo_masks(config, workdir, train_split)
+  if store is not None:
+    train_split.attach_pseudo_masks(store)
+  fields = batch_lib.fields(config, "train")
   # The training split on the devices once (config.data.device_resident): each
-  # step then gets its examples' positions only. Otherwise streamed per step.
-  masks = load_pseudo_masks(config, workdir, train_split)
+  # step then gets its examples' positions only. Otherwise sent per step.
   device_data = None
   if config.data.device_resident:
-    arrays = train_split.stored_arrays(batch_lib.fields(config, "train"))
-    if masks is not None:
-      arrays = pseudo_masks.add_to_batch(arrays, masks)
-    device_data = batch_lib.DeviceData(arrays, mesh)
+    device_data = batch_lib.DeviceData(train_split.train_arrays(fields), mesh)
     logging.info("Training split on the devices: %.2f GB per device",
                  device_data.nbytes() / 1e9)
 
@@ -233,15 +233,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     for epoch in range(step // steps_per_epoch, config.num_epochs):
       where = dict(skip_batches=step - epoch * steps_per_epoch,
                    process_index=jax.process_index(), process_count=jax.process_count())
-      if device_data is None:
-        batches = train_split.train_batches(
-            epoch, fields=batch_lib.fields(config, "train"), **where)
-      else:
-        batches = train_split.position_batches(epoch, **where)
+      batches = train_split.train_batches(epoch, fields=fields,
+                                          positions_only=device_data is not None, **where)
       data = device_data.arrays if device_data is not None else None
       for host_batch in batches:
-        if masks is not None and device_data is None:
-          host_batch = pseudo_masks.add_to_batch(host_batch, masks)
         state, train_metrics = train_step(state, sharding.to_global(host_batch, mesh), data)
         step += 1
         if step % config.log_every_steps == 0 or step == total_steps:
