@@ -241,7 +241,7 @@ def score_taps(config: ml_collections.ConfigDict, split: ArraySplit,
   from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
   from clevr_jax.evaluation import segmenters  # pylint: disable=g-import-not-at-top
   taps = tuple(config.eval.taps)
-  predict = state_lib.make_predict_fn(model, taps)
+  predict = train_step.make_predict_fn(model, taps)
   table_, _ = protocol.score_features(
       config, sharding.make_mesh(), lambda batch: predict(state, batch['image'])[1], taps,
       split, segmenters.configured(config), what='GPU check protocol')
@@ -251,7 +251,7 @@ def score_taps(config: ml_collections.ConfigDict, split: ArraySplit,
 def protocol_lines(plan: Plan, stored: dict[str, np.ndarray]) -> list[Line]:
   config = protocol_config(plan)
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config)
+  model = models.make_model(config)
   state = sharding.replicate(
       state_lib.create_state(config, train_step.make_optimizer(config, 1)), mesh)
   split = ArraySplit(stored, plan.eval_batch)

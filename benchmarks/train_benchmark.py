@@ -50,6 +50,7 @@ import numpy as np
 from benchmarks import samples
 from clevr_jax import batch as batch_lib
 from clevr_jax import defaults
+from clevr_jax import models
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
@@ -215,7 +216,7 @@ def compile_step(config: ml_collections.ConfigDict, per_device_batch: int,
   so that the benchmark needs no dataset (nor TensorFlow).
   """
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config, axis_name=sharding.AXIS)
+  model = models.make_model(config, axis_name=sharding.AXIS)
   tx = train_step_lib.make_optimizer(config, total_steps=1000)
   state = sharding.replicate(_host_state(
       (config.model.base_width, config.model.depth, config.data.grayscale, config.task)),

@@ -13,7 +13,7 @@ No TensorFlow here.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -24,7 +24,6 @@ import optax
 
 from clevr_jax import models
 from clevr_jax import objectives
-from clevr_jax import schema
 
 TASKS = ("reconstruction", "segmentation")
 
@@ -44,28 +43,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.task == "segmentation" and config.loss.weighted:
     raise ValueError("config.loss.weighted applies to reconstruction only")
   objectives.check_config(config)
-
-
-def output_channels(config: ml_collections.ConfigDict) -> int:
-  """Channels of the network's output: the config's, or derived from the task."""
-  if config.model.out_channels > 0:
-    return config.model.out_channels
-  if config.task == "segmentation":
-    return schema.NUM_SEMANTIC_CLASSES
-  return 1 if config.data.grayscale else 3
-
-
-def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  channels = 1 if config.data.grayscale else 3
-  return config.data.image_height, config.data.image_width, channels
-
-
-def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None
-               ) -> models.UNet:
-  model_config = ml_collections.ConfigDict(config.model.to_dict())
-  model_config.out_channels = output_channels(config)
-  return models.build_model(ml_collections.ConfigDict({"model": model_config}),
-                            axis_name=axis_name)
 
 
 def init_variables(model: models.UNet, shape: tuple[int, ...], seed: int) -> dict[str, Any]:
@@ -95,7 +72,8 @@ def create_state(config: ml_collections.ConfigDict, tx: optax.GradientTransforma
 
   `tx` is the step's optimizer (train_step.make_optimizer).
   """
-  variables = init_variables(make_model(config), input_shape(config), config.seed)
+  variables = init_variables(models.make_model(config), models.input_shape(config),
+                             config.seed)
   params = variables["params"]
   return TrainState(step=np.zeros((), np.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
@@ -109,25 +87,12 @@ def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   The optimizer state's shapes do not depend on the schedule's length, so any
   `train_step.make_optimizer(config, n)` will do.
   """
-  model = make_model(config)
+  model = models.make_model(config)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                             jax.ShapeDtypeStruct((1,) + input_shape(config), jnp.float32))
+                             jax.ShapeDtypeStruct((1,) + models.input_shape(config), jnp.float32))
   variables = flax.core.unfreeze(variables)
   params = variables["params"]
   return TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
                     opt_state=jax.eval_shape(tx.init, params),
                     rng=jax.ShapeDtypeStruct((2,), np.uint32))
-
-
-def make_predict_fn(model: models.UNet, taps: tuple[str, ...] = ()
-                    ) -> Callable[[TrainState, jax.Array],
-                                  tuple[jax.Array, dict[str, jax.Array]]]:
-  """Jitted eval-mode forward pass returning the output and the requested taps.
-
-  Plain jit: the batch's sharding propagates, and no collective is needed.
-  """
-  def predict(state: TrainState, images: jax.Array):
-    return model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                       images, train=False, taps=taps)
-  return jax.jit(predict)

@@ -29,6 +29,7 @@ from clevr_jax import batch as batch_lib
 from clevr_jax import checkpoints
 from clevr_jax import logs
 from clevr_jax import metrics
+from clevr_jax import models
 from clevr_jax import objectives
 from clevr_jax import plots
 from clevr_jax import pseudo_masks
@@ -167,7 +168,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   steps_per_epoch = train_split.steps_per_epoch(config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config, axis_name=sharding.AXIS)
+  model = models.make_model(config, axis_name=sharding.AXIS)
   tx = train_step_lib.make_optimizer(config, total_steps)
   state = state_lib.create_state(config, tx)
   manager = checkpoints.make_manager(workdir, config)
@@ -188,7 +189,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                    dropped, int(state.step))
   train_step = train_step_lib.make_train_step(config, model, tx, mesh)
   eval_step = train_step_lib.make_eval_step(config, model, mesh)
-  predict = state_lib.make_predict_fn(state_lib.make_model(config))
+  predict = train_step_lib.make_predict_fn(models.make_model(config))
   store = load_pseudo_masks(config, workdir, train_split)
   if store is not None:
     train_split.attach_pseudo_masks(store)

@@ -201,3 +201,16 @@ def make_eval_step(config: ml_collections.ConfigDict, model: models.UNet,
   """Jitted eval step on stored fields (batch.fields(config, 'eval_loss'))."""
   step = functools.partial(_eval_step, model=model, config=config)
   return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
+
+
+def make_predict_fn(model: models.UNet, taps: tuple[str, ...] = ()
+                    ) -> Callable[[TrainState, jax.Array],
+                                  tuple[jax.Array, dict[str, jax.Array]]]:
+  """Jitted eval-mode forward pass returning the output and the requested taps.
+
+  Plain jit: the batch's sharding propagates, and no collective is needed.
+  """
+  def predict(state: TrainState, images: jax.Array):
+    return model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       images, train=False, taps=taps)
+  return jax.jit(predict)

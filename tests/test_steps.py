@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks import samples
 from clevr_jax import batch as batch_lib
+from clevr_jax import models
 from clevr_jax import schema
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
@@ -198,7 +199,7 @@ def test_loss_goes_down_on_a_fixed_batch(name, test_config):
   host_batch = next(pipeline.Split(config, "train").train_batches(
       0, fields=batch_lib.fields(config, "train")))
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config, axis_name=sharding.AXIS)
+  model = models.make_model(config, axis_name=sharding.AXIS)
   tx = train_step.make_optimizer(config, 8)
   state = sharding.replicate(state_lib.create_state(config, tx), mesh)
   step = train_step.make_train_step(config, model, tx, mesh)
@@ -224,7 +225,7 @@ def test_eval_loss_is_the_train_objective_in_eval_mode(name, test_config):
   # loss's counts too).
   config = _small(test_config(name))
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config)
+  model = models.make_model(config)
   host_state = state_lib.create_state(config, train_step.make_optimizer(config, 1))
   state = sharding.replicate(host_state, mesh)
   stored = samples.random_stored(config, config.eval.batch_size, seed=3)
@@ -278,11 +279,11 @@ def test_initial_kernels_of_every_kind_have_flaxs_initial_statistics(test_config
   # is restated here; the scaled values are pooled per kind.
   config = test_config("unet_objects")
   ours = _kernels(state_lib.create_state(config, train_step.make_optimizer(config, 1)).params)
-  model = state_lib.make_model(config)
+  model = models.make_model(config)
   keys = jax.random.split(jax.random.key(config.seed + 1), _REFERENCE_DRAWS)
   # Kernels do not depend on the image size: the smallest input the net takes.
   small = jnp.zeros((1, 2**config.model.depth, 2**config.model.depth,
-                     state_lib.input_shape(config)[-1]))
+                     models.input_shape(config)[-1]))
   draws = jax.jit(jax.vmap(lambda k: model.init(k, small, train=False)["params"]))(keys)
   theirs = _kernels(draws)
   assert ours.keys() == theirs.keys()

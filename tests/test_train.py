@@ -243,6 +243,18 @@ def test_interrupted_mid_epoch_then_resumed_equals_training_straight(
   assert [(r["step"], r["train/loss"]) for r in records if "train/loss" in r] == straight
 
 
+def test_device_resident_run_takes_the_host_gathered_runs_steps(tmp_path, trained_workdir,
+                                                                 test_config):
+  # One training lane: the device-resident split is sent the positions of the
+  # very batches the host gathers, so both runs take the same steps.
+  config = test_config("unet_rgb")
+  config.data.device_resident = True
+  workdir = str(tmp_path / "resident")
+  train.train_and_evaluate(config, workdir)
+  for step in (4, 8):
+    _assert_same_state(_restore(config, workdir, step), _restore(config, trained_workdir, step))
+
+
 def test_run_killed_after_its_first_save_resumes_from_it(_children, trained_workdir, test_config):
   killed = _children["killed"].result()
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-5000:]

@@ -27,7 +27,7 @@ HYPERCOLUMN_SEP = "+"
 def restore_state(config: ml_collections.ConfigDict, workdir: str,
                   mesh: jax.sharding.Mesh) -> tuple[state_lib.TrainState, models.UNet]:
   """The newest checkpoint of `workdir`, replicated over `mesh`, and its model."""
-  model = state_lib.make_model(config)
+  model = models.make_model(config)
   like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
   manager = checkpoints.make_manager(workdir, read_only=True)
   return checkpoints.restore(manager, like, mesh), model
@@ -54,7 +54,7 @@ def scored_taps(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tup
 def tap_features_fn(state: state_lib.TrainState, model: models.UNet, config: ml_collections.ConfigDict
                     ) -> protocol.FeaturesFn:
   needed, _ = scored_taps(config)
-  predict = state_lib.make_predict_fn(model, needed)
+  predict = train_step.make_predict_fn(model, needed)
 
   def features(batch):
     taps = dict(predict(state, batch["image"])[1])
