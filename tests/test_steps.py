@@ -210,10 +210,12 @@ def test_loss_goes_down_on_a_fixed_batch(name, test_config):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))  # the loss before this step's update
     assert math.isfinite(float(metrics["grad_norm"]))
-  # Measured: every step lowers the loss (by 3% at least); after 6 steps it
-  # is 0.16x (rgb), 0.06x (gray), 0.32x (supervised) the first.
+  # Measured over config seeds 0-3 (initial parameters and batch): every step
+  # lowers the loss; after 6 steps it is 0.10-0.17x (rgb), 0.05-0.13x (gray),
+  # 0.24-0.51x (supervised) the first. A step that does not learn leaves it
+  # near 1x; 0.75x clears the slowest seed by a margin.
   assert all(b < a for a, b in zip(losses, losses[1:])), losses
-  assert losses[-1] < 0.5 * losses[0], losses
+  assert losses[-1] < 0.75 * losses[0], losses
   assert int(state.step) == 6
 
 
