@@ -279,4 +279,8 @@ def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workd
         points[0].astype(np.float64))
     ours_inertia = float(((points[0] - np.asarray(ours.centroids)[0][np.asarray(ours.labels)[0]])
                           ** 2).sum())
+    # Both take the best of 10 restarts from their own random starts, so each may
+    # end in another local optimum: 1% is the room tests/test_kmeans.py measures
+    # between such optima on CLEVR pixels (the float32 features against sklearn's
+    # float64 fit differ by rounding only, about 1e-7 of the inertia).
     assert ours_inertia <= reference.inertia_ * 1.01, tap

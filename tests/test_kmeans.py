@@ -157,8 +157,13 @@ def test_per_image_k_and_batch_equals_single_images(small_batch):
                        k_max=5)
     np.testing.assert_array_equal(single.labels[0], batch.labels[b])
     np.testing.assert_allclose(single.inertia[0], batch.inertia[b], rtol=1e-5)
-  # Mirrored images hold the same points: the same optimum.
-  np.testing.assert_allclose(batch.inertia[:2], batch.inertia[2:], rtol=1e-3)
+  # Mirrored images hold the same points, but K-Means++ draws other starts in
+  # another order, so the best of 10 restarts can be another local optimum, not
+  # a rounding of the same one (float32 sums of 1,200 terms err by 1e-7 to 7e-5).
+  # How far apart those optima lie is a property of these points, measured with
+  # keys 2-6: up to 7e-5 (K=2) and 7.6e-4 (K=5) relative. 2e-3 bounds it with room
+  # for another CPU's rounding; a wrong K or a lost restart costs whole percents.
+  np.testing.assert_allclose(batch.inertia[:2], batch.inertia[2:], rtol=2e-3)
 
 
 def test_early_stop_per_image(small_batch):

@@ -264,8 +264,15 @@ def test_bfloat16_compute(unet_vars):
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables16))
   out16, taps = _apply(model16)(unet_vars, x, train=False, taps=('bottleneck',))
   assert out16.dtype == jnp.float32 and taps['bottleneck'].dtype == jnp.float32
+  # bfloat16 keeps 8 significant bits: each rounding errs by at most u = 2**-8 of
+  # the value. This network rounds about 90 times on the way to an output (23
+  # convolutions, each rounding its input, kernel and output, most after a
+  # BatchNorm that rounds too); as independent errors they add like a random
+  # walk, to sqrt(90) * u = 3.7% of the output's scale. Measured: 0.9% (and 0.09%
+  # in float16, u = 2**-11: the error follows u). Above zero: it computes in bfloat16.
   scale = np.abs(out32).max()
-  assert np.abs(out16 - out32).max() < 0.05 * scale + 1e-3
+  error = np.abs(out16 - out32).max()
+  assert 0 < error < np.sqrt(90) * 2.0**-8 * scale
 
 
 # --- config ---------------------------------------------------------------------------

@@ -300,6 +300,10 @@ def test_a_short_optimisation_lowers_the_objectives():
     params, opt_state, loss = step(params, opt_state)
     losses.append(float(loss))
   assert np.all(np.isfinite(losses))
+  # Deterministic: one fixed batch, views drawn once, full-batch Adam. Measured,
+  # the loss falls steadily to 0.66 of its start in 40 steps; another CPU's
+  # float32 rounding moves that by about 1e-6, far less than the 0.04 of room
+  # left, while an objective whose gradient is lost stays near 1.
   assert losses[-1] < 0.7 * losses[0]
 
 
@@ -352,6 +356,10 @@ def test_a_short_training_run_lowers_the_objective_terms(tmp_path, data_dir):
   records = [r for r in logs.read_metrics(workdir) if "train/discriminative" in r]
   values = [r["train/discriminative"] for r in records]
   assert len(values) >= 4 and all(math.isfinite(v) for v in values)
+  # Measured: the last two records average 0.50 of the first two with this seed
+  # (2), 0.28 and 0.50 with seeds 3 and 4 (another network and batch order).
+  # Another CPU's rounding moves the run less than another seed does; 0.8 keeps
+  # room above that spread, and a term that does not train stays near 1.
   assert np.mean(values[-2:]) < 0.8 * np.mean(values[:2]), values
   cache = pseudo_masks.cache_path(config, workdir)
   with np.load(cache) as stored:

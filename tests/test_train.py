@@ -471,6 +471,7 @@ def test_run_stopped_between_its_last_checkpoint_and_evaluation_evaluates_on_res
   assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6, 8]
 
 
+@pytest.mark.slow  # trains
 def test_state_that_turns_non_finite_between_log_steps_is_never_saved(
     tmp_path, monkeypatch, test_config):
   # The update of step 6 poisons the parameters; the loss logged at step 6 was
