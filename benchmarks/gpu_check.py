@@ -16,10 +16,17 @@ each part, so a run cut short keeps what it measured) and prints it:
   3. the evaluation protocol: `--protocol_images` synthetic 240x320 images,
      all 11 taps of a freshly initialised U-Net, oracle and fixed K, 10
      restarts: its wall time and images/s (the scores of an untrained network
-     only say that it ran; the input tap's is a real baseline);
-  4. peak device memory (JAX, and PyTorch's own).
+     only say that it ran; the input tap's is a real baseline); then the full
+     protocol, the four default segmenters (post-processing on the devices
+     too; target under 60 s for 1,000 images on one H100);
+  4. Slot Attention: one train step of the paper's model (clevr_jax/slot_attention.py,
+     configs/slot_attention.py:paper) at its batch (64) and size (128x128), float32:
+     images/s and the compiled step's device memory (arguments, outputs and
+     temporaries, from XLA's memory analysis);
+  5. peak device memory (JAX, and PyTorch's own).
 
-Planned to take under 8 minutes on one H100/H200. `--reduced` runs every part
+Planned to take under 8 minutes on one H100/H200 (the Slot Attention step adds
+about a minute: compiling, then 60 steps). `--reduced` runs every part
 at toy sizes on any device, CPU included (about 2 minutes on this loaded 2-core
 host, mostly compiling): the test suite runs it,
 so the script cannot rot between the sessions that have a GPU.
@@ -46,6 +53,7 @@ from clevr_jax import schema
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step
+from benchmarks import samples
 from benchmarks import train_benchmark
 from clevr_jax.data import renderer
 
@@ -76,12 +84,17 @@ class Plan:
   max_iter: int = 300
   protocol_images: int = 1000
   eval_batch: int = 50
+  # Slot Attention's step: the paper's global batch and image size; `slot_widths`
+  # (encoder, slot, decoder channels) shrink the model only in reduced mode.
+  slot_batch: int = 64
+  slot_size: int = 128
+  slot_widths: int = 0  # 0: the paper's model (defaults.slot_attention_config)
 
   @staticmethod
   def reduced() -> 'Plan':
     return Plan(height=32, width=48, depth=1, base_widths=(4,), per_device_batch=2,
                 steps=1, repeats=1, kmeans_images=2, restarts=2, max_iter=20,
-                protocol_images=8, eval_batch=4)
+                protocol_images=8, eval_batch=4, slot_batch=2, slot_size=32, slot_widths=8)
 
 
 @dataclasses.dataclass
@@ -218,7 +231,11 @@ def _inertia64(points: np.ndarray, labels: np.ndarray, centroids: np.ndarray) ->
 # --- 3. the evaluation protocol ---------------------------------------------------
 
 
-def protocol_config(plan: Plan) -> ml_collections.ConfigDict:
+POSTER_SEGMENTERS = ('kmeans', 'kmeans_fixed_k')
+
+
+def protocol_config(plan: Plan, segmenter_names: Sequence[str] = POSTER_SEGMENTERS
+                    ) -> ml_collections.ConfigDict:
   config = defaults.get_config()
   config.data.image_height, config.data.image_width = plan.height, plan.width
   config.model.depth = plan.depth
@@ -227,9 +244,9 @@ def protocol_config(plan: Plan) -> ml_collections.ConfigDict:
   config.eval.taps = models.tap_names(plan.depth)
   config.eval.kmeans.num_restarts = plan.restarts
   config.eval.kmeans.max_iter = plan.max_iter
-  # The poster's segmenters (oracle K, fixed K): the device-side protocol, whose
-  # speed is what the check measures (post-processing runs on the host, SciPy).
-  config.eval.segmenter_names = ('kmeans', 'kmeans_fixed_k')
+  # The poster's segmenters (oracle K, fixed K), or the default ones (with the
+  # post-processing on the devices too).
+  config.eval.segmenter_names = tuple(segmenter_names)
   return config
 
 
@@ -248,8 +265,10 @@ def score_taps(config: ml_collections.ConfigDict, split: ArraySplit,
   return table_
 
 
-def protocol_lines(plan: Plan, stored: dict[str, np.ndarray]) -> list[Line]:
-  config = protocol_config(plan)
+def protocol_lines(plan: Plan, stored: dict[str, np.ndarray],
+                   segmenter_names: Sequence[str] = POSTER_SEGMENTERS,
+                   part: str = 'evaluation protocol') -> list[Line]:
+  config = protocol_config(plan, segmenter_names)
   mesh = sharding.make_mesh()
   model = models.make_model(config)
   state = sharding.replicate(
@@ -261,7 +280,7 @@ def protocol_lines(plan: Plan, stored: dict[str, np.ndarray]) -> list[Line]:
   count = split.num_examples
   raw = scores['kmeans']['input'].get('poster_miou', float('nan'))
   return [Line(
-      'evaluation protocol', f'{count} synthetic {plan.height}x{plan.width} images, '
+      part, f'{count} synthetic {plan.height}x{plan.width} images, '
       f'{len(config.eval.taps)} taps x {len(scores)} segmenters ({", ".join(scores)}), '
       f'{plan.restarts} restarts, '
       f'batch {plan.eval_batch}', f'{seconds:.1f} s, {count / seconds:.1f} images/s',
@@ -269,7 +288,64 @@ def protocol_lines(plan: Plan, stored: dict[str, np.ndarray]) -> list[Line]:
       f'{raw:.3f}; compiles included')]
 
 
-# --- 4. memory -------------------------------------------------------------------
+# --- 4. Slot Attention ------------------------------------------------------------
+
+
+def slot_attention_config(plan: Plan) -> ml_collections.ConfigDict:
+  """The paper's model (the defaults' slot_attention fields) at the plan's size and batch."""
+  config = defaults.get_config()
+  config.model.architecture = 'slot_attention'
+  config.data.image_height = config.data.image_width = plan.slot_size
+  config.batch_size = plan.slot_batch
+  if plan.slot_widths:
+    sa = config.model.slot_attention
+    sa.encoder_features = (plan.slot_widths,) * len(sa.encoder_features)
+    sa.slot_size = sa.decoder_features = plan.slot_widths
+    sa.mlp_hidden = 2 * plan.slot_widths
+  return config
+
+
+def slot_attention_lines(plan: Plan) -> list[Line]:
+  config = slot_attention_config(plan)
+  mesh = sharding.make_mesh()
+  model = models.make_model(config, axis_name=sharding.AXIS)
+  tx = train_step.make_optimizer(config, 1)
+  state = sharding.replicate(state_lib.create_state(config, tx), mesh)
+  host_batch = samples.random_stored(config, config.batch_size // jax.process_count(),
+                                     batch_lib.fields(config, 'train'))
+  batch = sharding.to_global(host_batch, mesh)
+  step = train_step.make_train_step(config, model, tx, mesh)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch, {}).compile()
+  compile_s = time.perf_counter() - start
+  holder = {'state': state}
+
+  def run(num_steps: int) -> None:
+    for _ in range(num_steps):
+      holder['state'], metrics = compiled(holder['state'], batch, {})
+    jax.block_until_ready(metrics)
+
+  run(1)  # warm
+  seconds = train_benchmark.median_step_seconds(run, plan.steps, plan.repeats)
+  memory = compiled.memory_analysis()
+  used = 'n/a'
+  if memory is not None:
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes)
+    used = f'{total / 2**30:.2f} GiB'
+
+  sa = config.model.slot_attention
+  return [Line(
+      'Slot Attention step', f'{plan.slot_size}x{plan.slot_size}, global batch '
+      f'{plan.slot_batch} over {jax.device_count()} device(s), {sa.num_slots} slots, '
+      f'{sa.num_iterations} iterations, width {sa.slot_size}, float32',
+      f'{plan.slot_batch / seconds:.1f} images/s ({1e3 * seconds:.1f} ms)',
+      note=f'compile {compile_s:.1f} s; compiled step memory {used} (arguments + outputs + '
+      'temporaries); 500k steps at this rate: '
+      f'{500_000 * seconds / 3600:.1f} h')]
+
+
+# --- 5. memory -------------------------------------------------------------------
 
 
 def memory_lines() -> list[Line]:
@@ -313,8 +389,12 @@ def run(plan: Plan, out: str, *, torch: bool = True, label: str = 'full',
   stored = render(plan, max(plan.protocol_images, plan.kmeans_images))
   timings['render'] = time.perf_counter() - start
   part('K-Means', lambda: kmeans_lines(plan, stored['image'][:plan.kmeans_images]))
-  part('protocol', lambda: protocol_lines(
-      plan, {k: v[:plan.protocol_images] for k, v in stored.items()}))
+  protocol_split = {k: v[:plan.protocol_images] for k, v in stored.items()}
+  part('protocol', lambda: protocol_lines(plan, protocol_split))
+  # The full protocol: every default segmenter (target: under 60 s on one H100).
+  part('full protocol', lambda: protocol_lines(
+      plan, protocol_split, defaults.base_config().eval.segmenter_names, 'full protocol'))
+  part('Slot Attention', lambda: slot_attention_lines(plan))
   part('memory', memory_lines)
   return lines
 

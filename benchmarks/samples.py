@@ -30,18 +30,29 @@ def _load(folder: str, key: str) -> list[np.ndarray]:
   return arrays
 
 
+def _variants(base: list[np.ndarray], count: int) -> np.ndarray:
+  """Item i is base[i % 2], mirrored when (i // 2) is odd, rolled by the (i // 4)-th shift."""
+  out = []
+  for i in range(count):
+    item = base[i % 2]
+    if (i // 2) % 2:
+      item = item[:, ::-1]
+    dy, dx = _SHIFTS[(i // 4) % len(_SHIFTS)]
+    out.append(np.roll(item, (dy, dx), axis=(0, 1)))
+  return np.stack(out)
+
+
 def sample_images(folder: str, count: int) -> np.ndarray:
   """[count, 240, 320, 3] float32 in [0, 1]: image i is sample i % 2, mirrored when
   (i // 2) is odd, rolled by the (i // 4)-th shift."""
-  base = [image.astype(np.float32) / 255 for image in _load(folder, "image")]
-  out = []
-  for i in range(count):
-    image = base[i % 2]
-    if (i // 2) % 2:
-      image = image[:, ::-1]
-    dy, dx = _SHIFTS[(i // 4) % len(_SHIFTS)]
-    out.append(np.roll(image, (dy, dx), axis=(0, 1)))
-  return np.stack(out)
+  return _variants([image.astype(np.float32) / 255 for image in _load(folder, "image")], count)
+
+
+def sample_labels(folder: str, count: int) -> np.ndarray:
+  """[count, 240, 320] int32: the true instance labels (0 = background) of each
+  `sample_images` image, moved alike."""
+  return _variants([mask[..., 0].argmax(0).astype(np.int32) for mask in _load(folder, "mask")],
+                   count)
 
 
 def sample_num_masks(folder: str, count: int) -> np.ndarray:

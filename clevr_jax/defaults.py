@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
   data.eval_file_width = 0
   data.image_height = 240
   data.image_width = 320
+  # A box cut from every stored image before it is resized to image_height x
+  # image_width: (top, bottom, left, right) as fractions of the stored height
+  # and width, so that it cuts the same part of any size (Slot Attention's CLEVR
+  # crop is rows 29-221 and columns 64-256 of 240x320). () = no crop, no resize.
+  data.crop = ()
   data.grayscale = False
   # Keep decoded examples in memory (8000 images: ~1.8 GB as uint8).
   data.cache = True
@@ -59,8 +64,14 @@ def base_config() -> ml_collections.ConfigDict:
   data.synthetic.num_test = 1000
   data.synthetic.min_objects = 3
   data.synthetic.max_objects = 10
+  # The rendered size when it differs from the model's (data.crop set); 0 = image_height/width.
+  data.synthetic.height = 0
+  data.synthetic.width = 0
 
   config.model = model = ml_collections.ConfigDict()
+  # 'unet' (the poster's U-Net / Auto-Encoder, the fields below) or
+  # 'slot_attention' (model.slot_attention; configs/slot_attention.py).
+  model.architecture = "unet"
   model.skip = True  # False: the Auto-Encoder
   model.base_width = 8
   model.depth = 4
@@ -81,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (clusterable by name like the others). embedding_dim 0 = no head.
   model.embedding_tap = "dec4"
   model.embedding_dim = 0
+  model.slot_attention = slot_attention_config()
 
   config.loss = ml_collections.ConfigDict()
   # Gray-vs-colour inverse-frequency weighting (the grayscale runs), computed per
@@ -93,11 +105,18 @@ def base_config() -> ml_collections.ConfigDict:
   opt.b1 = 0.9
   opt.b2 = 0.999
   opt.eps = 1e-8
-  opt.schedule = "constant"  # 'constant' (the poster) or 'cosine'
+  # 'constant' (the poster), 'cosine' or 'warmup_exponential' (Slot Attention's:
+  # linear warm-up over warmup_steps times decay_rate**(step / decay_steps)).
+  opt.schedule = "constant"
   opt.warmup_steps = 0
+  opt.decay_rate = 0.5
+  opt.decay_steps = 100_000
 
   config.batch_size = 10  # global: over all devices of all processes
   config.num_epochs = 10
+  # A step budget instead of epochs (> 0 overrides num_epochs; the last epoch may
+  # stop part-way): Slot Attention's recipe counts steps.
+  config.num_train_steps = 0
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 3
@@ -140,21 +159,55 @@ def base_config() -> ml_collections.ConfigDict:
       k="predict", num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
       merge_threshold=0.2)
   ev.segmenter_names = ("kmeans", "kmeans_fixed_k", "split_merge", "split_merge_predict_k")
+  # R: region slots per image after absorbing specks, the static size of the
+  # device merge (an R x R distance matrix). An image with more regions has its
+  # smallest absorbed too, with a warning that names this field.
+  ev.max_regions = 128
   # Baselines (--mode=baselines): raw pixels through every segmenter, and random masks.
   ev.baselines_seed = 0
   # Progress lines of long evaluation loops, at most this often.
   ev.progress_every_s = 10.0
-  # --mode=segment: the segmenter applied to user images (its K: --num_clusters).
-  ev.user_segmenter = "kmeans"
+  # --mode=segment: the segmenter applied to user images. The best one that needs
+  # no K; --num_clusters overrides its K-Means clusters (K0), or is K for one
+  # that takes K.
+  ev.user_segmenter = "split_merge_predict_k"
 
   config.objectives = objectives_config()
   return config
+
+
+def slot_attention_config() -> ml_collections.ConfigDict:
+  """Slot Attention's fields (clevr_jax/slot_attention.py): the paper's CLEVR model."""
+  sa = ml_collections.ConfigDict()
+  sa.num_slots = 7
+  sa.num_iterations = 3
+  sa.slot_size = 64
+  sa.mlp_hidden = 128
+  sa.epsilon = 1e-8
+  sa.scale = 0.0  # attention logits' scale; 0 = 1 / sqrt(slot_size), the paper's
+  # 'gru' (the paper) or 'mean': the slots become the weighted means, as in
+  # soft K-Means (with mlp and layer_norm off: tests/test_slot_attention.py).
+  sa.update_rule = "gru"
+  sa.mlp = True
+  sa.layer_norm = True
+  sa.encoder_features = (64, 64, 64, 64)
+  sa.encoder_kernel = 5
+  sa.decoder_features = 64
+  # Stride-2 transposed convolutions: the slots are broadcast at
+  # (height, width) / 2**decoder_upsamplings (8x8 at 128x128, the paper's).
+  sa.decoder_upsamplings = 4
+  sa.decoder_kernel = 5
+  return sa
 
 
 def segmenter(**overrides) -> ml_collections.ConfigDict:
   """One segmenter's settings: every field present, so any can be overridden
   from the command line (--config.eval.segmenters.NAME.FIELD=...)."""
   spec = ml_collections.ConfigDict({
+      # 'kmeans', or 'argmax': each pixel takes its largest channel (a tap of
+      # per-slot masks, e.g. Slot Attention's 'slot_masks'; no K, no transform)
+      "cluster": "kmeans",
+      "taps": (),  # the taps it scores; () = every tap (and the raw pixels)
       "pixel_transforms": "",  # e.g. 'lab', 'lab,xy'; '' = the features as they are
       "tap_transforms": "",    # e.g. 'standardize', 'standardize,pca', 'l2'
       "pca_dim": 8,

@@ -32,8 +32,10 @@ _held: dict[str, int] = {}  # lock path -> nesting depth in this process
 
 
 def check_image_size(config: ml_collections.ConfigDict) -> None:
-  """The image must halve `depth` times: say so, with the nearest sizes that do."""
-  factor = 2**config.model.depth
+  """The image must halve `depth` times (the U-Net; Slot Attention's decoder
+  doubles `decoder_upsamplings` times): say so, with the nearest sizes that do."""
+  from clevr_jax import models  # pylint: disable=g-import-not-at-top
+  factor, field = models.size_factor(config)
   for name in ("image_height", "image_width"):
     size = config.data[name]
     if size % factor == 0 and size > 0:
@@ -42,7 +44,7 @@ def check_image_size(config: ml_collections.ConfigDict) -> None:
     nearest = sorted({lower, upper}, key=lambda v: (abs(v - size), v))
     raise ValueError(
         f"config.data.{name}={size} is not divisible by {factor} (the network halves it "
-        f"{config.model.depth} times, config.model.depth): use "
+        f"{factor.bit_length() - 1} times, {field}): use "
         f"--config.data.{name}={nearest[0]}"
         + (f" (or {nearest[1]})" if len(nearest) > 1 else ""))
 

@@ -628,3 +628,10 @@ def upsample_labels(labels: jax.Array, height: int, width: int) -> jax.Array:
   if height % h or width % w:
     raise ValueError(f'({height}, {width}) is not a multiple of ({h}, {w})')
   return jnp.repeat(jnp.repeat(labels, height // h, axis=1), width // w, axis=2)
+
+
+def image_keys(seed: int, index: jax.Array) -> jax.Array:
+  """One K-Means key per image, folded from its index in its split: an image's
+  clusters do not depend on which batch, device or process it falls in."""
+  base = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(index.astype(jnp.uint32))

@@ -21,6 +21,26 @@ from absl import logging
 METRICS_FILE = "metrics.jsonl"
 
 
+class Progress:
+  """Logs images done, images/s and the time left, at most every `every_s` seconds."""
+
+  def __init__(self, what: str, total: int, every_s: float = 10.0) -> None:
+    self.what, self.total, self.every_s = what, total, every_s
+    self.done = 0
+    self.start = self.last = time.perf_counter()
+
+  def update(self, images: int) -> None:
+    self.done += images
+    now = time.perf_counter()
+    if now - self.last < self.every_s and self.done < self.total:
+      return
+    self.last = now
+    rate = self.done / max(now - self.start, 1e-9)
+    left = (self.total - self.done) / rate if rate > 0 else float("nan")
+    logging.info("%s: %d/%d images, %.1f images/s, %.0f s left", self.what,
+                 min(self.done, self.total), self.total, rate, max(left, 0.0))
+
+
 class MetricWriter:
   """Scalars to TensorBoard (`<workdir>/tensorboard`) and `<workdir>/metrics.jsonl`."""
 

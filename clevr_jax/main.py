@@ -55,7 +55,9 @@ _WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode=report: the runs to merge.
 _IMAGES = flags.DEFINE_list(
     "images", [], "--mode=segment: image files (any format Pillow reads) or folders of them.")
 _TAP = flags.DEFINE_string("tap", "input", "--mode=segment: the tap to cluster.")
-_NUM_CLUSTERS = flags.DEFINE_integer("num_clusters", 11, "--mode=segment: K.")
+_NUM_CLUSTERS = flags.DEFINE_integer(
+    "num_clusters", 0, "--mode=segment: K-Means clusters (K0) of the K-predicting default "
+    "segmenter, or K of one that takes K; 0: the segmenter's own.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "--mode=segment/report: where to write.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,

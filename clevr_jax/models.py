@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from clevr_jax import schema
+from clevr_jax import slot_attention
 
 # PyTorch's BatchNorm epsilon (the poster's code); flax's default happens to match.
 _BN_EPSILON = 1e-5
@@ -38,9 +39,30 @@ def tap_names(depth: int = 4, embedding: bool = False) -> tuple[str, ...]:
       ('embedding',) if embedding else ())
 
 
+ARCHITECTURES = ('unet', 'slot_attention')
+
+
+def architecture(config: ml_collections.ConfigDict) -> str:
+  """config.model.architecture (absent in old configs: the U-Net), checked."""
+  name = config.model.get('architecture', 'unet')
+  if name not in ARCHITECTURES:
+    raise ValueError(f'config.model.architecture={name!r} is not one of {ARCHITECTURES}')
+  return name
+
+
 def config_tap_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The taps of the network that `config.model` describes."""
+  if architecture(config) == 'slot_attention':
+    return slot_attention.TAP_NAMES
   return tap_names(int(config.model.depth), int(config.model.get('embedding_dim', 0)) > 0)
+
+
+def size_factor(config: ml_collections.ConfigDict) -> tuple[int, str]:
+  """(what the image height and width must be divisible by, the field that sets it)."""
+  if architecture(config) == 'slot_attention':
+    return (2**int(config.model.slot_attention.decoder_upsamplings),
+            'config.model.slot_attention.decoder_upsamplings')
+  return 2**int(config.model.depth), 'config.model.depth'
 
 
 TAP_NAMES = tap_names(4)
@@ -253,10 +275,11 @@ class UNet(nn.Module):
 
 
 def build_model(config: ml_collections.ConfigDict, *,
-                axis_name: str | None = None) -> UNet:
-  """The network described by `config.model`.
+                axis_name: str | None = None) -> UNet | slot_attention.SlotAttentionAutoEncoder:
+  """The network described by `config.model`: `architecture` picks it.
 
-  Reads `skip`, `base_width`, `depth`, `dropout_rate`, `bn_momentum`, `dtype`
+  'slot_attention' reads `out_channels`, `dtype` and `slot_attention.*`
+  (clevr_jax/slot_attention.py). The U-Net reads `skip`, `base_width`, `depth`, `dropout_rate`, `bn_momentum`, `dtype`
   ('float32' or 'bfloat16'), `out_channels`, and (absent in old configs: off)
   `attention_blocks`, `attention_heads`, `attention_mlp_ratio`,
   `embedding_tap`, `embedding_dim`. `axis_name` is the
@@ -266,6 +289,20 @@ def build_model(config: ml_collections.ConfigDict, *,
   m = config.model
   if m.dtype not in _DTYPES:
     raise ValueError(f'config.model.dtype must be one of {sorted(_DTYPES)}; got {m.dtype!r}')
+  if architecture(config) == 'slot_attention':
+    sa = m.slot_attention
+    if sa.update_rule not in slot_attention.UPDATES:
+      raise ValueError(f'config.model.slot_attention.update_rule={sa.update_rule!r} is not one of '
+                       f'{slot_attention.UPDATES}')
+    return slot_attention.SlotAttentionAutoEncoder(
+        out_channels=int(m.out_channels), num_slots=int(sa.num_slots),
+        num_iterations=int(sa.num_iterations), slot_size=int(sa.slot_size),
+        mlp_hidden=int(sa.mlp_hidden), epsilon=float(sa.epsilon), scale=float(sa.scale),
+        update=str(sa.update_rule), mlp=bool(sa.mlp), layer_norm=bool(sa.layer_norm),
+        encoder_features=tuple(int(f) for f in sa.encoder_features),
+        encoder_kernel=int(sa.encoder_kernel), decoder_features=int(sa.decoder_features),
+        decoder_upsamplings=int(sa.decoder_upsamplings),
+        decoder_kernel=int(sa.decoder_kernel), axis_name=axis_name, dtype=_DTYPES[m.dtype])
   return UNet(
       out_channels=int(m.out_channels),
       base_width=int(m.base_width),
@@ -299,7 +336,7 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None
-               ) -> UNet:
+               ) -> UNet | slot_attention.SlotAttentionAutoEncoder:
   """The run's network: `config.model`, with its output channels from the task."""
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   model_config.out_channels = output_channels(config)

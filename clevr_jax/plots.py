@@ -148,7 +148,8 @@ def save_tap_figures(workdir: str, table: dict, first: dict, taps: tuple[str, ..
   plt = _pyplot()
   for metric, name, label in (("poster_miou", "miou_per_tap.png", "poster mIoU"),
                               ("fg_ari", "fg_ari_per_tap.png", "FG-ARI")):
-    series = {seg: {t: by_tap[t][metric] for t in taps} for seg, by_tap in table.items()}
+    series = {seg: {t: by_tap[t][metric] for t in taps if t in by_tap}
+              for seg, by_tap in table.items()}
     tap_mean_iou_chart(os.path.join(workdir, name), series, list(taps),
                        f"{label} of each tap, one line per segmenter", ylabel=label)
   if not first:
@@ -163,9 +164,12 @@ def save_tap_figures(workdir: str, table: dict, first: dict, taps: tuple[str, ..
     show_image(axes[i, 0], images[i], "image" if i == 0 else "")
     show_image(axes[i, 1], colorize(truth[i], palette) / 255, "true masks" if i == 0 else "")
     for j, tap in enumerate(taps):
-      labels = first["labels"][best_seg][tap][i]
+      # The best segmenter, or the first that scores this tap (some score a few).
+      seg = best_seg if tap in first["labels"][best_seg] else next(
+          s for s, by_tap in first["labels"].items() if tap in by_tap)
+      labels = first["labels"][seg][tap][i]
       pred = _match_colors(truth[i], labels, int(labels.max()) + 1)
-      score = first["scores"][best_seg][tap].poster_miou[i]
+      score = first["scores"][seg][tap].poster_miou[i]
       show_image(axes[i, j + 2], colorize(pred, palette) / 255, f"{tap} {score:.2f}")
   fig.suptitle(f"segmenter {best_seg}", fontsize=9)
   fig.tight_layout()

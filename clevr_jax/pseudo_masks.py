@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clevr_jax.evaluation import protocol
+from clevr_jax import kmeans
 from clevr_jax.evaluation import segmenters as segmenters_lib
 
 # images float [B, H, W, 3] in [0, 1], their indices [B] -> labels int32 [B, H, W]
@@ -53,29 +53,32 @@ def configured_segmenter(config: ml_collections.ConfigDict) -> segmenters_lib.Se
 def make_segmenter(config: ml_collections.ConfigDict) -> Segmenter:
   """The pseudo-mask segmenter of `config` as a host function (see `Segmenter`).
 
-  K-Means runs jitted on the default device with the evaluation's K-Means
-  settings and per-image keys (`protocol.image_keys`), the post-processing on
-  the host: the same labels the raw-pixel baseline of `--mode=baselines` gets.
+  The whole segmenter runs jitted on the default device with the evaluation's
+  K-Means settings, per-image keys (`kmeans.image_keys`) and region slots
+  (`eval.max_regions`): the same labels the raw-pixel baseline of
+  `--mode=baselines` gets, capped at `max_labels` regions.
   """
   segmenter = configured_segmenter(config)
   km = config.eval.kmeans
   max_labels = int(config.objectives.pseudo_masks.max_labels)
+  max_regions = int(config.eval.max_regions)
 
   @jax.jit
-  def cluster(images, index):
+  def run(images, index):
     k = jnp.full(images.shape[:1], segmenter.num_clusters, jnp.int32)
-    return segmenters_lib.transform_and_cluster(
-        segmenter, km, images, k, protocol.image_keys(config.seed, index), is_pixels=True)
+    target, threshold = segmenters_lib.merge_rule(segmenter, k, "pixels", max_labels)
+    labels, counts = segmenters_lib.segment(
+        segmenter, km, images, k, kmeans.image_keys(config.seed, index), target, threshold,
+        is_pixels=True, max_regions=max_regions, cap=max_labels)
+    return kmeans.upsample_labels(labels, *images.shape[1:3]), counts
 
   def segment(images: np.ndarray, index: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"pseudo-masks need RGB images [B, H, W, 3]; got {images.shape}")
-    features, labels = (np.asarray(x) for x in cluster(images, np.asarray(index)))
-    targets = np.full(len(images), segmenter.num_clusters)
-    regions = segmenters_lib.postprocess_batch(segmenter, labels, features, targets,
-                                               max_labels)
-    return segmenters_lib.upsample(regions, *images.shape[1:3]).astype(np.int32)
+    labels, counts = run(images, np.asarray(index))
+    segmenters_lib.check_region_counts(np.asarray(counts), max_regions, "the pseudo-masks")
+    return np.asarray(labels, np.int32)
 
   return segment
 

@@ -40,12 +40,15 @@ class TrainState:
 def check_config(config: ml_collections.ConfigDict) -> None:
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r} is not one of {TASKS}")
+  if config.task == "segmentation" and models.architecture(config) == "slot_attention":
+    raise ValueError("config.model.architecture='slot_attention' is trained by "
+                     "reconstruction: use config.task='reconstruction'")
   if config.task == "segmentation" and config.loss.weighted:
     raise ValueError("config.loss.weighted applies to reconstruction only")
   objectives.check_config(config)
 
 
-def init_variables(model: models.UNet, shape: tuple[int, ...], seed: int) -> dict[str, Any]:
+def init_variables(model: flax.linen.Module, shape: tuple[int, ...], seed: int) -> dict[str, Any]:
   """The model's initial variables from flax's own initialisers, on the host.
 
   `jax.jit(model.init)` on one zero image of `shape`. Its random draws use

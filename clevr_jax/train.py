@@ -36,7 +36,6 @@ from clevr_jax import pseudo_masks
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
-from clevr_jax.evaluation import protocol
 from clevr_jax.data import pipeline
 from clevr_jax import guards
 
@@ -93,7 +92,7 @@ def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
 
   def compute():
     start = time.time()
-    progress = protocol.Progress("pseudo-masks", train_split.num_examples,
+    progress = logs.Progress("pseudo-masks", train_split.num_examples,
                                  config.eval.progress_every_s)
     store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config),
                                          key, progress.update)
@@ -166,7 +165,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                             jax.local_device_count(), flag="--config.eval.batch_size")
 
   steps_per_epoch = train_split.steps_per_epoch(config.batch_size)
-  total_steps = steps_per_epoch * config.num_epochs
+  # num_train_steps > 0 (a step budget, e.g. Slot Attention's 500k) overrides the
+  # epochs; the last epoch may then stop part-way.
+  total_steps = config.get("num_train_steps", 0) or steps_per_epoch * config.num_epochs
+  num_epochs = -(-total_steps // steps_per_epoch)
   mesh = sharding.make_mesh()
   model = models.make_model(config, axis_name=sharding.AXIS)
   tx = train_step_lib.make_optimizer(config, total_steps)
@@ -206,7 +208,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   step = int(state.step)
   throughput = logs.Throughput(config.batch_size, total_steps, step)
   logging.info("Training %s for %d steps (%d epochs of %d) on %d devices, global batch %d",
-               config.name, total_steps, config.num_epochs, steps_per_epoch,
+               config.name, total_steps, num_epochs, steps_per_epoch,
                jax.device_count(), config.batch_size)
   test_metrics: dict[str, float] = {}
 
@@ -228,10 +230,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     checkpoints.save(manager, state)
 
   try:
-    if step and step % steps_per_epoch == 0 and _evaluation_missing(workdir, step):
+    if (step and (step % steps_per_epoch == 0 or step == total_steps)
+        and _evaluation_missing(workdir, step)):
       # Killed after the epoch's final checkpoint, before its evaluation.
-      test_metrics = end_epoch(step // steps_per_epoch - 1)
-    for epoch in range(step // steps_per_epoch, config.num_epochs):
+      test_metrics = end_epoch((step - 1) // steps_per_epoch)
+    for epoch in range(step // steps_per_epoch, num_epochs):
+      if step >= total_steps:
+        break
       where = dict(skip_batches=step - epoch * steps_per_epoch,
                    process_index=jax.process_index(), process_count=jax.process_count())
       batches = train_split.train_batches(epoch, fields=fields,
@@ -254,6 +259,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           writer.write(step, train_metrics | {"train/images_per_second": images_per_second})
         if step % config.checkpoint_every_steps == 0:
           save_if_finite()
+        if step == total_steps:
+          break
       save_if_finite()
       test_metrics = end_epoch(epoch)
   except KeyboardInterrupt:

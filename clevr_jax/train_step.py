@@ -45,8 +45,16 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
     schedule = optax.constant_schedule(opt.learning_rate)
   elif opt.schedule == "cosine":
     schedule = optax.cosine_decay_schedule(opt.learning_rate, max(total_steps, 1))
+  elif opt.schedule == "warmup_exponential":
+    # Slot Attention's: a linear warm-up times an exponential decay that runs from
+    # step 0 (lr * min(t / warmup, 1) * decay_rate**(t / decay_steps)).
+    warmup = optax.linear_schedule(0.0, 1.0, max(opt.warmup_steps, 1))
+    decay = optax.exponential_decay(opt.learning_rate, opt.decay_steps, opt.decay_rate)
+    return optax.adamw(lambda count: warmup(count) * decay(count), b1=opt.b1, b2=opt.b2,
+                       eps=opt.eps, weight_decay=opt.weight_decay)
   else:
-    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use 'constant' or 'cosine'")
+    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use 'constant', "
+                     "'cosine' or 'warmup_exponential'")
   if opt.warmup_steps:
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), schedule],
@@ -135,8 +143,9 @@ def _train_step(state: TrainState, batch: Batch, data: Data, *, model: models.UN
   """
   batch = batch_lib.derive(batch_lib.gather(data, batch), config)
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  # The views are drawn per example (by its index) from the step's key, so they
-  # do not depend on the device split; dropout is drawn per device.
+  # The views are drawn per example (by its index), and Slot Attention's initial
+  # slots per example (by its row in the global batch), from the step's key, so
+  # they do not depend on the device split; dropout is drawn per device.
   batch = forward_inputs(config, batch, step_key)
   rng = jax.random.fold_in(step_key, jax.lax.axis_index(AXIS))
 
@@ -144,9 +153,10 @@ def _train_step(state: TrainState, batch: Batch, data: Data, *, model: models.UN
     (output, taps), updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
         train=True, taps=objective_taps(config), mutable=["batch_stats"],
-        rngs={"dropout": rng})
+        rngs={"dropout": rng, "slots": step_key})
     loss, terms = objective(config, output, taps, batch, AXIS, step_key)
-    return jax.lax.pmean(loss, AXIS), (updates["batch_stats"], terms)
+    # A network without BatchNorm (Slot Attention) has no statistics to update.
+    return jax.lax.pmean(loss, AXIS), (updates.get("batch_stats", state.batch_stats), terms)
 
   (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)

@@ -293,12 +293,18 @@ def test_gpu_check_runs_every_part_in_reduced_mode(tmp_path, torch):
   parts = [line.part for line in lines]
   plan = gpu_check.Plan.reduced()
   assert parts.count('train step') == len(plan.base_widths) * len(plan.dtypes)
-  assert parts[-3:] == ['K-Means', 'evaluation protocol', 'peak device memory']
+  assert parts[-5:] == ['K-Means', 'evaluation protocol', 'full protocol',
+                        'Slot Attention step', 'peak device memory']
+  slot = lines[-2]
+  assert 'global batch 2' in slot.setting and 'images/s' in slot.ours
+  assert 'compiled step memory' in slot.note and 'n/a' not in slot.note
   text = out.read_text()
   assert text.count('\n|') == len(lines) + 2  # header, rule, one row per line
   assert 'images/s' in text and 'Seconds per part' in text
-  assert 'mIoU (oracle K) nan' not in lines[-2].note  # the raw-pixel baseline is scored
-  assert 'scikit-learn' in lines[-3].reference  # the test extra
+  for line in lines[-4:-2]:  # the raw-pixel baseline is scored
+    assert 'mIoU (oracle K) nan' not in line.note
+  assert '4 segmenters' in lines[-3].setting
+  assert 'scikit-learn' in lines[-5].reference  # the test extra
   train_steps = [l for l in lines if l.part == 'train step']
   assert all(l.reference.startswith('PyTorch') == torch for l in train_steps)
 

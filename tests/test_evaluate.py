@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clevr_jax import defaults
 from clevr_jax import evaluation
 from clevr_jax import kmeans
 from clevr_jax import metrics
@@ -225,8 +226,10 @@ def test_user_images_every_readable_one_at_its_size_then_the_unreadable_named(
     tmp_path, trained_workdir, test_config):
   _user_images(tmp_path)
   config = test_config("unet_rgb")
-  # Euclidean: under cosine distance every gray RGB pixel points the same way,
-  # so a gray image is rightly one cluster at the input tap.
+  # Plain K-Means, whose K is --num_clusters. Euclidean: under cosine distance
+  # every gray RGB pixel points the same way, so a gray image is rightly one
+  # cluster at the input tap.
+  config.eval.user_segmenter = "kmeans"
   config.eval.segmenters.kmeans.metric = "euclidean"
   for tap, k in (("input", 4), ("enc2", 3)):
     out = tmp_path / tap
@@ -258,6 +261,18 @@ def test_user_images_through_a_post_processing_segmenter(tmp_path, trained_workd
                                       output_dir=str(tmp_path / "out"))
   labels = np.asarray(Image.open(written[0]))
   assert labels.shape == (240, 320) and len(np.unique(labels)) == 6
+  # The default segmenter predicts K: no --num_clusters needed. The scene has 9
+  # true masks (8 objects); the prediction lands near that.
+  config.eval.user_segmenter = defaults.base_config().eval.user_segmenter
+  written = evaluation.segment_images(config, trained_workdir, [str(tmp_path / "scene.png")],
+                                      tap="input", num_clusters=0,
+                                      output_dir=str(tmp_path / "default"))
+  assert 4 <= len(np.unique(np.asarray(Image.open(written[0])))) <= 11
+  # No region slots: one clear error that names the field.
+  config.eval.max_regions = 0
+  with pytest.raises(ValueError, match=r"eval\.max_regions=0"):
+    evaluation.segment_images(config, trained_workdir, [str(tmp_path / "scene.png")],
+                              tap="input", num_clusters=0, output_dir=str(tmp_path / "r"))
 
 
 def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workdir, test_config):
@@ -273,14 +288,18 @@ def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workd
     feats = np.asarray(by_tap[tap])
     points = feats.reshape(1, -1, feats.shape[-1])
     k = 6
-    ours = kmeans.kmeans(points, np.array([k]), jax.random.key(0), k_max=k,
-                         num_restarts=10, metric="euclidean")
-    reference = sklearn_cluster.KMeans(n_clusters=k, n_init=10, random_state=0).fit(
-        points[0].astype(np.float64))
-    ours_inertia = float(((points[0] - np.asarray(ours.centroids)[0][np.asarray(ours.labels)[0]])
-                          ** 2).sum())
-    # Both take the best of 10 restarts from their own random starts, so each may
-    # end in another local optimum: 1% is the room tests/test_kmeans.py measures
-    # between such optima on CLEVR pixels (the float32 features against sklearn's
-    # float64 fit differ by rounding only, about 1e-7 of the inertia).
-    assert ours_inertia <= reference.inertia_ * 1.01, tap
+    # One best-of-10 search, ours or sklearn's, can end in a local optimum above
+    # the best: measured on these taps over keys and random_state 0-4, by up to
+    # 1.7% (ours) and 1.3% (sklearn's), so one run against one run would compare
+    # draws. The best of five such searches on each side lands on the same
+    # optimum: within 0.2% of each other, measured (rounding, float32 against
+    # float64, is about 1e-7 of that); 0.5% leaves room for another CPU.
+    ours = []
+    for seed in range(5):
+      result = kmeans.kmeans(points, np.array([k]), jax.random.key(seed), k_max=k,
+                             num_restarts=10, metric="euclidean")
+      centroids = np.asarray(result.centroids, np.float64)[0]
+      ours.append(float(((points[0] - centroids[np.asarray(result.labels)[0]]) ** 2).sum()))
+    theirs = [sklearn_cluster.KMeans(n_clusters=k, n_init=10, random_state=seed).fit(
+        points[0].astype(np.float64)).inertia_ for seed in range(5)]
+    assert min(ours) <= 1.005 * min(theirs), (tap, ours, theirs)

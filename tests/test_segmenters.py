@@ -2,6 +2,7 @@
 step, and a whole segmenter on a scene whose answer is known."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import jax
@@ -10,8 +11,10 @@ import ml_collections
 import pytest
 
 from clevr_jax import defaults
+from clevr_jax import kmeans
 from clevr_jax import metrics
-from clevr_jax.evaluation import postprocess
+from clevr_jax.evaluation import postprocess_reference
+from clevr_jax.evaluation import regions
 from clevr_jax.evaluation import segmenters
 from clevr_jax.evaluation import transforms
 
@@ -88,7 +91,55 @@ def test_unknown_transform_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------
-# Post-processing on hand-made label maps.
+# Post-processing on hand-made label maps: each step of the device program
+# (regions.py) and of its SciPy reference (postprocess_reference.py).
+
+_SLOTS = 128  # region slots (R) of the device steps in these tests
+
+
+@functools.partial(jax.jit, static_argnames=("num_labels", "split", "min_area"))
+def _compact(labels, *, num_labels, split, min_area):
+  root = regions.root_map(labels, num_labels, split)
+  return regions.compact(labels, root, num_labels, min_area, _SLOTS)
+
+
+class _Device:
+  """The device steps with the reference's signatures (one image, NumPy in and out)."""
+
+  @staticmethod
+  def modal_filter(labels, size):
+    return np.asarray(regions.modal_filter(jnp.asarray(labels), int(labels.max()) + 1, size))
+
+  @staticmethod
+  def split_components(labels):
+    out, _ = _compact(jnp.asarray(labels), num_labels=int(labels.max()) + 1, split=True,
+                      min_area=0)
+    return np.asarray(out)
+
+  @staticmethod
+  def absorb_small(labels, min_area):
+    out, _ = _compact(jnp.asarray(labels), num_labels=int(labels.max()) + 1, split=False,
+                      min_area=min_area)
+    return np.asarray(out)
+
+  @staticmethod
+  def merge_regions(labels, features, *, metric="euclidean", num_regions=None,
+                    threshold=None, max_regions=None):
+    return np.asarray(_merge(
+        jnp.asarray(labels), jnp.int32(labels.max() + 1), jnp.asarray(features, jnp.float32),
+        jnp.int32(num_regions or 0), jnp.float32(np.inf if threshold is None else threshold),
+        cap=max_regions or _SLOTS, metric=metric))
+
+
+@functools.partial(jax.jit, static_argnames=("cap", "metric"))
+def _merge(labels, count, features, target, threshold, *, cap, metric):
+  return regions.merge(labels, count, features, target, threshold, max_regions=_SLOTS,
+                       cap=cap, metric=metric)
+
+
+@pytest.fixture(params=["device", "reference"])
+def postprocess(request):
+  return _Device if request.param == "device" else postprocess_reference
 
 
 def _two_squares():
@@ -98,20 +149,20 @@ def _two_squares():
   return labels
 
 
-def test_two_same_coloured_squares_apart_become_two_regions():
+def test_two_same_coloured_squares_apart_become_two_regions(postprocess):
   regions = postprocess.split_components(_two_squares())
   assert len(np.unique(regions)) == 3
   assert regions[3, 3] != regions[12, 22]
   assert regions[3, 3] != regions[0, 0]
 
 
-def test_diagonal_neighbours_are_not_connected():
+def test_diagonal_neighbours_are_not_connected(postprocess):
   labels = np.zeros((4, 4), np.int32)
   labels[0, 0] = labels[1, 1] = 1
   assert len(np.unique(postprocess.split_components(labels))) == 3
 
 
-def test_a_speck_is_absorbed_by_the_region_around_it():
+def test_a_speck_is_absorbed_by_the_region_around_it(postprocess):
   regions = np.zeros((20, 20), np.int32)
   regions[10:20] = 1
   regions[4, 4] = 2  # a one-pixel speck inside region 0
@@ -122,7 +173,7 @@ def test_a_speck_is_absorbed_by_the_region_around_it():
   np.testing.assert_array_equal(out == out[0, 0], np.arange(20)[:, None].repeat(20, 1) < 10)
 
 
-def test_absorbing_when_every_region_is_small_keeps_the_largest():
+def test_absorbing_when_every_region_is_small_keeps_the_largest(postprocess):
   regions = np.arange(12).reshape(3, 4) % 3
   regions[0, :] = 0
   out = postprocess.absorb_small(regions, min_area=100)
@@ -136,7 +187,7 @@ def _stripes_scene():
   return regions, colours[regions][..., None]
 
 
-def test_merge_to_k_stops_at_k_and_merges_the_closest_first():
+def test_merge_to_k_stops_at_k_and_merges_the_closest_first(postprocess):
   regions, features = _stripes_scene()
   for k in (5, 4, 3, 2, 1):
     out = postprocess.merge_regions(regions, features, num_regions=k)
@@ -147,7 +198,7 @@ def test_merge_to_k_stops_at_k_and_merges_the_closest_first():
   assert len({out[0, 0], out[0, 8], out[0, 16]}) == 3
 
 
-def test_only_adjacent_regions_merge():
+def test_only_adjacent_regions_merge(postprocess):
   # Regions 0 and 2 have equal colours but are not adjacent: 0 merges with 1.
   regions = np.repeat(np.arange(3), 3)[None].repeat(3, 0)
   features = np.array([0.0, 0.3, 0.0])[regions][..., None]
@@ -155,7 +206,7 @@ def test_only_adjacent_regions_merge():
   assert out[0, 0] == out[0, 3] != out[0, 6]
 
 
-def test_threshold_merge_predicts_k_on_a_known_scene():
+def test_threshold_merge_predicts_k_on_a_known_scene(postprocess):
   regions, features = _stripes_scene()
   out = postprocess.merge_regions(regions, features, threshold=0.2)
   assert len(np.unique(out)) == 3  # {0, 0.1}, {0.5, 0.55}, {1}
@@ -166,14 +217,14 @@ def test_threshold_merge_predicts_k_on_a_known_scene():
   assert len(np.unique(out)) == 2
 
 
-def test_cosine_merge_distance_ignores_the_length():
+def test_cosine_merge_distance_ignores_the_length(postprocess):
   regions = np.repeat(np.arange(3), 2)[None]
   features = np.array([[1.0, 0.0], [5.0, 0.1], [0.0, 1.0]])[regions]
   out = postprocess.merge_regions(regions, features, metric="cosine", num_regions=2)
   assert out[0, 0] == out[0, 2] != out[0, 4]
 
 
-def test_modal_filter_removes_an_isolated_pixel():
+def test_modal_filter_removes_an_isolated_pixel(postprocess):
   labels = np.zeros((9, 9), np.int32)
   labels[4, 4] = 1
   labels[:, 7:] = 2
@@ -210,11 +261,12 @@ def test_split_and_merge_separates_two_same_coloured_objects_that_kmeans_joins()
               _segmenter("predict", pixel_transforms="lab", metric="euclidean", k="predict",
                          num_clusters=6, split=True, min_area=5e-3, merge=True,
                          merge_threshold=0.1)):
-    x, labels = segmenters.transform_and_cluster(
-        seg, km, jnp.asarray(image), segmenters.cluster_k(seg, num_masks), keys, is_pixels=True)
+    target, threshold = segmenters.merge_rule(seg, segmenters.target_k(seg, num_masks),
+                                              "pixels", 11)
+    labels, _ = segmenters.segment(seg, km, jnp.asarray(image),
+                                   segmenters.cluster_k(seg, num_masks), keys, target,
+                                   threshold, is_pixels=True, max_regions=_SLOTS, cap=11)
     labels = np.asarray(labels)
-    if seg.post_processes:
-      labels = segmenters.postprocess_batch(seg, labels, np.asarray(x), np.array([4]), 11)
     tables = metrics.contingency_host(truth, labels, 11, 11)
     scores[seg.name] = metrics.score_tables(tables, np.array([4]))
     if seg.predicts_k:
@@ -263,15 +315,19 @@ def test_segmenter_benchmark_runs_and_the_engine_imports_no_tensorflow(start_pyt
           "or m.startswith('clevr_jax.data')))")
   # Both children at once: on two cores their start-ups (imports) overlap.
   importing = start_python(["-c", code])
-  benchmark = start_python(["-m", "benchmarks.segmenter_benchmark", "--images=1",
-                            "--repeats=1", "--taps=30x40x8"])
+  benchmark = start_python(["-m", "benchmarks.segmenter_benchmark", "--batch=2",
+                            "--repeats=1", "--sizes=48x64"])
   imported = importing.result()
   assert imported.returncode == 0, imported.stderr[-2000:]
   assert imported.stdout.strip() == "[]"
   result = benchmark.result()
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = [line for line in result.stdout.splitlines() if line.startswith("| 30x40x8 |")]
-  assert {row.split("|")[2].strip() for row in rows} == {"split_merge", "split_merge_predict_k"}
+  rows = {cells[2]: cells for cells in (
+      [c.strip() for c in line.split("|")] for line in result.stdout.splitlines()
+      if line.startswith("| 48x64 |"))}
+  assert set(rows) == set(defaults.base_config().eval.segmenter_names)
+  # Without post-processing both columns are the same K-Means labels: equal scores.
+  assert rows["kmeans"][7].split(" / ")[0] == rows["kmeans"][7].split(" / ")[1]
 
 
 def test_hypercolumns_are_scored_after_the_taps_and_need_no_extra_config():
@@ -297,8 +353,150 @@ def test_learned_taps_merge_under_their_own_threshold():
   labels[:, :, 3:] = 1
   features = np.zeros((1, 4, 6, 1), np.float32)
   features[:, :, 3:] = 0.5
-  counts = {tap: len(np.unique(segmenters.postprocess_batch(
-      seg, labels, features, np.array([2]), 11, tap=tap))) for tap in ("input", "embedding")}
+  counts = {}
+  for tap in ("input", "embedding"):
+    target, threshold = segmenters.merge_rule(seg, jnp.array([2]), tap, 11)
+    out = jax.vmap(functools.partial(
+        regions.postprocess, num_labels=2, modal_size=0, split=False, min_area=0,
+        max_regions=_SLOTS, cap=11, metric="euclidean"))(
+            jnp.asarray(labels), jnp.asarray(features), target, threshold)[0]
+    counts[tap] = len(np.unique(np.asarray(out)))
   assert counts == {"input": 2, "embedding": 1}
   assert seg.threshold_for("pixels") == 0.2
   assert dataclasses.replace(seg, tap_merge_threshold=0.0).threshold_for("embedding") == 0.2
+
+
+# ---------------------------------------------------------------------------
+# The device program against its SciPy reference on random cluster maps.
+
+
+def _blobs(seed, h=24, w=32, k=5):
+  """A random cluster map of blobs, specks and thin strands (smoothed noise, argmax)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  noise = np.random.default_rng(seed).normal(size=(k, h, w))
+  return ndimage.gaussian_filter(noise, (0, 1.5, 1.5)).argmax(0).astype(np.int32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_device_steps_equal_the_reference_on_random_maps(seed):
+  labels = _blobs(seed)
+  np.testing.assert_array_equal(_Device.modal_filter(labels, 3),
+                                postprocess_reference.modal_filter(labels, 3))
+  # Components: the same partition, numbered the same way (cluster, first pixel).
+  split = postprocess_reference.split_components(labels)
+  np.testing.assert_array_equal(_Device.split_components(labels), split)
+  # Absorbing: the same kept regions, numbered alike; the absorbed pixels of a speck
+  # may take another neighbour's label (propagation, not the Euclidean nearest).
+  absorbed = postprocess_reference.absorb_small(split, 6)
+  device, count = _compact(jnp.asarray(labels), num_labels=5, split=True, min_area=6)
+  device = np.asarray(device)
+  kept = np.bincount(split.ravel())[split] >= 6
+  assert int(count) == absorbed.max() + 1
+  np.testing.assert_array_equal(device[kept], absorbed[kept])
+  assert set(np.unique(device[~kept])) <= set(np.unique(absorbed))
+  # Merging: the same order, so the same labels. Region means set well apart
+  # (3 sigma) against pixel noise of 1: float32 and float64 means differ by
+  # ~1e-6, far below the gaps between competing distances.
+  rng = _rng(seed)
+  features = (rng.normal(size=absorbed.shape + (3,))
+              + 3 * rng.normal(size=(absorbed.max() + 1, 3))[absorbed]).astype(np.float32)
+  for metric, threshold in (("euclidean", 1.0), ("cosine", 0.05)):
+    for k in (1, 3, 5):
+      np.testing.assert_array_equal(
+          _Device.merge_regions(absorbed, features, metric=metric, num_regions=k,
+                                max_regions=11),
+          postprocess_reference.merge_regions(absorbed, features, metric=metric,
+                                              num_regions=k, max_regions=11))
+    np.testing.assert_array_equal(
+        _Device.merge_regions(absorbed, features, metric=metric, threshold=threshold,
+                              max_regions=11),
+        postprocess_reference.merge_regions(absorbed, features, metric=metric,
+                                            threshold=threshold, max_regions=11))
+
+
+@pytest.mark.parametrize("merge,k", [(True, "oracle"), (True, "predict"), (False, "oracle")])
+def test_whole_postprocessing_equals_the_reference_without_specks(merge, k):
+  # Without absorption every step is the same algorithm: equal label maps, image
+  # for image, through merge-to-K, merge under a threshold, and the cap alone.
+  seg = _segmenter("s", metric="euclidean", k=k, num_clusters=5 if k == "predict" else 0,
+                   modal_size=3, split=True, merge=merge, merge_threshold=1.0)
+  rng = _rng(7)
+  labels = np.stack([_blobs(seed) for seed in (10, 11, 12)])
+  refs, feats = [], []
+  for image in labels:
+    split = postprocess_reference.split_components(
+        postprocess_reference.modal_filter(image, 3))
+    feats.append(rng.normal(size=image.shape + (3,))
+                 + 3 * rng.normal(size=(split.max() + 1, 3))[split])
+  features = np.stack(feats).astype(np.float32)
+  for image, x in zip(labels, features):
+    refs.append(postprocess_reference.postprocess_one(
+        image, x, modal_size=3, split=True, min_area=0, merge=merge, metric="euclidean",
+        target=4, threshold=1.0 if k == "predict" else None, max_regions=11))
+  target, threshold = segmenters.merge_rule(seg, jnp.full(3, 4), "pixels", 11)
+  out, counts = jax.vmap(functools.partial(
+      regions.postprocess, num_labels=5, modal_size=3, split=True, min_area=0,
+      max_regions=64, cap=11, metric="euclidean"))(
+          jnp.asarray(labels), jnp.asarray(features), target, threshold)
+  np.testing.assert_array_equal(np.asarray(out), np.stack(refs))
+  assert (np.asarray(counts) > 11).all()  # the cap had work to do
+
+
+def test_more_regions_than_slots_absorbs_the_smallest_and_warns(caplog):
+  # Vertical stripes 1..6 pixels wide, alternately clusters 0 and 1: six
+  # components of 8, 16, ..., 48 pixels. With R = 3 slots the three largest
+  # stay, numbered in (cluster, first pixel) order; the others are absorbed.
+  widths = np.arange(1, 7)
+  labels = np.repeat(np.arange(6) % 2, widths)[None].repeat(8, 0).astype(np.int32)
+  out, count = _compact(jnp.asarray(labels), num_labels=2, split=True, min_area=0)
+  assert int(count) == 6 and len(np.unique(np.asarray(out))) == 6  # R = _SLOTS: all fit
+  root = regions.root_map(jnp.asarray(labels), 2, True)
+  out, count = regions.compact(jnp.asarray(labels), root, 2, 0, 3)
+  out = np.asarray(out)
+  assert int(count) == 6
+  starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+  kept = [out[0, starts[i]] for i in (3, 4, 5)]  # widths 4, 5, 6 (clusters 1, 0, 1)
+  assert kept == [1, 0, 2] and set(np.unique(out)) == {0, 1, 2}
+  with caplog.at_level("WARNING"):
+    segmenters.check_region_counts(np.array([6, 2]), 3, "tap 'input'")
+  assert "1 image(s) of tap 'input'" in caplog.text and "eval.max_regions=3" in caplog.text
+  with pytest.raises(ValueError, match=r"eval\.max_regions=0"):
+    segmenters.segment(_segmenter("s", split=True), defaults.base_config().eval.kmeans,
+                       jnp.zeros((1, 8, 8, 3)), jnp.array([2]), jax.random.key(0)[None],
+                       jnp.array([2]), jnp.array([np.inf]), is_pixels=True, max_regions=0,
+                       cap=11)
+
+
+def test_segmenters_that_share_a_program_keep_their_own_k_and_merge_rule():
+  # kmeans / kmeans_fixed_k, and split_merge / split_merge_predict_k, share a
+  # compiled program each (K and the merge's rule are its inputs): each must
+  # still get its own tables, the ones it gets alone.
+  from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
+  from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
+  config = defaults.get_config("test")
+  config.data.image_height, config.data.image_width = 24, 32
+  found = segmenters.configured(config)
+  assert found[0].device_key == found[1].device_key
+  assert found[2].device_key == found[3].device_key
+  rng = _rng(8)
+  mesh = sharding.make_mesh()
+  batch = sharding.to_global({
+      "instance_labels": np.repeat(np.repeat(rng.integers(0, 4, (2, 6, 8)), 4, 1), 4, 2
+                                   ).astype(np.int32),
+      "num_masks": np.array([4, 4], np.int32), "index": np.arange(2, dtype=np.int32),
+      "features": rng.random((2, 24, 32, 3)).astype(np.float32)}, mesh)
+  features = batch["features"]
+  keys = kmeans.image_keys(0, batch["index"])
+  together = protocol.Runner(config, mesh, found)
+  valid = np.ones(2, bool)
+  for seg in found:
+    alone = protocol.Runner(config, mesh, [seg])
+    np.testing.assert_array_equal(
+        together.collect(seg, "input", together.dispatch(seg, "input", features, batch, keys),
+                         valid),
+        alone.collect(seg, "input", alone.dispatch(seg, "input", features, batch, keys), valid))
+  tables = {s.name: together.collect(s, "input", together.dispatch(s, "input", features,
+                                                                   batch, keys), valid)
+            for s in found}
+  # K = 11 (fixed) leaves more labels in use than the oracle K = 4.
+  assert (tables["kmeans_fixed_k"].sum(1) > 0).sum() > (tables["kmeans"].sum(1) > 0).sum()

@@ -63,14 +63,17 @@ def make_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         data_dir=data_dir,
         config=synthetic_clevr.make_config(
             seed=s.seed, num_train=s.num_train, num_test=s.num_test,
-            height=data.image_height, width=data.image_width,
+            height=s.get("height", 0) or data.image_height,
+            width=s.get("width", 0) or data.image_width,
             min_objects=s.min_objects, max_objects=s.max_objects))
   if data.dataset == "clevr_with_masks":
-    if (data.image_height, data.image_width) != (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH):
+    if ((data.image_height, data.image_width) != (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH)
+        and not data.get("crop")):
       raise ValueError(
           f"clevr_with_masks images are {schema.IMAGE_HEIGHT}x{schema.IMAGE_WIDTH}; "
           f"config.data.image_height/width ({data.image_height}x{data.image_width}) "
-          "can only change the synthetic data.")
+          "can only change the synthetic data, or set the size a crop is resized to "
+          "(config.data.crop).")
     names = [c.name for c in clevr_with_masks.ClevrWithMasks.BUILDER_CONFIGS]
     if data.real_config not in names:
       raise ValueError(f"config.data.real_config={data.real_config!r} is not one of {names}")
@@ -123,7 +126,9 @@ def _source_dataset(config: ml_collections.ConfigDict, split: str
     if not examples:
       raise ValueError(f"{path}: no records to evaluate on")
     target = (config.data.image_height, config.data.image_width)
-    if (height, width) != target:
+    if config.data.get("crop"):
+      examples = [crop_and_resize(e, config.data.crop, *target) for e in examples]
+    elif (height, width) != target:
       logging.info("%s: %dx%d images resized to the configured %dx%d (image: %s, masks: "
                    "nearest)", path, height, width, *target,
                    "area" if height >= target[0] else "bilinear")
@@ -141,6 +146,10 @@ def _source_dataset(config: ml_collections.ConfigDict, split: str
   dataset = dataset.map(lambda e: {k: e[k] for k in _KEPT},
                         num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.map(lambda e: e | {"labels": e["labels"][..., 0]})
+  if config.data.get("crop"):
+    box, size = config.data.crop, (config.data.image_height, config.data.image_width)
+    dataset = dataset.map(lambda e: crop_and_resize(e, box, *size),
+                          num_parallel_calls=tf.data.AUTOTUNE)
   return dataset, builder.info.splits[split].num_examples
 
 
@@ -178,6 +187,44 @@ def resize_compact(example: dict[str, np.ndarray], height: int, width: int
       "labels": labels,
       "visibility": np.where(visible, example["visibility"], 0).astype(
           example["visibility"].dtype)}
+
+
+def crop_pixels(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+  """(top, bottom, left, right) in pixels of a height x width image, from `box`'s
+  fractions (config.data.crop); ValueError when it is no box inside the image."""
+  if len(box) != 4 or not 0 <= box[0] < box[1] <= 1 or not 0 <= box[2] < box[3] <= 1:
+    raise ValueError(f"config.data.crop={tuple(box)} is not (top, bottom, left, right) with "
+                     "0 <= top < bottom <= 1 and 0 <= left < right <= 1 (fractions of the "
+                     "image), e.g. --config.data.crop='(0.12, 0.92, 0.2, 0.8)'")
+  top, bottom = round(box[0] * height), round(box[1] * height)
+  left, right = round(box[2] * width), round(box[3] * width)
+  if bottom <= top or right <= left:
+    raise ValueError(f"config.data.crop={tuple(box)} leaves no pixel of a {height}x{width} image")
+  return top, bottom, left, right
+
+
+def crop_and_resize(example: dict, box: Sequence[float], height: int, width: int) -> dict:
+  """A stored-form example (one image, tensors or arrays) cut to `box` and resized to
+  height x width: the image by area averaging (shrinking) or bilinear, the label
+  map by nearest neighbour; objects outside the crop are no longer visible.
+  Pure TensorFlow: runs in tf.data's map and eagerly on NumPy arrays alike."""
+  image = tf.convert_to_tensor(example["image"])
+  labels = tf.convert_to_tensor(example["labels"])
+  top, bottom, left, right = crop_pixels(box, image.shape[0], image.shape[1])
+  image, labels = image[top:bottom, left:right], labels[top:bottom, left:right]
+  if (bottom - top, right - left) != (height, width):
+    method = "area" if bottom - top >= height else "bilinear"
+    image = tf.image.resize(tf.cast(image, tf.float32), (height, width), method=method)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    labels = tf.image.resize(labels[..., None], (height, width), method="nearest")[..., 0]
+  visible = tf.reduce_any(tf.cast(labels, tf.int32)[..., None] == tf.range(schema.MAX_SLOTS),
+                          axis=(0, 1))
+  visibility = tf.convert_to_tensor(example["visibility"])
+  out = dict(example) | {"image": image, "labels": labels,
+                         "visibility": tf.where(visible, visibility, tf.zeros_like(visibility))}
+  if not tf.executing_eagerly() or isinstance(example["image"], tf.Tensor):
+    return out
+  return {k: v.numpy() if isinstance(v, tf.Tensor) else v for k, v in out.items()}
 
 
 def per_device_batch(global_batch: int, process_count: int, local_devices: int,

@@ -2,8 +2,11 @@
 
   segmenters.py   a segmenter = feature transform -> K-Means -> post-processing
   transforms.py   per-image feature transforms (jax.numpy, on device)
-  postprocess.py  connected components, speck absorption, region merging (SciPy, host)
-  protocol.py     the sharded loop over the test split: devices cluster and
+  regions.py      modal filter, connected components, speck absorption, region
+                  merging (jax.numpy, on device, batched)
+  postprocess_reference.py  the same in SciPy, one image on the host: the
+                  tests' oracle, never on the product path
+  protocol.py     the sharded loop over the test split: devices segment and
                   count contingency tables, hosts score them
   model_eval.py   a checkpoint's taps through every segmenter (--mode=evaluate)
   pixel_baselines.py  raw pixels through every segmenter, random masks (--mode=baselines)

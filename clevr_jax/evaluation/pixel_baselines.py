@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from clevr_jax import guards
+from clevr_jax import logs
 from clevr_jax import metrics
 from clevr_jax import schema
 from clevr_jax import sharding
@@ -25,9 +26,9 @@ def random_masks(config: ml_collections.ConfigDict, split: Any, mesh: jax.shardi
   accumulators = {k: metrics.MeanAccumulator() for k in RANDOM_K}
   rng = np.random.default_rng(config.eval.baselines_seed)
   slots = max(schema.MAX_SLOTS, config.eval.kmeans.fixed_k)
-  progress = protocol.Progress("random masks", protocol.num_images(config, split),
+  progress = logs.Progress("random masks", protocol.num_images(config, split),
                                config.eval.progress_every_s)
-  for batch, _ in protocol.host_batches(config, split, mesh):
+  for batch in protocol.host_batches(config, split, mesh):
     truth = sharding.to_host(batch["instance_labels"])
     num_masks, valid = sharding.to_host(batch["num_masks"]), sharding.to_host(batch["valid"])
     for k in RANDOM_K:

@@ -39,6 +39,9 @@ def best_segmenter(table: dict[str, dict[str, dict[str, float]]],
 def _describe(spec: dict[str, Any] | None) -> str:
   if not spec:
     return ""
+  if spec.get("cluster") == "argmax":
+    return ("each pixel's largest channel (argmax over the slots; no K-Means, no oracle K)"
+            + (f"; taps: {', '.join(spec['taps'])}" if spec.get("taps") else ""))
   parts = [f"K-Means {spec['metric']}, K {spec['k']}"]
   if spec["num_clusters"]:
     parts.append(f"{spec['num_clusters']} clusters")

@@ -1,11 +1,16 @@
 """Segmenters: features -> transform -> cluster -> post-process -> labels.
 
 A segmenter is named in `config.eval.segmenters` (a small ConfigDict each;
-`config.eval.segmenter_names` says which run, in which order). The transform
-and K-Means run on the devices, each device on its own images; the optional
-post-processing (`postprocess.py`) runs on the host, per image.
+`config.eval.segmenter_names` says which run, in which order). All of it runs
+on the devices as one jitted program per (segmenter, feature shape), each
+device on its own images: the transform, K-Means, the optional
+post-processing (`regions.py`) and the contingency tables.
 
 Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
+  cluster           'kmeans', or 'argmax': each pixel's largest channel is its
+                    label (a tap of per-slot masks: Slot Attention's
+                    'slot_masks'), no transform, no K; labels >= k_max count as none
+  taps              the taps it scores (() = every tap and the raw pixels)
   pixel_transforms  transforms of raw pixels (the 'input' tap and baselines),
                     comma-separated names from `transforms.TRANSFORMS`
   tap_transforms    transforms of learned taps (and hypercolumns)
@@ -34,8 +39,10 @@ Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -46,10 +53,11 @@ from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax.evaluation import postprocess
+from clevr_jax.evaluation import regions
 from clevr_jax.evaluation import transforms
 
 K_SOURCES = ("oracle", "fixed", "predict")
+CLUSTERS = ("kmeans", "argmax")
 METRICS = ("cosine", "euclidean")
 # Tap names whose features are the image itself.
 PIXEL_TAPS = ("input", "pixels")
@@ -59,6 +67,8 @@ PIXEL_TAPS = ("input", "pixels")
 class Segmenter:
   """One configured segmenter (see the module docstring for the fields)."""
   name: str
+  cluster: str = "kmeans"
+  taps: tuple[str, ...] = ()
   pixel_transforms: tuple[str, ...] = ()
   tap_transforms: tuple[str, ...] = ()
   pca_dim: int = 8
@@ -74,6 +84,10 @@ class Segmenter:
   merge_threshold: float = 0.0
   tap_merge_threshold: float = 0.0
 
+  def scores(self, tap: str) -> bool:
+    """Whether it scores `tap` (its `taps`, or every tap)."""
+    return not self.taps or tap in self.taps
+
   @property
   def post_processes(self) -> bool:
     return self.split or self.merge or self.min_area > 0 or self.modal_size > 1
@@ -84,10 +98,11 @@ class Segmenter:
 
   @property
   def device_key(self) -> tuple[Any, ...]:
-    """What the device half depends on (K is an input): segmenters that agree
-    on it share one compiled program."""
-    return (self.pixel_transforms, self.tap_transforms, self.pca_dim, self.xy_weight,
-            self.metric, self.k_max, self.post_processes)
+    """What the device program depends on (K, the merge target and threshold are
+    inputs): segmenters that agree on it share one compiled program."""
+    return (self.cluster, self.pixel_transforms, self.tap_transforms, self.pca_dim,
+            self.xy_weight, self.metric, self.k_max, self.post_processes, self.modal_size,
+            self.split, self.min_area)
 
   def transforms_for(self, tap: str) -> tuple[str, ...]:
     return self.pixel_transforms if tap in PIXEL_TAPS else self.tap_transforms
@@ -114,7 +129,12 @@ def from_config(name: str, spec: ml_collections.ConfigDict, fixed_k: int) -> Seg
   for key in ("pixel_transforms", "tap_transforms"):
     if key in values:
       values[key] = transforms.parse(values[key])
+  if "taps" in values:
+    values["taps"] = tuple(values["taps"])
   segmenter = Segmenter(name=name, fixed_k=fixed_k, **values)
+  if segmenter.cluster not in CLUSTERS:
+    raise ValueError(f"eval.segmenters.{name}.cluster={segmenter.cluster!r}: "
+                     f"choose one of {list(CLUSTERS)}")
   if segmenter.metric not in METRICS:
     raise ValueError(f"eval.segmenters.{name}.metric={segmenter.metric!r}: "
                      f"choose one of {list(METRICS)}")
@@ -172,75 +192,93 @@ def transform_and_cluster(segmenter: Segmenter, kmeans_config: ml_collections.Co
   return x, result.labels.reshape(b, h, w)
 
 
+def merge_rule(segmenter: Segmenter, target: jax.Array, tap: str, cap: int
+               ) -> tuple[jax.Array, jax.Array]:
+  """(target [B], threshold [B]) for `regions.merge`: down to `target` (K) with no
+  threshold, while under the segmenter's threshold for 'predict', or without
+  merging only down to `cap` (the label slots)."""
+  # full_like keeps the target's sharding: these are inputs of sharded programs.
+  target = jnp.asarray(target, jnp.int32)
+  inf = jnp.full_like(target, jnp.inf, dtype=jnp.float32)
+  if not segmenter.merge:
+    return jnp.full_like(target, cap), inf
+  if segmenter.predicts_k:
+    return jnp.zeros_like(target), jnp.full_like(target, segmenter.threshold_for(tap),
+                                                  dtype=jnp.float32)
+  return jnp.maximum(target, 1), inf
+
+
+def segment(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
+            features: jax.Array, num_clusters: jax.Array, keys: jax.Array, target: jax.Array,
+            threshold: jax.Array, *, is_pixels: bool, max_regions: int, cap: int,
+            point_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The whole segmenter on a batch of one tap, jittable: (labels [B, h, w] in
+  0..cap-1 at the tap's resolution, regions per image after absorbing specks).
+  The labels come from K-Means, or for cluster='argmax' from each pixel's largest
+  channel; then the optional post-processing.
+
+  `num_clusters` [B]: K-Means' K (`cluster_k`); `target`, `threshold` [B]: the
+  merge's stopping rule (`merge_rule`); `max_regions`: R, the region slots (an
+  image with more regions than R loses its smallest: `check_region_counts`);
+  `cap`: the most labels an image may end with.
+  """
+  if max_regions < 1:
+    raise ValueError(f"eval.max_regions={max_regions}: the region slots must be at least 1")
+  if segmenter.cluster == "argmax":
+    if features.shape[-1] > segmenter.k_max:  # labels past k_max would not be counted
+      raise ValueError(
+          f"eval.segmenters.{segmenter.name}: the tap has {features.shape[-1]} channels "
+          f"(slots), more than the {segmenter.k_max} labels it counts: set "
+          f"--config.eval.segmenters.{segmenter.name}.num_clusters={features.shape[-1]}")
+    x, labels = features, jnp.argmax(features, axis=-1).astype(jnp.int32)
+  else:
+    x, labels = transform_and_cluster(segmenter, kmeans_config, features, num_clusters, keys,
+                                      is_pixels=is_pixels, point_weights=point_weights)
+  if not segmenter.post_processes:
+    return labels, jnp.zeros(labels.shape[:1], jnp.int32)
+  _, h, w = labels.shape
+  one_image = functools.partial(
+      regions.postprocess, num_labels=segmenter.k_max, modal_size=segmenter.modal_size,
+      split=segmenter.split, min_area=int(round(segmenter.min_area * h * w)),
+      max_regions=max_regions, cap=cap, metric=segmenter.metric)
+  return jax.vmap(one_image)(labels, x, target, threshold)
+
+
+def check_region_counts(counts: np.ndarray, max_regions: int, where: str) -> None:
+  """Warns, naming the field, when images had more regions than R (`regions.compact`
+  then absorbed their smallest regions too, unlike the SciPy reference)."""
+  over = np.asarray(counts) > max_regions
+  if over.any():
+    logging.warning(
+        "%d image(s) of %s had more regions than eval.max_regions=%d after absorbing "
+        "specks (up to %d): their smallest regions were absorbed too; raise "
+        "--config.eval.max_regions to keep them", int(over.sum()), where, max_regions,
+        int(np.max(counts)))
+
+
 def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
                    mesh: jax.sharding.Mesh, *, is_pixels: bool, num_pred_slots: int
                    ) -> Callable[..., Any]:
-  """The device half of a segmenter, sharded: each device its own images.
+  """The whole segmenter and its scoring, sharded: each device its own images.
 
-  Without post-processing: (features, K-Means' K per image, keys, true labels) ->
-  (contingency tables [B, T, P], labels [B, H, W]); only the tables need to
-  reach the host. With post-processing: -> (cluster labels [B, h, w],
-  transformed features [B, h, w, c']) for the host to finish.
+  (features, K-Means' K, merge target, merge threshold (`merge_rule`), keys,
+  true labels) -> (contingency tables [B, T, P], labels [B, H, W], regions per
+  image after absorbing specks [B]). K and the merge's rule are inputs, not
+  constants: segmenters with the same `device_key` share the program.
+  Only the tables and counts need to reach the host; the labels stay on the
+  devices unless figures want them.
   """
   height, width = config.data.image_height, config.data.image_width
-  km = config.eval.kmeans
 
-  def run(features, num_clusters, keys, true_labels):
-    x, labels = transform_and_cluster(segmenter, km, features, num_clusters, keys,
-                                      is_pixels=is_pixels)
-    if segmenter.post_processes:
-      return labels, x
+  def run(features, num_clusters, target, threshold, keys, true_labels):
+    labels, counts = segment(segmenter, config.eval.kmeans, features, num_clusters, keys,
+                             target, threshold, is_pixels=is_pixels,
+                             max_regions=config.eval.max_regions, cap=num_pred_slots)
     labels = kmeans.upsample_labels(labels, height, width)
     tables = metrics.contingency(true_labels, labels, schema.MAX_SLOTS, num_pred_slots)
-    return tables, labels
+    return tables, labels, counts
 
-  # No collective inside: K-Means' loop carries would need varying-axis
+  # No collective inside: the loops' carries would need varying-axis
   # annotations for the check, which adds nothing here.
   return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P(sharding.AXIS),
                                out_specs=P(sharding.AXIS), check_vma=False))
-
-
-def postprocess_one(segmenter: Segmenter, labels: np.ndarray, features: np.ndarray,
-                    target: int, max_regions: int, tap: str = "pixels") -> np.ndarray:
-  """The host half for one image of `tap`: cluster labels [h, w] -> region labels [h, w]."""
-  regions = postprocess.relabel(labels)
-  min_area = int(round(segmenter.min_area * labels.size))
-  if segmenter.modal_size > 1:
-    regions = postprocess.modal_filter(regions, segmenter.modal_size)
-  if segmenter.split:
-    regions = postprocess.split_components(regions)
-  if min_area > 1:
-    regions = postprocess.absorb_small(regions, min_area)
-  if segmenter.merge:
-    if segmenter.predicts_k:
-      regions = postprocess.merge_regions(
-          regions, features, metric=segmenter.metric, threshold=segmenter.threshold_for(tap),
-          max_regions=max_regions)
-    else:
-      regions = postprocess.merge_regions(
-          regions, features, metric=segmenter.metric, num_regions=max(int(target), 1),
-          max_regions=max_regions)
-  elif int(regions.max()) + 1 > max_regions:
-    # More regions than label slots: merge the closest until they fit.
-    regions = postprocess.merge_regions(regions, features, metric=segmenter.metric,
-                                        num_regions=max_regions)
-  return regions
-
-
-def postprocess_batch(segmenter: Segmenter, labels: np.ndarray, features: np.ndarray,
-                      targets: np.ndarray, max_regions: int, valid: np.ndarray | None = None,
-                      tap: str = "pixels") -> np.ndarray:
-  """postprocess_one over a batch [B, h, w]; invalid (padding) images are left as they are."""
-  out = np.zeros(labels.shape, np.int32)
-  for b in range(labels.shape[0]):
-    if valid is not None and not valid[b]:
-      continue
-    out[b] = postprocess_one(segmenter, labels[b], features[b], int(targets[b]), max_regions,
-                             tap)
-  return out
-
-
-def upsample(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-  """[B, h, w] -> [B, height, width], the host twin of kmeans.upsample_labels."""
-  _, h, w = labels.shape
-  return np.repeat(np.repeat(labels, height // h, axis=1), width // w, axis=2)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from clevr_jax import logs
 from clevr_jax import metrics
 from clevr_jax import schema
 from clevr_jax import sharding
@@ -21,10 +22,10 @@ def score(config: ml_collections.ConfigDict, state: Any, model: Any, split: Any,
   predict = train_step.make_predict_fn(model)
   accumulator = metrics.SupervisedAccumulator(schema.NUM_SEMANTIC_CLASSES,
                                               schema.SEMANTIC_CLASSES)
-  progress = protocol.Progress("supervised evaluation", protocol.num_images(config, split),
+  progress = logs.Progress("supervised evaluation", protocol.num_images(config, split),
                                config.eval.progress_every_s)
   first: dict[str, Any] = {}
-  for batch, _ in protocol.host_batches(config, split, mesh):
+  for batch in protocol.host_batches(config, split, mesh):
     logits, _ = predict(state, batch["image"])
     pred = sharding.to_host(jnp.argmax(logits, -1))
     semantic, valid = sharding.to_host(batch["semantic"]), sharding.to_host(batch["valid"])

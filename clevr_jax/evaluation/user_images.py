@@ -17,12 +17,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clevr_jax import kmeans
 from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import schema
 from clevr_jax import sharding
 from clevr_jax import train_step
 from clevr_jax.evaluation import segmenters as segmenters_lib
+
+
+_MAX_LABELS = 255  # labels are written as 8-bit PNGs
 
 
 def _image_extensions() -> set[str]:
@@ -58,9 +62,11 @@ def load_rgb(path: str) -> np.ndarray:
 
 def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Iterable[str], *,
                    tap: str, num_clusters: int, output_dir: str) -> list[str]:
-  """Segments one tap of each image into `num_clusters` masks (K of the segmenter
-  `config.eval.user_segmenter`; a K-predicting one clusters into K0 and decides);
-  writes a label PNG and a colour PNG per image.
+  """Segments one tap of each image with the segmenter `config.eval.user_segmenter`
+  (by default one that predicts K); writes a label PNG and a colour PNG per image.
+
+  `num_clusters` (0: the segmenter's own) is a K-predicting segmenter's K-Means
+  clusters (K0, merged back as it decides), or K for one that takes K.
 
   Images keep their size: they are padded (edge pixels repeated) up to the
   network's multiple of 2**depth, never resized, and the labels cropped back.
@@ -72,17 +78,24 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
   valid_taps = models.config_tap_names(config)
   if tap not in valid_taps:
     raise ValueError(f"--tap={tap!r} is not one of {list(valid_taps)}")
-  if not 1 <= num_clusters <= 255:
-    raise ValueError(f"--num_clusters={num_clusters} must be in 1..255")
+  if not 0 <= num_clusters <= _MAX_LABELS:
+    raise ValueError(f"--num_clusters={num_clusters} must be in 1..{_MAX_LABELS} "
+                     "(or 0: the segmenter's own)")
   name = config.eval.user_segmenter
   if name not in config.eval.segmenters:
     raise ValueError(f"eval.user_segmenter={name!r} is not in eval.segmenters "
                      f"({sorted(config.eval.segmenters.keys())})")
   with config.unlocked():
     spec = config.eval.segmenters[name].copy_and_resolve_references()
-  segmenter = segmenters_lib.from_config(name, spec, fixed_k=num_clusters)
+  segmenter = segmenters_lib.from_config(name, spec,
+                                         fixed_k=num_clusters or config.eval.kmeans.fixed_k)
   if segmenter.k == "oracle":  # no truth here: --num_clusters is K
     segmenter = dataclasses.replace(segmenter, k="fixed")
+  if segmenter.predicts_k and num_clusters:
+    segmenter = dataclasses.replace(segmenter, num_clusters=num_clusters)
+  k = segmenters_lib.cluster_k(segmenter, jnp.zeros(1, jnp.int32))
+  target, threshold = segmenters_lib.merge_rule(segmenter, segmenters_lib.target_k(
+      segmenter, jnp.zeros(1, jnp.int32)), tap, _MAX_LABELS)
   files = image_files(paths)
   mesh = sharding.make_mesh()
   if tap == "input":
@@ -91,10 +104,11 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
     state, model = model_eval.restore_state(config, workdir, mesh)
     predict = train_step.make_predict_fn(model, (tap,))  # one jit: images of a size share it
-  cluster = jax.jit(lambda f, k, key, w: segmenters_lib.transform_and_cluster(
-      segmenter, config.eval.kmeans, f, k, key[None], is_pixels=tap == "input",
+  run = jax.jit(lambda f, key, w: segmenters_lib.segment(
+      segmenter, config.eval.kmeans, f, k, key[None], target, threshold,
+      is_pixels=tap == "input", max_regions=config.eval.max_regions, cap=_MAX_LABELS,
       point_weights=w))
-  factor = 2 ** config.model.depth
+  factor, _ = models.size_factor(config)
   os.makedirs(output_dir, exist_ok=True)
   palette = plots.label_colors(256)[1:]
   written, unreadable = [], []
@@ -120,15 +134,9 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     _, h, w, _ = features.shape
     f = image.shape[0] // h
     weights = real.reshape(h, f, w, f).sum((1, 3)).reshape(1, h * w)
-    transformed, labels = cluster(features, segmenters_lib.cluster_k(
-        segmenter, jnp.array([num_clusters])),
-                                  jax.random.key(config.seed), jnp.asarray(weights))
-    labels = np.asarray(labels)
-    if segmenter.post_processes:
-      labels = segmenters_lib.postprocess_batch(
-          segmenter, labels, np.asarray(transformed), np.array([num_clusters]),
-          max_regions=255, tap=tap)
-    labels = segmenters_lib.upsample(labels, image.shape[0], image.shape[1])[0]
+    labels, counts = run(features, jax.random.key(config.seed), jnp.asarray(weights))
+    segmenters_lib.check_region_counts(np.asarray(counts), config.eval.max_regions, path)
+    labels = np.asarray(kmeans.upsample_labels(labels, image.shape[0], image.shape[1]))[0]
     labels = labels[:height, :width].astype(np.uint8)
     stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
     Image.fromarray(labels, mode="L").save(f"{stem}_labels.png")

@@ -54,8 +54,8 @@ def main() -> None:
     # cross-process all-reduce sums in another order) would flip whole updates.
     config.optimizer.eps = 1.0
     config.eval.taps = ("input", "output")
-    # One plain segmenter (device tables) and one post-processing one (host
-    # regions, tables exchanged between processes): both paths of the protocol.
+    # One plain segmenter and one post-processing one (components, absorbing,
+    # merging on each device, tables exchanged between processes).
     config.eval.segmenter_names = ("kmeans", "split_merge_predict_k")
   train.train_and_evaluate(config, workdir)
   deadline = time.monotonic() + 540  # under the test's timeout

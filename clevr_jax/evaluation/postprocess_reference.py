@@ -1,4 +1,9 @@
-"""Post-processing of one image's cluster map, on the host with SciPy's ndimage.
+"""The SciPy reference of the post-processing (`regions.py`): the tests' oracle.
+
+Nothing on the product path calls this module: the segmenters post-process on
+the devices (`regions.py`). It is kept, one image at a time on the host, as
+the plain statement of what the device program must compute, for the tests
+and for `benchmarks/segmenter_benchmark.py` to compare against.
 
 Pixel clusters are not objects: one cluster holds every object of a colour,
 and sampling noise, shading and highlights scatter thousands of specks. The
@@ -37,12 +42,14 @@ def relabel(labels: np.ndarray) -> np.ndarray:
 
 
 def modal_filter(labels: np.ndarray, size: int) -> np.ndarray:
-  """Each pixel takes the most frequent label in its size x size window."""
+  """Each pixel takes the most frequent label in its size x size window (edges
+  repeated); a tie goes to the smaller label. Integer counts, so ties are exact."""
   if size <= 1:
     return labels
   n = int(labels.max()) + 1
-  counts = np.stack([ndimage.uniform_filter((labels == k).astype(np.float32), size,
-                                            mode="nearest") for k in range(n)])
+  window = np.ones((size, size), np.int32)
+  counts = np.stack([ndimage.correlate((labels == k).astype(np.int32), window,
+                                       mode="nearest") for k in range(n)])
   return counts.argmax(axis=0).astype(np.int32)
 
 
@@ -164,3 +171,30 @@ def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "e
     dist[j] = dist[:, j] = np.inf
     dist[i, i] = np.inf
   return relabel(parent[regions])
+
+
+def postprocess_one(labels: np.ndarray, features: np.ndarray, *, modal_size: int, split: bool,
+                    min_area: int, merge: bool, metric: str, target: int | None,
+                    threshold: float | None, max_regions: int) -> np.ndarray:
+  """One image's cluster labels [h, w] -> region labels [h, w] (`regions.postprocess`).
+
+  `min_area` in pixels; with `merge`, `threshold` (K predicted) or else `target`
+  (K) stops the merge, and `max_regions` caps the regions in any case.
+  """
+  regions = relabel(labels)
+  if modal_size > 1:
+    regions = modal_filter(regions, modal_size)
+  if split:
+    regions = split_components(regions)
+  if min_area > 1:
+    regions = absorb_small(regions, min_area)
+  if merge:
+    if threshold is not None:
+      return merge_regions(regions, features, metric=metric, threshold=threshold,
+                           max_regions=max_regions)
+    return merge_regions(regions, features, metric=metric, num_regions=max(int(target), 1),
+                         max_regions=max_regions)
+  if int(regions.max()) + 1 > max_regions:
+    # More regions than label slots: merge the closest until they fit.
+    return merge_regions(regions, features, metric=metric, num_regions=max_regions)
+  return regions

@@ -1,0 +1,364 @@
+"""Slot Attention (clevr_jax/slot_attention.py, configs/slot_attention.py).
+
+Its link to the poster's K-Means (one iteration with identity projections is a
+soft K-Means step; in the hard limit, a step of the project's cosine Lloyd),
+the taps, the schedule, the crop, the data-parallel step (4 devices equal 1, in
+float64, in child processes started with this module), resuming, and the
+evaluation that scores the slot masks.
+"""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clevr_jax import evaluation
+from clevr_jax import kmeans
+from clevr_jax import models
+from clevr_jax import slot_attention
+from clevr_jax import sharding
+from clevr_jax import state as state_lib
+from clevr_jax import train
+from clevr_jax import train_step
+from clevr_jax.data import pipeline
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_PARALLEL = os.path.join(REPO_ROOT, "tests", "helpers", "data_parallel.py")
+SAMPLES = os.path.join(REPO_ROOT, "tests", "data", "clevr_with_masks_samples")
+
+
+@pytest.fixture(scope="module")
+def _device_runs(tmp_path_factory, data_dir, start_python):
+  """slot_attention:test, 3 float64 train steps on 1 and on 4 devices (children)."""
+  root = tmp_path_factory.mktemp("slot_devices")
+  runs = {}
+  for devices in (1, 4):
+    out = str(root / f"devices{devices}.npz")
+    runs[devices] = (out, start_python(
+        [DATA_PARALLEL, f"--config={REPO_ROOT}/configs/slot_attention.py:test",
+         f"--config.data.data_dir={data_dir}", "--config.optimizer.eps=1.0",
+         "--steps=3", f"--out={out}", "--float64"], devices=devices))
+  return runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_device_runs(request):
+  if any("_device_runs" in item.fixturenames and item.module is request.module
+         for item in request.session.items):
+    request.getfixturevalue("_device_runs")
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _clustered_points(rng, k=4, per_cluster=20, d=6, spread=0.15):
+  """Unit points around k unit centres, and initial slots near (not at) the centres."""
+  centres = _unit(rng.standard_normal((k, d)))
+  points = _unit(np.repeat(centres, per_cluster, 0)
+                 + spread * rng.standard_normal((k * per_cluster, d)))
+  slots = _unit(centres + 0.3 * rng.standard_normal((k, d)))
+  return points[rng.permutation(len(points))][None], slots[None]
+
+
+def _kmeans_iteration(points, slots, temperature):
+  """One SlotAttention iteration reduced to the K-Means skeleton: identity
+  projections, the slots replaced by the weighted means (no GRU, MLP or
+  LayerNorm), logits scaled by 1 / temperature, epsilon 0."""
+  d = points.shape[-1]
+  module = slot_attention.SlotAttention(
+      slot_size=d, num_iterations=1, epsilon=0.0, scale=1 / temperature,
+      update="mean", mlp=False, layer_norm=False, dtype=jnp.float64)
+  identity = {"kernel": jnp.eye(d, dtype=jnp.float64)}
+  params = {"project_q": identity, "project_k": identity, "project_v": identity}
+  assert jax.tree.structure(params) == jax.tree.structure(
+      jax.eval_shape(module.init, jax.random.key(0), points, slots)["params"])
+  return module.apply({"params": params}, points, slots)
+
+
+def test_one_iteration_is_a_soft_kmeans_step():
+  # Soft K-Means on the unit sphere (the poster's cosine K-Means, made soft),
+  # written from its definition: responsibilities from squared distances,
+  # centres as responsibility-weighted means. Slot attention computes them
+  # from dot products; on unit vectors |x - mu|^2 = 2 - 2 x.mu, so the softmax
+  # over the slots is the same. In float64: any difference above ~1e-13 is a
+  # different algorithm, not rounding.
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    points, slots = _clustered_points(rng)
+    for temperature in (0.05, 0.5, 2.0):
+      new_slots, attention = _kmeans_iteration(jnp.asarray(points), jnp.asarray(slots),
+                                               temperature)
+      sq_dist = np.sum((points[0][:, None, :] - slots[0][None]) ** 2, -1)  # [n, K]
+      logits = -sq_dist / (2 * temperature)
+      resp = np.exp(logits - logits.max(1, keepdims=True))
+      resp /= resp.sum(1, keepdims=True)
+      centres = resp.T @ points[0] / resp.sum(0)[:, None]
+      np.testing.assert_allclose(np.asarray(attention[0]), resp.T, rtol=0, atol=1e-13)
+      np.testing.assert_allclose(np.asarray(new_slots[0]), centres, rtol=0, atol=1e-13)
+      # Not the plain mean: the responsibilities are soft and depend on the slots.
+      assert np.abs(centres - points[0].mean(0)).max() > 0.1
+
+
+def test_in_the_hard_limit_one_iteration_is_a_step_of_the_posters_cosine_lloyd():
+  # As the temperature goes to 0 the softmax over the slots becomes the nearest
+  # slot by cosine: one iteration is then one Lloyd step of the project's
+  # spherical K-Means (kmeans.lloyd, max_iter=1), up to the normalisation
+  # cosine K-Means applies to its centroids. The margin: every point's best
+  # cosine beats its second best by gap; at temperature gap / 60 the other
+  # slots share at most K e^-60 ~ 4e-26 of its weight.
+  rng = np.random.default_rng(1)
+  with jax.enable_x64(True):
+    points, slots = _clustered_points(rng)
+    cos = points[0] @ slots[0].T
+    top2 = np.sort(cos, 1)[:, -2:]
+    gap = float(np.min(top2[:, 1] - top2[:, 0]))
+    assert gap > 1e-3
+    new_slots, _ = _kmeans_iteration(jnp.asarray(points), jnp.asarray(slots), gap / 60)
+    result = kmeans.lloyd(jnp.asarray(points), jnp.asarray(slots), jnp.array([4]),
+                          max_iter=1, tol=0.0, metric="cosine")
+    assert int(result.n_iter[0]) == 1
+    np.testing.assert_allclose(_unit(np.asarray(new_slots[0])), np.asarray(result.centroids[0]),
+                               rtol=0, atol=1e-10)
+    # Its labels are the final assignment, to the updated centroids.
+    updated = points[0] @ _unit(np.asarray(new_slots[0])).T
+    np.testing.assert_array_equal(np.argmax(updated, 1), np.asarray(result.labels[0]))
+
+
+def test_taps_have_their_shapes_and_the_masks_split_each_pixel_over_the_slots(test_config):
+  config = test_config("slot_attention")
+  model = models.make_model(config)
+  variables = state_lib.init_variables(model, models.input_shape(config), config.seed)
+  images = jax.random.uniform(jax.random.key(0), (2, 48, 64, 3))
+  output, taps = model.apply(variables, images, train=False,
+                             taps=models.config_tap_names(config))
+  k, d = config.model.slot_attention.num_slots, config.model.slot_attention.slot_size
+  assert output.shape == images.shape and output.dtype == jnp.float32
+  assert {t: v.shape for t, v in taps.items()} == {
+      "input": (2, 48, 64, 3), "encoder": (2, 48, 64, d), "attention": (2, 48, 64, k),
+      "slot_masks": (2, 48, 64, k), "output": (2, 48, 64, 3)}
+  # Softmaxes over the slots: each sums to 1 within a few float32 roundings of
+  # K terms of at most 1 (K * 2**-23 ~ 5e-7).
+  for tap in ("attention", "slot_masks"):
+    assert np.all(np.asarray(taps[tap]) >= 0)
+    np.testing.assert_allclose(np.asarray(taps[tap]).sum(-1), 1.0, rtol=0, atol=k * 2.0**-23)
+  # Evaluation draws fixed noise: the same slots for the same image, every call.
+  again, _ = model.apply(variables, images, train=False)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(output))
+  with pytest.raises(ValueError, match="Unknown tap"):
+    model.apply(variables, images, train=False, taps=("enc1",))
+  with pytest.raises(ValueError, match="divisible by 2\\*\\*decoder_upsamplings"):
+    model.apply(variables, images[:, :46], train=False)
+
+
+def test_initial_slots_are_drawn_per_example_from_the_slots_stream(test_config):
+  # A train step keys each example's noise by its row in the global batch:
+  # examples differ, the same row gets the same noise whatever the batch's
+  # other rows, and another key gives other slots.
+  config = test_config("slot_attention")
+  model = models.make_model(config)
+  variables = state_lib.init_variables(model, models.input_shape(config), config.seed)
+  images = jax.random.uniform(jax.random.key(0), (3, 48, 64, 3))
+  same = jnp.broadcast_to(images[:1], images.shape)
+
+  def masks(x, key):
+    return np.asarray(model.apply(variables, x, train=True, taps=("slot_masks",),
+                                  rngs={"slots": key})[1]["slot_masks"])
+
+  key = jax.random.key(7)
+  one = masks(same, key)
+  assert np.abs(one[0] - one[1]).max() > 1e-3  # one image, other noise
+  np.testing.assert_array_equal(masks(same[:1], key)[0], one[0])
+  assert np.abs(masks(same, jax.random.key(8))[0] - one[0]).max() > 1e-3
+
+
+def test_warmup_exponential_is_the_papers_schedule(test_config):
+  # lr * min(t / warmup, 1) * rate**(t / decay_steps): Adam's first update of a
+  # lone parameter with gradient 1 is -lr(t) (b1 = b2 = 0, eps = 0), read at several t.
+  config = test_config("slot_attention")
+  opt = config.optimizer
+  opt.learning_rate, opt.warmup_steps, opt.decay_steps, opt.decay_rate = 4e-4, 10_000, 100_000, 0.5
+  opt.b1, opt.b2, opt.eps = 0.0, 0.0, 0.0
+  tx = train_step.make_optimizer(config, 500_000)
+  params = {"w": jnp.zeros(())}
+  for t in (0, 2_500, 10_000, 50_000, 300_000):
+    state = tx.init(params)
+    state = jax.tree.map(lambda x: jnp.asarray(t, x.dtype) if x.dtype == jnp.int32 else x,
+                         state)
+    updates, _ = tx.update({"w": jnp.ones(())}, state, params)
+    expected = 4e-4 * min(t / 10_000, 1) * 0.5 ** (t / 100_000)
+    assert float(-updates["w"]) == pytest.approx(expected, rel=1e-5, abs=1e-12), t
+
+
+def test_crop_and_resize_cuts_the_same_box_of_any_size():
+  labels = np.zeros((240, 320), np.uint8)
+  labels[100:140, 140:180] = 1  # inside the paper's crop
+  labels[0:20, 0:20] = 2  # outside it
+  example = {"image": np.stack([labels * 100] * 3, -1).astype(np.uint8), "labels": labels,
+             "visibility": np.array([1, 1, 1] + [0] * 8, np.uint8), "index": 5}
+  box = (29 / 240, 221 / 240, 64 / 320, 256 / 320)
+  assert pipeline.crop_pixels(box, 240, 320) == (29, 221, 64, 256)
+  assert pipeline.crop_pixels(box, 96, 128) == (12, 88, 26, 102)
+  out = pipeline.crop_and_resize(example, box, 64, 64)
+  assert out["image"].shape == (64, 64, 3) and out["image"].dtype == np.uint8
+  assert out["labels"].shape == (64, 64) and out["index"] == 5
+  # 192 -> 64 is a factor of 3: nearest keeps every third label of the crop.
+  np.testing.assert_array_equal(out["labels"], labels[29:221, 64:256][1::3, 1::3])
+  assert out["visibility"].tolist()[:3] == [1, 1, 0]
+  with pytest.raises(ValueError, match="config.data.crop"):
+    pipeline.crop_pixels((0.5, 0.2, 0, 1), 240, 320)
+
+
+def test_the_paper_preset_is_the_published_recipe():
+  import configs.slot_attention as slot_config  # pylint: disable=g-import-not-at-top
+  config = slot_config.get_config("paper")
+  sa = config.model.slot_attention
+  assert (sa.num_slots, sa.num_iterations, sa.slot_size, sa.mlp_hidden) == (7, 3, 64, 128)
+  assert (config.data.image_height, config.data.image_width) == (128, 128)
+  assert pipeline.crop_pixels(config.data.crop, 240, 320) == (29, 221, 64, 256)
+  assert config.data.real_config == "clevr6"
+  assert (config.batch_size, config.num_train_steps) == (64, 500_000)
+  opt = config.optimizer
+  assert (opt.learning_rate, opt.schedule, opt.warmup_steps) == (4e-4, "warmup_exponential",
+                                                                 10_000)
+  assert (opt.decay_rate, opt.decay_steps, opt.weight_decay) == (0.5, 100_000, 0.0)
+  with pytest.raises(ValueError, match="unknown preset"):
+    slot_config.get_config("papers")
+
+
+# --- the data-parallel step: 4 devices equal 1 ---------------------------------
+
+# As tests/test_steps.py derives them: the state is float64 (rounding ~1e-16,
+# amplified far less than 1e7-fold here: no BatchNorm); the loss is a float32
+# mean of N = 8 x 48 x 64 x 3 non-negative terms, within N * 2**-24 relatively.
+_STATE_ATOL = 1e-9
+_LOSS_RTOL = 8 * 48 * 64 * 3 * 2.0**-24
+
+
+def test_four_devices_step_like_one_device_over_the_same_global_batch(_device_runs):
+  # The cross-device parts: the pmean'd loss and the initial slots, drawn per
+  # example by its row in the global batch (a per-device draw differs by O(1)).
+  results = {}
+  for devices, (npz, child) in _device_runs.items():
+    result = child.result()
+    assert result.returncode == 0, f"{devices} device(s):\n{result.stderr[-5000:]}"
+    with np.load(npz) as f:
+      results[devices] = {k: f[k] for k in f.files}
+  one, four = results[1], results[4]
+  assert int(four["device_count"]) == 4 and bool(four["replicated"])
+  assert four[".params['slots_mu']"].dtype == np.float64
+  np.testing.assert_allclose(four["metrics/loss"], one["metrics/loss"], rtol=_LOSS_RTOL)
+  np.testing.assert_allclose(four["metrics/grad_norm"], one["metrics/grad_norm"],
+                             rtol=_STATE_ATOL)
+  state_keys = [k for k in one if k.startswith(".")]
+  assert state_keys and state_keys == [k for k in four if k.startswith(".")]
+  for key in state_keys:
+    np.testing.assert_allclose(four[key], one[key], atol=_STATE_ATOL, rtol=0, err_msg=key)
+  assert int(one[".step"]) == 3
+  # The steps moved the parameters (warm-up: the first update is zero).
+  assert np.abs(one[".params['slots_mu']"] - state_lib.create_state(
+      _load_test_config()).params["slots_mu"]).max() > 0
+
+
+def _load_test_config():
+  import configs.slot_attention as slot_config  # pylint: disable=g-import-not-at-top
+  return slot_config.get_config("test")
+
+
+# --- training, resuming and scoring ---------------------------------------------
+
+
+def _restore(config, workdir):
+  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  manager = checkpoints.make_manager(workdir, read_only=True)
+  return checkpoints.restore(manager, state_lib.abstract_state(
+      config, train_step.make_optimizer(config, 1)), sharding.make_mesh())
+
+
+@pytest.fixture(scope="module")
+def trained_slots(tmp_path_factory, test_config):
+  """slot_attention:test trained for 6 steps (a step budget: epoch 2 stops part-way)."""
+  config = test_config("slot_attention")
+  config.num_train_steps = 6
+  workdir = str(tmp_path_factory.mktemp("slots") / "straight")
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+@pytest.mark.slow  # trains
+def test_a_step_budget_stops_part_way_and_a_resumed_run_equals_the_straight_one(
+    trained_slots, tmp_path):
+  config, straight = trained_slots
+  assert int(_restore(config, straight).step) == 6
+  resumed = str(tmp_path / "resumed")
+  first = config.copy_and_resolve_references()
+  first.num_train_steps = 3
+  train.train_and_evaluate(first, resumed)
+  assert int(_restore(config, resumed).step) == 3
+  train.train_and_evaluate(config, resumed)  # resumes from step 3: skips 3 batches
+  a, b = _restore(config, resumed), _restore(config, straight)
+  assert int(a.step) == 6
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.params),
+                          jax.tree.leaves(b.params)):
+    # Equal bit for bit in practice; a wrong batch or a lost update moves ~1e-3.
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _write_samples(path):
+  from clevr_jax.data import official  # pylint: disable=g-import-not-at-top
+  from tools import real_samples  # pylint: disable=g-import-not-at-top
+  official.write_records(path, real_samples.sample_examples(SAMPLES, (0, 1), None))
+
+
+@pytest.mark.slow  # trains
+def test_evaluation_scores_the_slot_masks_by_argmax_on_an_eval_file_of_another_size(
+    trained_slots, tmp_path):
+  config, workdir = trained_slots
+  config = config.copy_and_resolve_references()
+  config.eval.batch_size = 1
+  config.eval.kmeans.num_restarts, config.eval.kmeans.max_iter = 1, 20
+  config.eval.segmenter_names = ("kmeans", "slot_argmax")
+  # The two real 240x320 records, shrunk to the model's 48x64.
+  path = str(tmp_path / "samples.tfrecords")
+  _write_samples(path)
+  config.data.eval_file = path
+  out = str(tmp_path / "evaluated")
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(workdir, out, ignore=shutil.ignore_patterns(".lock"))
+  results = evaluation.evaluate(config, out)
+  assert results["num_images"] == 2
+  table = results["segmenters"]
+  assert set(table["kmeans"]) == set(config.eval.taps)
+  assert set(table["slot_argmax"]) == {"attention", "slot_masks"}
+  for row in table["slot_argmax"].values():
+    assert 0 <= row["poster_miou"] <= 1 and -1 <= row["fg_ari"] <= 1
+  with open(os.path.join(out, "results.md"), encoding="utf-8") as f:
+    markdown = f.read()
+  assert "## segmenter `slot_argmax`" in markdown and "| slot_masks |" in markdown
+  assert "argmax over the slots" in markdown
+
+
+@pytest.mark.slow  # trains, and starts a child
+def test_the_learning_curve_tool_scores_every_checkpoint(trained_slots, tmp_path, data_dir,
+                                                         run_python):
+  config, workdir = trained_slots
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(".lock"))
+  result = run_python(["-m", "tools.slot_curve",
+                       f"--config={REPO_ROOT}/configs/slot_attention.py:test",
+                       f"--config.data.data_dir={data_dir}", f"--workdir={copy}"])
+  assert result.returncode == 0, result.stderr[-5000:]
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(copy, "curve.json"), encoding="utf-8") as f:
+    rows = json.load(f)
+  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  steps = sorted(checkpoints.make_manager(copy, read_only=True).all_steps())
+  assert steps[-1] == 6 and len(steps) >= 2
+  assert [(r["step"], r["tap"]) for r in rows] == [
+      (s, t) for s in steps for t in ("slot_masks", "attention")]
+  assert all(0 <= r["poster_miou"] <= 1 for r in rows)
