@@ -131,8 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   ev.hypercolumns = ()
   ev.max_images = 0  # 0: the whole test split
   ev.num_figure_images = 4
+  # K-Means' search settings, shared by every segmenter (each names its own metric:
+  # eval.segmenters.NAME.metric).
   ev.kmeans = km = ml_collections.ConfigDict()
-  km.metric = "cosine"  # the poster's spherical K-Means; or 'euclidean'
   km.init = "k-means++"
   km.num_restarts = 10
   km.max_iter = 300
@@ -158,6 +159,19 @@ def base_config() -> ml_collections.ConfigDict:
       pixel_transforms="lab", tap_transforms="standardize", metric="euclidean",
       k="predict", num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
       merge_threshold=0.2)
+  # The hybrid (issue 18): pixels draw the boundaries (Lab K0-Means, majority
+  # filter, components, intersected with the tap's own K0 clusters so that two
+  # touching objects of one colour can come apart), the learned tap decides
+  # what belongs together (adjacent regions merged by the tap's region means,
+  # on the unit sphere). Learned taps only: on the pixels it is split_merge
+  # with K0 clusters. tap_merge_threshold: the discriminative margins' midpoint
+  # (objectives.discriminative.delta_d; configs/unet_objects.py says why).
+  hybrid = dict(pixel_transforms="lab", tap_transforms="l2", metric="euclidean",
+                num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
+                split_source="pixels_and_tap", merge_source="tap")
+  ev.segmenters.hybrid = segmenter(**hybrid)
+  ev.segmenters.hybrid_predict_k = segmenter(**hybrid, k="predict", merge_threshold=0.2,
+                                             tap_merge_threshold=0.5)
   ev.segmenter_names = ("kmeans", "kmeans_fixed_k", "split_merge", "split_merge_predict_k")
   # R: region slots per image after absorbing specks, the static size of the
   # device merge (an R x R distance matrix). An image with more regions has its
@@ -221,6 +235,10 @@ def segmenter(**overrides) -> ml_collections.ConfigDict:
       "merge": False,          # merge adjacent regions (to K, or under the threshold)
       "merge_threshold": 0.0,  # 'predict': merge while mean distance < this
       "tap_merge_threshold": 0.0,  # the same for learned taps; 0 = merge_threshold
+      # What draws the regions: 'tap', 'pixels' or 'pixels_and_tap'; whose region
+      # means merge them: 'tap' or 'pixels' (the hybrid: 'pixels*' and 'tap')
+      "split_source": "tap",
+      "merge_source": "tap",
   })
   for key, value in overrides.items():
     if key not in spec:
@@ -275,6 +293,16 @@ def objectives_config() -> ml_collections.ConfigDict:
   # The eval segmenter (config.eval.segmenters) that makes them; it must
   # predict K (no labels): by default the best no-oracle raw-pixel pipeline.
   pm.segmenter = "split_merge_predict_k"
+  # Self-training (issue 18): round n >= 1 trains on masks of the segmenter
+  # `round_segmenter` (it must predict K; by default the hybrid: pixels split,
+  # the learned tap `objectives.tap` merges) run on round n-1's network, the
+  # newest checkpoint of `teacher_workdir`. Cached per round (<split>_round<n>.npz).
+  pm.round = 0
+  pm.round_segmenter = "hybrid_predict_k"
+  pm.teacher_workdir = ""
+  # Rounds a --mode=train run chains after its own (round 0): round n trains
+  # from scratch in <workdir>/round<n> on round n-1's masks, then is scored.
+  obj.self_training_rounds = 0
   return obj
 
 

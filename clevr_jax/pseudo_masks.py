@@ -9,6 +9,11 @@ pipeline of the evaluation, `split_merge_predict_k` (Lab colour, K0-Means,
 connected components, specks absorbed, neighbours of close colour merged), so
 the masks a run trains on are exactly what its raw-pixel baseline predicts.
 
+Self-training (issue 18): from round 1 on (`pseudo_masks.round`), the masks
+come from `pseudo_masks.round_segmenter`, a hybrid that splits by the image and
+merges by the previous round's network's tap; each round has its own cache
+file, and its fingerprint names the teacher.
+
 Imports neither TensorFlow nor `clevr_jax.data`: the caller hands in an
 iterator of host batches.
 """
@@ -37,59 +42,77 @@ def configured_segmenter(config: ml_collections.ConfigDict) -> segmenters_lib.Se
   if not 1 <= pm.max_labels <= 255:
     raise ValueError(f"config.objectives.pseudo_masks.max_labels={pm.max_labels} must be "
                      "in 1..255")
-  name = pm.segmenter
+  field = "segmenter" if pm.round == 0 else "round_segmenter"
+  name = pm[field]
   if name not in config.eval.segmenters:
-    raise ValueError(f"config.objectives.pseudo_masks.segmenter={name!r} is not one of "
+    raise ValueError(f"config.objectives.pseudo_masks.{field}={name!r} is not one of "
                      f"config.eval.segmenters ({sorted(config.eval.segmenters.keys())})")
   segmenter = segmenters_lib.from_config(name, config.eval.segmenters[name],
                                          config.eval.kmeans.fixed_k)
   if not segmenter.predicts_k:
-    raise ValueError(f"config.objectives.pseudo_masks.segmenter={name!r} takes K from the "
+    raise ValueError(f"config.objectives.pseudo_masks.{field}={name!r} takes K from the "
                      "labels (k='oracle' or 'fixed'): pseudo-masks must use none; choose a "
                      "segmenter with k='predict', e.g. 'split_merge_predict_k'")
+  if pm.round > 0 and not segmenter.uses_pixels:
+    raise ValueError(f"config.objectives.pseudo_masks.round_segmenter={name!r} does not read "
+                     "the image: self-training rounds use a hybrid (split_source='pixels' or "
+                     "'pixels_and_tap'), e.g. 'hybrid_predict_k'")
   return segmenter
 
 
-def make_segmenter(config: ml_collections.ConfigDict) -> Segmenter:
+def make_segmenter(config: ml_collections.ConfigDict,
+                   tap_fn: Callable[[np.ndarray], jax.Array] | None = None) -> Segmenter:
   """The pseudo-mask segmenter of `config` as a host function (see `Segmenter`).
 
   The whole segmenter runs jitted on the default device with the evaluation's
   K-Means settings, per-image keys (`kmeans.image_keys`) and region slots
   (`eval.max_regions`): the same labels the raw-pixel baseline of
-  `--mode=baselines` gets, capped at `max_labels` regions.
+  `--mode=baselines` gets, capped at `max_labels` regions. From round 1 on,
+  `tap_fn` (images -> the teacher network's tap `objectives.tap`) gives the
+  learned features the round's hybrid merges by.
   """
   segmenter = configured_segmenter(config)
+  if (config.objectives.pseudo_masks.round > 0) != (tap_fn is not None):
+    raise ValueError("pseudo-masks of round >= 1 need the teacher network's tap, and "
+                     "round 0's none")
   km = config.eval.kmeans
   max_labels = int(config.objectives.pseudo_masks.max_labels)
   max_regions = int(config.eval.max_regions)
 
+  is_pixels = tap_fn is None
+
   @jax.jit
-  def run(images, index):
+  def run(features, images, index):
     k = jnp.full(images.shape[:1], segmenter.num_clusters, jnp.int32)
-    target, threshold = segmenters_lib.merge_rule(segmenter, k, "pixels", max_labels)
+    target, threshold = segmenters_lib.merge_rule(
+        segmenter, k, "pixels" if is_pixels else config.objectives.tap, max_labels)
     labels, counts = segmenters_lib.segment(
-        segmenter, km, images, k, kmeans.image_keys(config.seed, index), target, threshold,
-        is_pixels=True, max_regions=max_regions, cap=max_labels)
+        segmenter, km, features, k, kmeans.image_keys(config.seed, index), target, threshold,
+        is_pixels=is_pixels, max_regions=max_regions, cap=max_labels, pixels=images)
     return kmeans.upsample_labels(labels, *images.shape[1:3]), counts
 
   def segment(images: np.ndarray, index: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"pseudo-masks need RGB images [B, H, W, 3]; got {images.shape}")
-    labels, counts = run(images, np.asarray(index))
+    features = images if is_pixels else tap_fn(images)
+    labels, counts = run(features, images, np.asarray(index))
     segmenters_lib.check_region_counts(np.asarray(counts), max_regions, "the pseudo-masks")
     return np.asarray(labels, np.int32)
 
   return segment
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> str:
-  """What the cached masks depend on: the segmenter's settings and the data."""
+def fingerprint(config: ml_collections.ConfigDict, teacher: str = "") -> str:
+  """What the cached masks depend on: the segmenter's settings, the data and,
+  from round 1 on, the teacher (`teacher`: e.g. its checkpoint's path and step)."""
   data = config.data
   settings = config.objectives.pseudo_masks.to_dict()
   settings.pop("cache_dir")  # where the masks live does not change them
-  return json.dumps({"pseudo_masks": settings,
-                     "segmenter": config.eval.segmenters[settings["segmenter"]].to_dict(),
+  name = settings["segmenter" if settings["round"] == 0 else "round_segmenter"]
+  return json.dumps({"pseudo_masks": settings, "teacher": teacher,
+                     "tap": config.objectives.tap if settings["round"] else "",
+                     "segmenter": config.eval.segmenters[name].to_dict(),
                      "kmeans": config.eval.kmeans.to_dict(), "seed": config.seed,
                      "dataset": data.dataset, "real_config": data.real_config,
                      "synthetic": data.synthetic.to_dict(),
@@ -98,7 +121,9 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 
 def cache_path(config: ml_collections.ConfigDict, workdir: str, split: str = "train") -> str:
   directory = config.objectives.pseudo_masks.cache_dir or os.path.join(workdir, "pseudo_masks")
-  return os.path.join(os.path.expanduser(directory), f"{split}.npz")
+  rounds = config.objectives.pseudo_masks.round
+  name = f"{split}_round{rounds}.npz" if rounds else f"{split}.npz"
+  return os.path.join(os.path.expanduser(directory), name)
 
 
 class PseudoMaskStore:

@@ -5,17 +5,22 @@ and BatchNorm state, RNG; the data position follows from the step), saves
 every `checkpoint_every_steps` and at each epoch's end, evaluates after each
 epoch; main.py then runs the full evaluation (`clevr_jax.evaluation`).
 
-Guards: process 0 holds the workdir's lock (see `guards.py`); a loss that is
+Guards: main.py checks the config and takes the workdir's lock; a loss that is
 not finite (checked at each log step, where it is fetched anyway, and the state
 before each save) stops the run with the last good checkpoint kept; a resumed
 run first drops the log records of steps it will run again, and evaluates an
 epoch whose final checkpoint was saved but whose evaluation was cut off.
+Ctrl-C stops training at the end of the step it interrupts: that step is
+logged, saved, and the run resumes after it (a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
 import os
+import signal
+import threading
 import time
 
 from absl import logging
@@ -36,7 +41,6 @@ from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
 from clevr_jax.data import pipeline
-from clevr_jax import guards
 
 
 class TrainingDiverged(ValueError):
@@ -51,7 +55,7 @@ def _all_finite(tree) -> jax.Array:
 
 def _diverged(config: ml_collections.ConfigDict, manager, step: int, what: str
               ) -> TrainingDiverged:
-  manager.wait_until_finished()
+  checkpoints.finish(manager)
   last = manager.latest_step()
   lr = config.optimizer.learning_rate
   kept = (f"the checkpoint of step {last} is the last good state and is kept"
@@ -75,6 +79,49 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     multihost_utils.sync_global_devices("dataset prepared")
 
 
+def teacher_tap(config: ml_collections.ConfigDict
+                ) -> tuple[Callable[[np.ndarray], jax.Array] | None, str]:
+  """From self-training round 1 on: (images -> the teacher's tap `objectives.tap`,
+  the teacher's identity for the cache key: its checkpoint's path and step);
+  (None, '') in round 0."""
+  pm = config.objectives.pseudo_masks
+  if pm.round == 0:
+    return None, ""
+  teacher = os.path.abspath(os.path.expanduser(pm.teacher_workdir)) if pm.teacher_workdir else ""
+  if (not teacher or not os.path.isdir(checkpoints.checkpoint_dir(teacher))
+      or checkpoints.make_manager(teacher, read_only=True).latest_step() is None):
+    raise ValueError(f"config.objectives.pseudo_masks.round={pm.round} needs the previous "
+                     "round's network: set --config.objectives.pseudo_masks.teacher_workdir "
+                     f"to a workdir with a checkpoint (now {pm.teacher_workdir!r}), or chain "
+                     "rounds with --config.objectives.self_training_rounds=N")
+  from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
+  state, model = model_eval.restore_state(config, teacher, sharding.make_mesh())
+  tap = config.objectives.tap
+  predict = state_lib.make_predict_fn(model, (tap,))
+  step = int(jax.device_get(state.step))
+  return (lambda images: predict(state, images)[1][tap]), f"{teacher}@{step}"
+
+
+def self_training_rounds(config: ml_collections.ConfigDict, workdir: str
+                         ) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """(config, workdir) of each round a run chains after its own
+  (`objectives.self_training_rounds`): round n in <workdir>/round<n>, trained
+  from scratch on masks of the round segmenter run on round n-1's network."""
+  rounds = config.objectives.self_training_rounds
+  if rounds and not objectives.needs_pseudo_masks(config):
+    raise ValueError(f"config.objectives.self_training_rounds={rounds}: no objective uses "
+                     "pseudo-masks (e.g. --config.objectives.discriminative.weight=1)")
+  chain, teacher = [], workdir
+  for n in range(1, rounds + 1):
+    round_config = config.copy_and_resolve_references()
+    round_config.objectives.pseudo_masks.round = n
+    round_config.objectives.pseudo_masks.teacher_workdir = teacher
+    round_config.objectives.self_training_rounds = 0
+    teacher = os.path.join(workdir, f"round{n}")
+    chain.append((round_config, teacher))
+  return chain
+
+
 def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
                       train_split: pipeline.Split) -> pseudo_masks.PseudoMaskStore | None:
   """The training images' pseudo-instance masks when an objective uses them:
@@ -82,7 +129,8 @@ def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
   if not objectives.needs_pseudo_masks(config):
     return None
   path = pseudo_masks.cache_path(config, workdir)
-  key = pseudo_masks.fingerprint(config)
+  tap_fn, teacher = teacher_tap(config)
+  key = pseudo_masks.fingerprint(config, teacher)
   derive = batch_lib.make_derive(config)
 
   def batches():
@@ -93,7 +141,7 @@ def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
     start = time.time()
     progress = logs.Progress("pseudo-masks", train_split.num_examples,
                                  config.eval.progress_every_s)
-    store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config),
+    store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config, tap_fn),
                                          key, progress.update)
     logging.info("Pseudo-masks of %d training images ready (%s, %.0f s)", len(store), path,
                  time.time() - start)
@@ -103,7 +151,7 @@ def load_pseudo_masks(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("pseudo-masks written")
     if store is None:  # written by process 0: read, not computed again
-      store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config),
+      store = pseudo_masks.load_or_compute(path, batches, pseudo_masks.make_segmenter(config, tap_fn),
                                            key)
   return store
 
@@ -141,27 +189,35 @@ def write_preview(config: ml_collections.ConfigDict, path: str, state: state_lib
     plots.save_preview(path, images, outputs, config.task, semantic)
 
 
+class _StopAtStepEnd:
+  """Until `remove()`, the first SIGINT (Ctrl-C) asks the loop to stop after its step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():  # where signals arrive
+      self._previous = signal.signal(signal.SIGINT, self._request)
+
+  def _request(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one stops at once
+    logging.warning("Ctrl-C: stopping after this step (press it again to stop at once)")
+
+  def remove(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the configured model in `workdir`; returns the last test metrics."""
-  state_lib.check_config(config)
-  guards.check_image_size(config)  # before rendering a dataset the model cannot take
-  is_chief = jax.process_index() == 0
-  guards.check_writable(workdir)
-  if is_chief:
-    with guards.lock(workdir):
-      return _train_and_evaluate(config, workdir)
-  return _train_and_evaluate(config, workdir)
+  """Trains (or resumes) the configured model in `workdir`; returns the last test metrics.
 
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  The config is checked (`validate.check_config`) and the workdir locked by the caller.
+  """
   is_chief = jax.process_index() == 0
   prepare_data(config)
   train_split = pipeline.Split(config, "train")
   test_split = pipeline.Split(config, "test")
-  # Fails early, with the override to use, when the batch does not divide.
-  pipeline.per_device_batch(config.batch_size, jax.process_count(), jax.local_device_count())
-  pipeline.per_device_batch(config.eval.batch_size, jax.process_count(),
-                            jax.local_device_count(), flag="--config.eval.batch_size")
 
   steps_per_epoch = train_split.steps_per_epoch(config.batch_size)
   # num_train_steps > 0 (a step budget, e.g. Slot Attention's 500k) overrides the
@@ -228,6 +284,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                       "finite")
     checkpoints.save(manager, state)
 
+  stop = _StopAtStepEnd()
   try:
     if (step and (step % steps_per_epoch == 0 or step == total_steps)
         and _evaluation_missing(workdir, step)):
@@ -263,18 +320,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           writer.write(step, train_metrics | {"train/images_per_second": images_per_second})
         if step % config.checkpoint_every_steps == 0:
           save_if_finite()
+        if stop.requested:
+          raise KeyboardInterrupt
         if step == total_steps:
           break
       save_if_finite()
       test_metrics = end_epoch(epoch)
+      if stop.requested:
+        raise KeyboardInterrupt
   except KeyboardInterrupt:
     if manager.latest_step() != step and bool(_all_finite(state)):
       logging.warning("Interrupted: saving step %d before exiting", step)
       checkpoints.save(manager, state, force=True)
     raise
   finally:
-    manager.wait_until_finished()
+    stop.remove()
     writer.close()
+    checkpoints.close(manager)
   if not test_metrics:  # resumed a finished run: report its figures again
     test_metrics = evaluate_epoch(config, state, eval_step, test_split, mesh)
   return test_metrics

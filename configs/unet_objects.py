@@ -49,9 +49,12 @@ def get_config(arg: str | None = None):
   # one instance then have means within 2 * delta_v, of two instances at least
   # 2 * delta_d - 2 * delta_v apart; delta_d lies midway (0.4 | 0.5 | 0.6).
   # Raw pixels keep their Lab settings.
-  for name in ("split_merge", "split_merge_predict_k"):
+  # The hybrids (pixels split, the learned tap merges) use the same threshold.
+  for name in ("split_merge", "split_merge_predict_k", "hybrid", "hybrid_predict_k"):
     config.eval.segmenters[name].tap_transforms = "l2"
     config.eval.segmenters[name].tap_merge_threshold = obj.discriminative.delta_d
+  config.eval.segmenter_names = tuple(config.eval.segmenter_names) + (
+      "hybrid", "hybrid_predict_k")
 
   if arg == "experiment":
     config.preset = "experiment"

@@ -83,7 +83,8 @@ class Runner:
     target, threshold = segmenters_lib.merge_rule(
         segmenter, segmenters_lib.target_k(segmenter, num_masks), tap, self.slots)
     return fn(features, segmenters_lib.cluster_k(segmenter, num_masks), target, threshold,
-              keys, batch["instance_labels"])
+              keys, batch["instance_labels"],
+              batch["image"] if segmenter.uses_pixels else None)
 
   def collect(self, segmenter: segmenters_lib.Segmenter, tap: str,
               out: tuple[jax.Array, ...], valid: np.ndarray) -> np.ndarray:

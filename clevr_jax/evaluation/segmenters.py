@@ -34,6 +34,17 @@ Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
                     space have their own scale (e.g. the margins of the loss
                     that shaped it), so a threshold tuned on colour need not
                     carry over
+  split_source      what draws the regions: 'tap' (the scored features' own
+                    clusters), 'pixels' (clusters of the image under
+                    pixel_transforms: sharp boundaries, one region per colour
+                    blob) or 'pixels_and_tap' (the pixels' clusters intersected
+                    with the tap's, so that two touching objects of one colour
+                    with different learned codes come apart)
+  merge_source      whose region means the merge compares: 'tap' or 'pixels'.
+                    With split_source='pixels*' and merge_source='tap' this is
+                    the hybrid: pixels draw the boundaries, the learned tap
+                    (upsampled nearest to the pixel grid) decides what belongs
+                    together; it runs at the image's resolution
 """
 
 from __future__ import annotations
@@ -58,6 +69,8 @@ from clevr_jax.evaluation import transforms
 
 K_SOURCES = ("oracle", "fixed", "predict")
 CLUSTERS = ("kmeans", "argmax")
+SPLIT_SOURCES = ("tap", "pixels", "pixels_and_tap")
+MERGE_SOURCES = ("tap", "pixels")
 METRICS = ("cosine", "euclidean")
 # Tap names whose features are the image itself.
 PIXEL_TAPS = ("input", "pixels")
@@ -83,6 +96,8 @@ class Segmenter:
   merge: bool = False
   merge_threshold: float = 0.0
   tap_merge_threshold: float = 0.0
+  split_source: str = "tap"
+  merge_source: str = "tap"
 
   def scores(self, tap: str) -> bool:
     """Whether it scores `tap` (its `taps`, or every tap)."""
@@ -102,13 +117,20 @@ class Segmenter:
     inputs): segmenters that agree on it share one compiled program."""
     return (self.cluster, self.pixel_transforms, self.tap_transforms, self.pca_dim,
             self.xy_weight, self.metric, self.k_max, self.post_processes, self.modal_size,
-            self.split, self.min_area)
+            self.split, self.min_area, self.split_source, self.merge_source)
+
+  @property
+  def uses_pixels(self) -> bool:
+    """Whether it reads the image besides the tap (the hybrid's pixel split or merge)."""
+    return self.split_source != "tap" or self.merge_source == "pixels"
 
   def transforms_for(self, tap: str) -> tuple[str, ...]:
     return self.pixel_transforms if tap in PIXEL_TAPS else self.tap_transforms
 
   def threshold_for(self, tap: str) -> float:
-    if tap in PIXEL_TAPS or self.tap_merge_threshold <= 0:
+    """The 'predict' threshold: it belongs to the space the merge compares in."""
+    if (tap in PIXEL_TAPS or self.merge_source == "pixels"
+        or self.tap_merge_threshold <= 0):
       return self.merge_threshold
     return self.tap_merge_threshold
 
@@ -140,6 +162,14 @@ def from_config(name: str, spec: ml_collections.ConfigDict, fixed_k: int) -> Seg
                      f"choose one of {list(METRICS)}")
   if segmenter.k not in K_SOURCES:
     raise ValueError(f"eval.segmenters.{name}.k={segmenter.k!r}: choose one of {list(K_SOURCES)}")
+  for field, value, allowed in (("split_source", segmenter.split_source, SPLIT_SOURCES),
+                                ("merge_source", segmenter.merge_source, MERGE_SOURCES)):
+    if value not in allowed:
+      raise ValueError(f"eval.segmenters.{name}.{field}={value!r}: choose one of "
+                       f"{list(allowed)}")
+  if segmenter.uses_pixels and not (segmenter.cluster == "kmeans" and segmenter.split):
+    raise ValueError(f"eval.segmenters.{name}: split_source/merge_source 'pixels*' need "
+                     "cluster='kmeans' and split=True (regions drawn by the image's clusters)")
   if segmenter.predicts_k and not (segmenter.merge and segmenter.num_clusters > 0):
     raise ValueError(f"eval.segmenters.{name}: k='predict' needs merge=True and "
                      "num_clusters > 0 (the clusters to merge from)")
@@ -211,7 +241,8 @@ def merge_rule(segmenter: Segmenter, target: jax.Array, tap: str, cap: int
 def segment(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
             features: jax.Array, num_clusters: jax.Array, keys: jax.Array, target: jax.Array,
             threshold: jax.Array, *, is_pixels: bool, max_regions: int, cap: int,
-            point_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+            point_weights: jax.Array | None = None, pixels: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array]:
   """The whole segmenter on a batch of one tap, jittable: (labels [B, h, w] in
   0..cap-1 at the tap's resolution, regions per image after absorbing specks).
   The labels come from K-Means, or for cluster='argmax' from each pixel's largest
@@ -220,10 +251,16 @@ def segment(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
   `num_clusters` [B]: K-Means' K (`cluster_k`); `target`, `threshold` [B]: the
   merge's stopping rule (`merge_rule`); `max_regions`: R, the region slots (an
   image with more regions than R loses its smallest: `check_region_counts`);
-  `cap`: the most labels an image may end with.
+  `cap`: the most labels an image may end with. `pixels` [B, H, W, 3] in [0, 1]:
+  the image, for segmenters that read it (`uses_pixels`; their labels are then
+  at the image's resolution).
   """
   if max_regions < 1:
     raise ValueError(f"eval.max_regions={max_regions}: the region slots must be at least 1")
+  if segmenter.uses_pixels:
+    return _segment_hybrid(segmenter, kmeans_config, features, pixels, num_clusters, keys,
+                           target, threshold, is_pixels=is_pixels, max_regions=max_regions,
+                           cap=cap)
   if segmenter.cluster == "argmax":
     if features.shape[-1] > segmenter.k_max:  # labels past k_max would not be counted
       raise ValueError(
@@ -241,6 +278,51 @@ def segment(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
       regions.postprocess, num_labels=segmenter.k_max, modal_size=segmenter.modal_size,
       split=segmenter.split, min_area=int(round(segmenter.min_area * h * w)),
       max_regions=max_regions, cap=cap, metric=segmenter.metric)
+  return jax.vmap(one_image)(labels, x, target, threshold)
+
+
+def upsample_features(x: jax.Array, height: int, width: int) -> jax.Array:
+  """[B, h, w, c] -> [B, height, width, c], each value repeated (nearest)."""
+  _, h, w, _ = x.shape
+  if height % h or width % w:
+    raise ValueError(f"a tap of {h}x{w} does not divide the image's {height}x{width}")
+  return jnp.repeat(jnp.repeat(x, height // h, axis=1), width // w, axis=2)
+
+
+def _segment_hybrid(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
+                    features: jax.Array, pixels: jax.Array | None, num_clusters: jax.Array,
+                    keys: jax.Array, target: jax.Array, threshold: jax.Array, *,
+                    is_pixels: bool, max_regions: int, cap: int
+                    ) -> tuple[jax.Array, jax.Array]:
+  """`segment` for a segmenter that reads the image: regions from the pixels'
+  clusters (intersected with the tap's for 'pixels_and_tap'), each source's
+  clusters majority-filtered on its own, then split, absorbed and merged by the
+  region means of `merge_source`, all at the image's resolution."""
+  if pixels is None:
+    raise ValueError(f"eval.segmenters.{segmenter.name} reads the image (split_source="
+                     f"{segmenter.split_source!r}, merge_source={segmenter.merge_source!r}) "
+                     "but was given none")
+  _, height, width, _ = pixels.shape
+  colour, pixel_labels = transform_and_cluster(segmenter, kmeans_config, pixels,
+                                               num_clusters, keys, is_pixels=True)
+  if is_pixels:
+    tap, tap_labels = colour, pixel_labels
+  else:
+    tap, tap_labels = transform_and_cluster(segmenter, kmeans_config, features, num_clusters,
+                                            keys, is_pixels=False)
+    tap = upsample_features(tap, height, width)
+    tap_labels = kmeans.upsample_labels(tap_labels, height, width)
+  k = segmenter.k_max
+  modal = jax.vmap(functools.partial(regions.modal_filter, num_labels=k,
+                                     size=segmenter.modal_size))
+  labels, num_labels = modal(pixel_labels), k
+  if segmenter.split_source == "pixels_and_tap":
+    labels, num_labels = labels * k + modal(tap_labels), k * k
+  x = tap if segmenter.merge_source == "tap" else colour
+  one_image = functools.partial(
+      regions.postprocess, num_labels=num_labels, modal_size=0, split=True,
+      min_area=int(round(segmenter.min_area * height * width)), max_regions=max_regions,
+      cap=cap, metric=segmenter.metric)
   return jax.vmap(one_image)(labels, x, target, threshold)
 
 
@@ -262,18 +344,19 @@ def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
   """The whole segmenter and its scoring, sharded: each device its own images.
 
   (features, K-Means' K, merge target, merge threshold (`merge_rule`), keys,
-  true labels) -> (contingency tables [B, T, P], labels [B, H, W], regions per
-  image after absorbing specks [B]). K and the merge's rule are inputs, not
+  true labels, the images) -> (contingency tables [B, T, P], labels [B, H, W],
+  regions per image after absorbing specks [B]). K and the merge's rule are inputs, not
   constants: segmenters with the same `device_key` share the program.
   Only the tables and counts need to reach the host; the labels stay on the
   devices unless figures want them.
   """
   height, width = config.data.image_height, config.data.image_width
 
-  def run(features, num_clusters, target, threshold, keys, true_labels):
+  def run(features, num_clusters, target, threshold, keys, true_labels, pixels):
     labels, counts = segment(segmenter, config.eval.kmeans, features, num_clusters, keys,
                              target, threshold, is_pixels=is_pixels,
-                             max_regions=config.eval.max_regions, cap=num_pred_slots)
+                             max_regions=config.eval.max_regions, cap=num_pred_slots,
+                             pixels=pixels)
     labels = kmeans.upsample_labels(labels, height, width)
     tables = metrics.contingency(true_labels, labels, schema.MAX_SLOTS, num_pred_slots)
     return tables, labels, counts

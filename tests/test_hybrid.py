@@ -1,0 +1,143 @@
+"""The hybrid segmenter (issue 18) on hand-made maps: the image's clusters draw
+the regions, the learned tap's region means decide which of them merge."""
+
+import dataclasses
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from clevr_jax import defaults
+from clevr_jax.evaluation import segmenters
+
+_H, _W = 16, 16
+_GREY, _RED, _SHADOW = (0.5, 0.5, 0.5), (0.8, 0.1, 0.1), (0.2, 0.2, 0.2)
+
+
+def _hybrid(name="hybrid_predict_k", **overrides):
+  """The configured hybrid, with few K-Means clusters: the maps hold 2-3 colours."""
+  config = defaults.base_config()
+  seg = segmenters.from_config(name, config.eval.segmenters[name], config.eval.kmeans.fixed_k)
+  # No majority filter: on 16x16 maps it would round the squares' corners.
+  return (dataclasses.replace(seg, num_clusters=4, modal_size=0, **overrides),
+          config.eval.kmeans)
+
+
+def _run(seg, km, image, tap, num_masks=3):
+  """Region labels [H, W] of one image and its tap (a learned tap, not the pixels)."""
+  num_masks = jnp.array([num_masks])
+  target, threshold = segmenters.merge_rule(seg, segmenters.target_k(seg, num_masks),
+                                            "embedding", 11)
+  labels, _ = segmenters.segment(
+      seg, km, jnp.asarray(tap[None]), segmenters.cluster_k(seg, num_masks),
+      jax.random.key(0)[None], target, threshold, is_pixels=False, max_regions=32, cap=11,
+      pixels=jnp.asarray(image[None]))
+  return np.asarray(labels)[0]
+
+
+def _partition(labels):
+  """The set of pixel sets: label numbering aside."""
+  return {frozenset(zip(*np.nonzero(labels == v))) for v in np.unique(labels)}
+
+
+def _codes(*pairs):
+  """A learned tap at half the image's resolution: code index per 2x2 block."""
+  tap = np.zeros((_H // 2, _W // 2, 4), np.float32)
+  tap[...] = np.eye(4)[0]
+  for (rows, cols), code in pairs:
+    tap[rows, cols] = np.eye(4)[code]
+  return tap
+
+
+def test_two_touching_squares_of_one_colour_with_different_codes_come_apart():
+  image = np.full((_H, _W, 3), _GREY, np.float32)
+  image[4:12, 2:14] = _RED  # two 8x6 squares side by side, touching at column 7|8
+  tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
+  truth = np.zeros((_H, _W), np.int32)
+  truth[4:12, 2:8], truth[4:12, 8:14] = 1, 2
+  for name, k in (("hybrid_predict_k", 3), ("hybrid", 3)):
+    seg, km = _hybrid(name)
+    assert _partition(_run(seg, km, image, tap, k)) == _partition(truth), name
+  # The pixels alone draw one region for both: the tap's clusters cut it.
+  seg, km = _hybrid(split_source="pixels")
+  fused = truth.clip(0, 1)
+  assert _partition(_run(seg, km, image, tap)) == _partition(fused)
+
+
+def test_a_shadow_of_another_colour_with_the_objects_code_joins_the_object():
+  image = np.full((_H, _W, 3), _GREY, np.float32)
+  image[4:10, 4:10] = _RED
+  image[10:12, 4:10] = _SHADOW  # below the object, darker than the floor
+  tap = _codes(((slice(2, 6), slice(2, 5)), 1))  # the shadow carries the object's code
+  truth = np.zeros((_H, _W), np.int32)
+  truth[4:12, 4:10] = 1
+  seg, km = _hybrid()
+  assert _partition(_run(seg, km, image, tap)) == _partition(truth)
+  # Merged by colour instead, the shadow stays apart from the object.
+  seg, km = _hybrid(merge_source="pixels")
+  assert len(np.unique(_run(seg, km, image, tap))) == 3
+
+
+def test_the_tap_threshold_is_read_from_the_config():
+  config = defaults.base_config()
+  config.eval.segmenters.hybrid_predict_k.tap_merge_threshold = 1.7
+  config.eval.segmenter_names = ("hybrid_predict_k",)
+  (seg,) = segmenters.configured(config)
+  assert seg.threshold_for("embedding") == 1.7
+  assert seg.threshold_for("input") == config.eval.segmenters.hybrid_predict_k.merge_threshold
+  # Codes sqrt(2) apart: merged under 1.7, kept apart under the default 0.5.
+  image = np.full((_H, _W, 3), _GREY, np.float32)
+  image[4:12, 2:14] = _RED
+  tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
+  km = config.eval.kmeans
+  assert len(np.unique(_run(dataclasses.replace(seg, num_clusters=4), km, image, tap))) == 1
+  default, _ = _hybrid()
+  assert default.tap_merge_threshold == 0.5
+  assert len(np.unique(_run(default, km, image, tap))) == 3
+
+
+def test_unet_objects_scores_the_hybrids_under_the_losss_threshold():
+  from configs import unet_objects  # pylint: disable=g-import-not-at-top
+  config = unet_objects.get_config("quick")
+  found = {s.name: s for s in segmenters.configured(config)}
+  delta_d = config.objectives.discriminative.delta_d
+  assert found["hybrid_predict_k"].threshold_for("embedding") == delta_d
+  assert found["hybrid"].k == "oracle" and found["hybrid"].uses_pixels
+
+
+def test_bad_sources_are_clear_errors():
+  config = defaults.base_config()
+  spec = config.eval.segmenters.hybrid
+  spec.split_source = "colour"
+  with pytest.raises(ValueError, match="split_source"):
+    segmenters.from_config("hybrid", spec, 11)
+  spec.split_source, spec.split = "pixels", False
+  with pytest.raises(ValueError, match="split=True"):
+    segmenters.from_config("hybrid", spec, 11)
+
+
+def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
+  # The sharded program gets the images besides the tap: the two touching
+  # squares come apart, so the tables give poster mIoU 1.
+  from clevr_jax import kmeans  # pylint: disable=g-import-not-at-top
+  from clevr_jax import metrics  # pylint: disable=g-import-not-at-top
+  from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
+  from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
+  config = defaults.get_config("test")
+  config.data.image_height, config.data.image_width = _H, _W
+  seg, _ = _hybrid()
+  image = np.full((_H, _W, 3), _GREY, np.float32)
+  image[4:12, 2:14] = _RED
+  tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
+  truth = np.zeros((_H, _W), np.int32)
+  truth[4:12, 2:8], truth[4:12, 8:14] = 1, 2
+  mesh = sharding.make_mesh()
+  batch = sharding.to_global({"image": image[None], "instance_labels": truth[None],
+                              "num_masks": np.array([3], np.int32),
+                              "index": np.zeros(1, np.int32), "tap": tap[None]}, mesh)
+  runner = protocol.Runner(config, mesh, [seg])
+  keys = kmeans.image_keys(0, batch["index"])
+  tables = runner.collect(seg, "embedding", runner.dispatch(seg, "embedding", batch["tap"],
+                                                            batch, keys), np.ones(1, bool))
+  assert metrics.score_tables(tables, np.array([3])).poster_miou[0] == pytest.approx(1.0)

@@ -1,0 +1,106 @@
+"""Self-training rounds (issue 18): round n's pseudo-masks come from the hybrid
+on round n-1's network's tap, each round cached under its own file and key."""
+
+import os
+
+import numpy as np
+import pytest
+
+from clevr_jax import defaults
+from clevr_jax import pseudo_masks
+from clevr_jax import train
+
+
+def _two_touching_squares():
+  """One red block on grey (two objects of one colour side by side), and a
+  teacher tap at half resolution that codes them apart."""
+  image = np.full((16, 16, 3), 0.5, np.float32)
+  image[4:12, 2:14] = (0.8, 0.1, 0.1)
+  tap = np.zeros((8, 8, 4), np.float32)
+  tap[...] = np.eye(4)[0]
+  tap[2:6, 1:4], tap[2:6, 4:7] = np.eye(4)[1], np.eye(4)[2]
+  return image, tap
+
+
+def _config(round_=0, teacher=""):
+  config = defaults.get_config("test")
+  config.data.image_height, config.data.image_width = 16, 16
+  config.objectives.discriminative.weight = 1.0
+  config.objectives.pseudo_masks.round = round_
+  config.objectives.pseudo_masks.teacher_workdir = teacher
+  for name in ("split_merge_predict_k", "hybrid_predict_k"):
+    config.eval.segmenters[name].num_clusters = 4  # the maps hold 2 colours
+    config.eval.segmenters[name].modal_size = 0  # it would round 16x16 corners
+  return config
+
+
+def test_round_one_masks_come_from_the_hybrid_on_the_teachers_tap():
+  image, tap = _two_touching_squares()
+  round0 = pseudo_masks.make_segmenter(_config())(image[None], np.array([0]))[0]
+  assert len(np.unique(round0)) == 2  # the pixels fuse the two squares
+  seen = []
+
+  def teacher(images):
+    seen.append(images.shape)
+    return np.broadcast_to(tap, (len(images),) + tap.shape)
+
+  round1 = pseudo_masks.make_segmenter(_config(1, "t"), teacher)(image[None], np.array([0]))[0]
+  assert seen == [(1, 16, 16, 3)]
+  assert len(np.unique(round1)) == 3
+  assert round1[8, 4] != round1[8, 10] and round1[0, 0] not in (round1[8, 4], round1[8, 10])
+  with pytest.raises(ValueError, match="teacher"):
+    pseudo_masks.make_segmenter(_config(1, "t"))
+
+
+def test_rounds_are_cached_under_their_own_file_and_key(tmp_path):
+  workdir = str(tmp_path)
+  paths = {r: pseudo_masks.cache_path(_config(r), workdir) for r in (0, 1, 2)}
+  assert len(set(paths.values())) == 3
+  assert paths[0].endswith("train.npz") and paths[2].endswith("train_round2.npz")
+  keys = {r: pseudo_masks.fingerprint(_config(r, "a"), f"a@{r}") for r in (1, 2)}
+  assert keys[1] != keys[2]
+  # Another teacher (or another checkpoint of it) is another key.
+  assert pseudo_masks.fingerprint(_config(1), "a@5") != pseudo_masks.fingerprint(
+      _config(1), "a@6")
+
+  calls = []
+
+  def segmenter(value):
+    def segment(images, index):
+      calls.append(value)
+      return np.full(images.shape[:3], value, np.int32)
+    return segment
+
+  image, _ = _two_touching_squares()
+  batches = lambda: [{"image": image[None], "valid": np.array([True]), "index": np.array([3])}]
+  first = pseudo_masks.load_or_compute(paths[1], batches, segmenter(1), keys[1])
+  again = pseudo_masks.load_or_compute(paths[1], batches, segmenter(9), keys[1])
+  assert calls == [1] and np.all(again.labels == 1) and np.all(first.labels == 1)
+  # Round 2 is not served round 1's masks: not from its own file, nor from
+  # round 1's file under round 2's key.
+  second = pseudo_masks.load_or_compute(paths[2], batches, segmenter(2), keys[2])
+  assert calls == [1, 2] and np.all(second.labels == 2)
+  pseudo_masks.load_or_compute(paths[1], batches, segmenter(7), keys[2])
+  assert calls == [1, 2, 7]
+  assert os.path.exists(paths[2])
+
+
+def test_a_run_chains_rounds_each_taught_by_the_last(tmp_path):
+  config = _config()
+  config.objectives.self_training_rounds = 2
+  chain = train.self_training_rounds(config, str(tmp_path))
+  assert [c.objectives.pseudo_masks.round for c, _ in chain] == [1, 2]
+  assert [w for _, w in chain] == [str(tmp_path / "round1"), str(tmp_path / "round2")]
+  assert [c.objectives.pseudo_masks.teacher_workdir for c, _ in chain] == [
+      str(tmp_path), str(tmp_path / "round1")]
+  assert all(c.objectives.self_training_rounds == 0 for c, _ in chain)
+  assert config.objectives.pseudo_masks.round == 0  # the run's own config is untouched
+  config.objectives.discriminative.weight = 0.0
+  with pytest.raises(ValueError, match="no objective uses pseudo-masks"):
+    train.self_training_rounds(config, str(tmp_path))
+
+
+def test_a_round_without_a_teacher_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="teacher_workdir"):
+    train.teacher_tap(_config(1, str(tmp_path)))
+  assert train.teacher_tap(_config()) == (None, "")
