@@ -7,11 +7,16 @@ Saves are asynchronous; `close` waits for the last one.
 A checkpoint that no longer restores (a truncated file, a deleted
 `_METADATA`: a full disk or a copy cut short) does not block the run: the
 newest one that restores is used, with a warning that names the damaged ones.
+A checkpoint whose arrays have other shapes than the config's network is not
+damaged: the config does not match it, and `ArchitectureMismatch` says which
+parameters differ. A save that fails (a full disk) is one short
+`CheckpointWriteError` that says from which step training resumes.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 from absl import logging
@@ -21,6 +26,14 @@ import orbax.checkpoint as ocp
 
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
+
+
+class ArchitectureMismatch(ValueError):
+  """The checkpoint holds another network than the config builds (not damage)."""
+
+
+class CheckpointWriteError(ValueError):
+  """A checkpoint could not be written (a full disk, a quota, a file size limit)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -33,12 +46,55 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None,
   keep = config.keep_checkpoints if config is not None else None
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                          read_only=read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  # The handler named: the manager can then read a checkpoint's metadata (shapes).
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def newest_step_on_disk(workdir: str) -> int | None:
+  """The newest committed checkpoint's step, read from the folder names alone."""
+  try:
+    steps = [int(n) for n in os.listdir(checkpoint_dir(workdir)) if n.isdigit()]
+  except OSError:
+    return None
+  return max(steps, default=None)
+
+
+def _write_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointWriteError:
+  # TensorStore states the OS error only in its text: [os_error_code='28'].
+  code = re.search(r"os_error_code='(\d+)'", str(error))
+  reason = os.strerror(int(code.group(1))) if code else _reason(error)
+  workdir = os.path.dirname(str(manager.directory))
+  step = newest_step_on_disk(workdir)
+  return CheckpointWriteError(
+      f"cannot write a checkpoint in {manager.directory} ({reason}): free space (or raise "
+      "the limit) and run the same command again: training resumes from "
+      + (f"step {step}." if step is not None else "step 0 (no checkpoint was written)."))
 
 
 def save(manager: ocp.CheckpointManager, state: state_lib.TrainState, *,
          force: bool = False) -> None:
-  manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+  """Starts an asynchronous save (after the previous one is written)."""
+  try:
+    manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+  except Exception as e:  # pylint: disable=broad-except  (orbax/TensorStore raise anything)
+    raise _write_error(manager, e) from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the last save to be written."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_error(manager, e) from e
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+  """Waits for the last save and stops orbax's threads (their loops, cleanly)."""
+  try:
+    finish(manager)
+  finally:
+    manager.close()
 
 
 def _restore_step(manager: ocp.CheckpointManager, abstract, step: int) -> state_lib.TrainState:
@@ -66,6 +122,7 @@ def restore_newest(manager: ocp.CheckpointManager, like: state_lib.TrainState,
   abstract = _abstract(like, mesh)
   damaged: list[tuple[int, str]] = []
   for step in all_steps:
+    check_architecture(manager, step, like)
     try:
       state = _restore_step(manager, abstract, step)
     except Exception as e:  # pylint: disable=broad-except  (any damage: fall back)
@@ -89,6 +146,7 @@ def restore(manager: ocp.CheckpointManager, like: state_lib.TrainState,
   """The newest restorable (or the given) checkpoint, replicated over `mesh`, shaped like `like`."""
   if step is None:
     return restore_newest(manager, like, mesh)[0]
+  check_architecture(manager, step, like)
   try:
     return _restore_step(manager, _abstract(like, mesh), step)
   except Exception as e:  # pylint: disable=broad-except
@@ -117,3 +175,42 @@ def _abstract(like: state_lib.TrainState, mesh: jax.sharding.Mesh):
   replicated = sharding.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                       like)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """'params/enc1/conv1/kernel' -> shape, for the network's arrays (not the optimizer's)."""
+  def name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+  shapes = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [name(k) for k in path]
+    if names and names[0] in ("params", "batch_stats"):
+      shapes["/".join(names)] = tuple(getattr(leaf, "shape", ()))
+  return shapes
+
+
+def check_architecture(manager: ocp.CheckpointManager, step: int,
+                       like: state_lib.TrainState) -> None:
+  """Raises ArchitectureMismatch when the checkpoint's network differs from `like`'s.
+
+  Reads the checkpoint's metadata only; one whose metadata does not read is left
+  to the restore, which reports it as damaged.
+  """
+  try:
+    saved = _shapes(manager.item_metadata(step))
+  except Exception:  # pylint: disable=broad-except  (damaged: the restore says so)
+    return
+  wanted = _shapes(like)
+  if not saved or saved == wanted:
+    return
+  differ = [f"{k} is {saved[k]} there, {wanted[k]} here"
+            for k in wanted if k in saved and saved[k] != wanted[k]]
+  differ += [f"{k} is missing there" for k in wanted if k not in saved]
+  differ += [f"{k} is not in this network" for k in saved if k not in wanted]
+  raise ArchitectureMismatch(
+      f"the checkpoint of step {step} in {manager.directory} holds another network than "
+      f"the config builds: {'; '.join(differ[:3])}"
+      + (f" (and {len(differ) - 3} more)" if len(differ) > 3 else "")
+      + ". The config does not match the checkpoint (it is not damaged): run with the "
+      "settings it was trained with (config.model.*, data.grayscale, task), or use "
+      "another --workdir.")

@@ -131,8 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   ev.hypercolumns = ()
   ev.max_images = 0  # 0: the whole test split
   ev.num_figure_images = 4
+  # K-Means' search settings, shared by every segmenter (each names its own metric:
+  # eval.segmenters.NAME.metric).
   ev.kmeans = km = ml_collections.ConfigDict()
-  km.metric = "cosine"  # the poster's spherical K-Means; or 'euclidean'
   km.init = "k-means++"
   km.num_restarts = 10
   km.max_iter = 300

@@ -1,13 +1,11 @@
-"""Checks that run before any work: the config, the run directory, one run at a time.
+"""Guards main.py runs once, before any work: the run directory, one run at a time.
 
-`check_image_size` refuses an image size the network cannot take before a
-dataset is rendered at that size.
+(The config is checked in `validate.py`.) `check_writable` runs before a mode
+computes anything, so a workdir that is a file or that cannot be written fails
+in a second, not after the work.
 
-`check_writable` runs before a mode computes anything, so a workdir that is a
-file or that cannot be written fails in a second, not after the work.
-
-`lock` is taken by process 0 of a training run: `<workdir>/.lock` holds the
-holder's host and pid. A second run on the same workdir stops with both in the
+`lock` is taken once, by process 0 of a training run, around training and the
+final evaluation: `<workdir>/.lock` holds the holder's host and pid. A second run on the same workdir stops with both in the
 message instead of deleting the first run's unfinished checkpoints. A lock left
 by a process that died (SIGKILL, a crash) on this host is taken over; one from
 another host cannot be checked and must be removed by hand.
@@ -24,30 +22,8 @@ import time
 from typing import Iterator
 
 from absl import logging
-import ml_collections
 
 LOCK_FILE = ".lock"
-
-_held: dict[str, int] = {}  # lock path -> nesting depth in this process
-
-
-def check_image_size(config: ml_collections.ConfigDict) -> None:
-  """The image must halve `depth` times (the U-Net; Slot Attention's decoder
-  doubles `decoder_upsamplings` times): say so, with the nearest sizes that do."""
-  from clevr_jax import models  # pylint: disable=g-import-not-at-top
-  factor, field = models.size_factor(config)
-  for name in ("image_height", "image_width"):
-    size = config.data[name]
-    if size % factor == 0 and size > 0:
-      continue
-    lower, upper = max(size // factor * factor, factor), (size // factor + 1) * factor
-    nearest = sorted({lower, upper}, key=lambda v: (abs(v - size), v))
-    raise ValueError(
-        f"config.data.{name}={size} is not divisible by {factor} (the network halves it "
-        f"{factor.bit_length() - 1} times, {field}): use "
-        f"--config.data.{name}={nearest[0]}"
-        + (f" (or {nearest[1]})" if len(nearest) > 1 else ""))
-
 
 def is_remote(path: str) -> bool:
   """gs:// and other URLs: the checks below need a local file system."""
@@ -99,18 +75,11 @@ def _try_create(path: str, me: dict) -> bool:
 
 @contextlib.contextmanager
 def lock(workdir: str) -> Iterator[None]:
-  """Holds `<workdir>/.lock` for the duration; reentrant within one process."""
+  """Holds `<workdir>/.lock` for the duration."""
   if is_remote(workdir):
     yield
     return
   path = os.path.abspath(os.path.join(workdir, LOCK_FILE))
-  if path in _held:
-    _held[path] += 1
-    try:
-      yield
-    finally:
-      _held[path] -= 1
-    return
   me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
   os.makedirs(workdir, exist_ok=True)
   for _ in range(3):  # a stale lock is removed and the creation tried again
@@ -134,11 +103,9 @@ def lock(workdir: str) -> Iterator[None]:
   else:
     raise ValueError(f"could not take the lock {path}: delete it if no run uses "
                      f"{workdir}, then run again")
-  _held[path] = 1
   try:
     yield
   finally:
-    del _held[path]
     if (_read_holder(path) or {}).get("pid") == me["pid"]:
       with contextlib.suppress(FileNotFoundError):
         os.remove(path)

@@ -29,7 +29,12 @@ def load_results(workdir: str) -> list[dict[str, Any]]:
     path = os.path.join(workdir, f"{stem}.json")
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
-        found.append(json.load(f))
+        try:
+          found.append(json.load(f))
+        except json.JSONDecodeError as e:  # a run killed while writing it, or edited
+          raise ValueError(f"{path} is not valid JSON ({e}): it was cut short or edited; "
+                           f"run --mode={'evaluate' if stem == 'results' else stem} in "
+                           f"{workdir} again to rewrite it") from None
   if not found:
     raise FileNotFoundError(
         f"no results.json or baselines.json in {workdir!r}: run --mode=evaluate "

@@ -29,7 +29,6 @@ from clevr_jax import objectives
 from clevr_jax import schema
 from clevr_jax import slot_attention
 
-TASKS = ("reconstruction", "segmentation")
 
 
 @flax.struct.dataclass
@@ -39,17 +38,6 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # dropout key data; folded with the step and device index
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r} is not one of {TASKS}")
-  if config.task == "segmentation" and models.architecture(config) == "slot_attention":
-    raise ValueError("config.model.architecture='slot_attention' is trained by "
-                     "reconstruction: use config.task='reconstruction'")
-  if config.task == "segmentation" and config.loss.weighted:
-    raise ValueError("config.loss.weighted applies to reconstruction only")
-  objectives.check_config(config)
 
 
 def output_channels(config: ml_collections.ConfigDict) -> int:

@@ -5,11 +5,13 @@ and BatchNorm state, RNG; the data position follows from the step), saves
 every `checkpoint_every_steps` and at each epoch's end, evaluates after each
 epoch; main.py then runs the full evaluation (`clevr_jax.evaluation`).
 
-Guards: process 0 holds the workdir's lock (see `guards.py`); a loss that is
+Guards: main.py checks the config and takes the workdir's lock; a loss that is
 not finite (checked at each log step, where it is fetched anyway, and the state
 before each save) stops the run with the last good checkpoint kept; a resumed
 run first drops the log records of steps it will run again, and evaluates an
 epoch whose final checkpoint was saved but whose evaluation was cut off.
+Ctrl-C stops training at the end of the step it interrupts: that step is
+logged, saved, and the run resumes after it (a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 import math
 import os
+import signal
+import threading
 import time
 
 from absl import logging
@@ -37,7 +41,6 @@ from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
 from clevr_jax.data import pipeline
-from clevr_jax import guards
 
 
 class TrainingDiverged(ValueError):
@@ -52,7 +55,7 @@ def _all_finite(tree) -> jax.Array:
 
 def _diverged(config: ml_collections.ConfigDict, manager, step: int, what: str
               ) -> TrainingDiverged:
-  manager.wait_until_finished()
+  checkpoints.finish(manager)
   last = manager.latest_step()
   lr = config.optimizer.learning_rate
   kept = (f"the checkpoint of step {last} is the last good state and is kept"
@@ -186,27 +189,35 @@ def write_preview(config: ml_collections.ConfigDict, path: str, state: state_lib
     plots.save_preview(path, images, outputs, config.task, semantic)
 
 
+class _StopAtStepEnd:
+  """Until `remove()`, the first SIGINT (Ctrl-C) asks the loop to stop after its step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():  # where signals arrive
+      self._previous = signal.signal(signal.SIGINT, self._request)
+
+  def _request(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one stops at once
+    logging.warning("Ctrl-C: stopping after this step (press it again to stop at once)")
+
+  def remove(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the configured model in `workdir`; returns the last test metrics."""
-  state_lib.check_config(config)
-  guards.check_image_size(config)  # before rendering a dataset the model cannot take
-  is_chief = jax.process_index() == 0
-  guards.check_writable(workdir)
-  if is_chief:
-    with guards.lock(workdir):
-      return _train_and_evaluate(config, workdir)
-  return _train_and_evaluate(config, workdir)
+  """Trains (or resumes) the configured model in `workdir`; returns the last test metrics.
 
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  The config is checked (`validate.check_config`) and the workdir locked by the caller.
+  """
   is_chief = jax.process_index() == 0
   prepare_data(config)
   train_split = pipeline.Split(config, "train")
   test_split = pipeline.Split(config, "test")
-  # Fails early, with the override to use, when the batch does not divide.
-  pipeline.per_device_batch(config.batch_size, jax.process_count(), jax.local_device_count())
-  pipeline.per_device_batch(config.eval.batch_size, jax.process_count(),
-                            jax.local_device_count(), flag="--config.eval.batch_size")
 
   steps_per_epoch = train_split.steps_per_epoch(config.batch_size)
   # num_train_steps > 0 (a step budget, e.g. Slot Attention's 500k) overrides the
@@ -273,6 +284,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                       "finite")
     checkpoints.save(manager, state)
 
+  stop = _StopAtStepEnd()
   try:
     if (step and (step % steps_per_epoch == 0 or step == total_steps)
         and _evaluation_missing(workdir, step)):
@@ -308,18 +320,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           writer.write(step, train_metrics | {"train/images_per_second": images_per_second})
         if step % config.checkpoint_every_steps == 0:
           save_if_finite()
+        if stop.requested:
+          raise KeyboardInterrupt
         if step == total_steps:
           break
       save_if_finite()
       test_metrics = end_epoch(epoch)
+      if stop.requested:
+        raise KeyboardInterrupt
   except KeyboardInterrupt:
     if manager.latest_step() != step and bool(_all_finite(state)):
       logging.warning("Interrupted: saving step %d before exiting", step)
       checkpoints.save(manager, state, force=True)
     raise
   finally:
-    manager.wait_until_finished()
+    stop.remove()
     writer.close()
+    checkpoints.close(manager)
   if not test_metrics:  # resumed a finished run: report its figures again
     test_metrics = evaluate_epoch(config, state, eval_step, test_split, mesh)
   return test_metrics

@@ -12,6 +12,7 @@ import pytest
 from clevr_jax import defaults
 from clevr_jax import guards
 from clevr_jax import logs
+from clevr_jax import validate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_MODULES = [
     "clevr_jax.models", "clevr_jax.slot_attention", "clevr_jax.kmeans", "clevr_jax.metrics", "clevr_jax.losses",
     "clevr_jax.state", "clevr_jax.batch", "clevr_jax.train_step", "clevr_jax.schema", "clevr_jax.checkpoints", "clevr_jax.logs",
-    "clevr_jax.defaults", "clevr_jax.guards",
+    "clevr_jax.defaults", "clevr_jax.guards", "clevr_jax.validate", "clevr_jax.console",
     "benchmarks.train_benchmark", "benchmarks.kmeans_benchmark",
     "benchmarks.torch_reference", "clevr_jax.sharding",
 ]
@@ -79,10 +80,10 @@ def test_image_size_the_network_cannot_take_names_the_nearest_that_it_can(height
   config = defaults.get_config("test")
   config.data.image_height = height
   if suggestion is None:
-    guards.check_image_size(config)
+    validate.check_image_size(config)
     return
   with pytest.raises(ValueError, match="divisible by 16") as error:
-    guards.check_image_size(config)
+    validate.check_image_size(config)
   assert f"--config.data.image_height={suggestion}" in str(error.value)
 
 
@@ -105,13 +106,15 @@ def _hold(workdir, pid, host=None):
       json.dumps({"host": host or socket.gethostname(), "pid": pid}))
 
 
-def test_lock_is_taken_and_released_and_reentrant(tmp_path):
+def test_lock_is_taken_once_and_released(tmp_path):
   path = tmp_path / guards.LOCK_FILE
   with guards.lock(str(tmp_path)):
     holder = json.loads(path.read_text())
     assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-    with guards.lock(str(tmp_path)):  # main holds it around train, which takes it too
-      assert path.exists()
+    # Taken once (by main): a second taker, even this process, is another run.
+    with pytest.raises(ValueError, match=f"pid {os.getpid()}"):
+      with guards.lock(str(tmp_path)):
+        pass
     assert path.exists()
   assert not path.exists()
 

@@ -360,3 +360,29 @@ def test_the_learning_curve_tool_scores_every_checkpoint(trained_slots, tmp_path
   assert [(r["step"], r["tap"]) for r in rows] == [
       (s, t) for s in steps for t in ("slot_masks", "attention")]
   assert all(0 <= r["poster_miou"] <= 1 for r in rows)
+
+
+def test_the_pipeline_crops_dataset_and_eval_file_examples_alike(test_config, tmp_path):
+  # The crop in tf.data's graph (the TFDS split) and eagerly (an eval file's
+  # records) is the same function: the same box of a 240x320 and a 48x64 scene.
+  config = test_config("slot_attention")
+  config.data.crop = (29 / 240, 221 / 240, 64 / 320, 256 / 320)
+  config.data.image_height = config.data.image_width = 32
+  config.data.synthetic.height, config.data.synthetic.width = 48, 64  # the :test scenes
+  stored = next(pipeline.Split(config, "train").train_batches(0))
+  assert stored["image"].shape[1:] == (32, 32, 3) and stored["labels"].shape[1:] == (32, 32)
+  for labels, visibility in zip(stored["labels"], stored["visibility"]):
+    assert set(np.flatnonzero(visibility)) == set(np.unique(labels))
+  path = str(tmp_path / "samples.tfrecords")
+  _write_samples(path)
+  config.data.eval_file = path
+  batch = next(pipeline.Split(config, "test").eval_batches())
+  with np.load(os.path.join(SAMPLES, "sample_0.npz")) as sample:
+    from clevr_jax import schema  # pylint: disable=g-import-not-at-top
+    full = {"image": sample["image"], "labels": schema.masks_to_labels(sample["mask"]),
+            "visibility": np.ones(schema.MAX_SLOTS, np.float32)}
+  expected = pipeline.crop_and_resize(full, config.data.crop, 32, 32)
+  assert batch["image"].shape[1:] == (32, 32, 3)
+  np.testing.assert_array_equal(batch["image"][0], expected["image"])
+  np.testing.assert_array_equal(batch["labels"][0], expected["labels"])
+  assert set(np.flatnonzero(batch["visibility"][0])) == set(np.unique(expected["labels"]))

@@ -107,7 +107,7 @@ def check_gzip(path: str) -> None:
 
 
 def check_eval_file(path: str) -> None:
-  """--config.data.eval_file: an existing file (not the official file's download advice)."""
+  """--config.data.eval_file: an existing GZIP file (not the official file's download advice)."""
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(
         f"--config.data.eval_file={path} does not exist: give the path of a GZIP "
@@ -116,6 +116,7 @@ def check_eval_file(path: str) -> None:
   if tf.io.gfile.isdir(path):
     raise ValueError(
         f"--config.data.eval_file={path} is a directory: give the TFRecord file in it.")
+  check_gzip(path)
 
 
 def _image_size_hint(path: str, height: int, width: int) -> str:
@@ -138,10 +139,20 @@ def _image_size_hint(path: str, height: int, width: int) -> str:
 def first_image_size(path: str) -> int:
   """The number of image bytes (height * width * 3) of the file's first record."""
   check_exists(path)
-  for serialized in tf.data.TFRecordDataset(path, compression_type="GZIP").take(1):
-    example = tf.io.parse_single_example(
-        serialized, {"image": tf.io.VarLenFeature(tf.string)})
-    return int(tf.shape(example["image"].values)[0])
+  check_gzip(path)
+  try:
+    for serialized in tf.data.TFRecordDataset(path, compression_type="GZIP").take(1):
+      example = tf.io.parse_single_example(
+          serialized, {"image": tf.io.VarLenFeature(tf.string)})
+      return int(tf.shape(example["image"].values)[0])
+  except tf.errors.DataLossError as e:  # not a TFRecord inside the GZIP, or cut short
+    raise RecordError(
+        f"{path}: record 0 is truncated or corrupt ({e.message.splitlines()[0]}): it is "
+        "not a complete GZIP TFRecord. Write it again (or download it again).") from None
+  except tf.errors.InvalidArgumentError as e:  # a TFRecord of other records
+    raise RecordError(f"{path}: record 0 has no 'image' bytes feature "
+                      f"({e.message.splitlines()[0]}): is this a clevr_with_masks "
+                      "TFRecord?") from None
   raise RecordError(f"{path}: no records")
 
 

@@ -9,7 +9,6 @@ import jax
 import ml_collections
 
 from clevr_jax import checkpoints
-from clevr_jax import guards
 from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import sharding
@@ -28,8 +27,8 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
   """The newest checkpoint of `workdir`, replicated over `mesh`, and its model."""
   model = state_lib.make_model(config)
   like = state_lib.abstract_state(config)
-  manager = checkpoints.make_manager(workdir, read_only=True)
-  return checkpoints.restore(manager, like, mesh), model
+  with checkpoints.make_manager(workdir, read_only=True) as manager:
+    return checkpoints.restore(manager, like, mesh), model
 
 
 def scored_taps(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -66,9 +65,7 @@ def tap_features_fn(state: state_lib.TrainState, model: models.UNet, config: ml_
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Scores the newest checkpoint of `workdir`; writes results and figures there."""
-  state_lib.check_config(config)
   from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  guards.check_writable(workdir)  # before any work
   segmenters = segmenters_lib.configured(config)
   mesh = sharding.make_mesh()
   split = pipeline.Split(config, "test")

@@ -53,10 +53,42 @@ def image_files(paths: Iterable[str]) -> list[str]:
   return files
 
 
+def output_stems(files: list[str]) -> dict[str, str]:
+  """Each input's output name (without `_labels.png`), unique over the inputs.
+
+  The file's stem; where inputs share one (`scene.png` and `scene.jpg`, or
+  `a/x.png` and `b/x.png`), their path below the folder common to all inputs,
+  extension included, with '/' and '.' as '_' (`scene_png`, `a_x_png`).
+  """
+  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  common = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+  names = {}
+  for file, stem in zip(files, stems):
+    if stems.count(stem) > 1:
+      relative = os.path.relpath(os.path.abspath(file), common)
+      stem = relative.replace(os.sep, "_").replace(".", "_")
+    names[file] = stem
+  taken = set()
+  for file in files:  # a stem like 'scene_png' that was already a file's own name
+    while names[file] in taken:
+      names[file] += "_"
+    taken.add(names[file])
+  return names
+
+
+# Pillow's modes of more than 8 bits per channel, and their full scale: 16-bit
+# PNGs open as I;16 (or I), and convert("RGB") would clip them at 255.
+_HIGH_DEPTH = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535,
+               "F": 1.0}
+
+
 def load_rgb(path: str) -> np.ndarray:
-  """Any image Pillow reads (RGB, RGBA, gray, palette) -> float32 RGB [H, W, 3] in [0, 1]."""
+  """Any image Pillow reads (RGB, RGBA, gray, palette, 16-bit) -> float32 RGB [H, W, 3] in [0, 1]."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as image:
+    if image.mode in _HIGH_DEPTH:
+      gray = np.asarray(image, np.float32) / _HIGH_DEPTH[image.mode]
+      return np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=-1)
     return np.asarray(image.convert("RGB"), np.float32) / 255.0
 
 
@@ -97,6 +129,7 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
   target, threshold = segmenters_lib.merge_rule(segmenter, segmenters_lib.target_k(
       segmenter, jnp.zeros(1, jnp.int32)), tap, _MAX_LABELS)
   files = image_files(paths)
+  stems = output_stems(files)
   mesh = sharding.make_mesh()
   if tap == "input":
     state, predict = None, None  # raw pixels: no checkpoint needed
@@ -138,7 +171,7 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     segmenters_lib.check_region_counts(np.asarray(counts), config.eval.max_regions, path)
     labels = np.asarray(kmeans.upsample_labels(labels, image.shape[0], image.shape[1]))[0]
     labels = labels[:height, :width].astype(np.uint8)
-    stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
+    stem = os.path.join(output_dir, stems[path])
     Image.fromarray(labels, mode="L").save(f"{stem}_labels.png")
     Image.fromarray(palette[labels]).save(f"{stem}_masks.png")
     written.append(f"{stem}_labels.png")

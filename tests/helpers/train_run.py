@@ -4,7 +4,7 @@
       --config.data.data_dir=DIR --workdir=WORKDIR [--kill_after_first_save]
 
 The tests' stand-in for `python -m clevr_jax.main --mode=train`, without the
-evaluation that follows training there. Exceptions propagate (a traceback and
+evaluation that follows training there (it validates the config as main does). Exceptions propagate (a traceback and
 exit status 1), so a test can read the error that training raised.
 
 --kill_after_first_save  SIGKILL this process as soon as its first checkpoint
@@ -30,8 +30,12 @@ _KILL = flags.DEFINE_bool("kill_after_first_save", False,
 
 def main(argv) -> None:
   del argv
+  import jax  # pylint: disable=g-import-not-at-top
   from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from clevr_jax import train  # pylint: disable=g-import-not-at-top
+  from clevr_jax import validate  # pylint: disable=g-import-not-at-top
+
+  validate.check_config(_CONFIG.value, "train", (jax.process_count(), jax.local_device_count()))
 
   if _KILL.value:
     save = checkpoints.save
