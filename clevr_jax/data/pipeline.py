@@ -127,6 +127,9 @@ def _source_dataset(config: ml_collections.ConfigDict, split: str
       raise ValueError(f"{path}: no records to evaluate on")
     target = (config.data.image_height, config.data.image_width)
     if config.data.get("crop"):
+      logging.info("%s: %dx%d images cut to rows %d-%d, columns %d-%d (config.data.crop) "
+                   "and resized to %dx%d", path, height, width,
+                   *crop_pixels(config.data.crop, height, width), *target)
       examples = [crop_and_resize(e, config.data.crop, *target) for e in examples]
     elif (height, width) != target:
       logging.info("%s: %dx%d images resized to the configured %dx%d (image: %s, masks: "
