@@ -27,11 +27,7 @@ import os
 import shutil
 from typing import Iterator, Sequence
 
-from clevr_jax import data as data_package
-
-data_package.set_tensorflow_environment()  # before TensorFlow is imported
-
-from absl import logging  # pylint: disable=g-import-not-at-top
+from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow as tf
