@@ -11,6 +11,13 @@ same-image negatives (it pushed one object's pixels apart) and with only
 other images' (most likely it coded which image a pixel lies in). Turn it on with
 --config.objectives.view_infonce.weight=0.5; docs/object_features.md.
 
+The hybrid segmenters ('hybrid' with the oracle K, 'hybrid_predict_k'
+without) are scored beside the others: the image's clusters draw the regions
+(intersected with the tap's own), the learned tap's region means merge them,
+under the same derived threshold. Self-training rounds:
+--config.objectives.self_training_rounds=2 trains round 1 in <workdir>/round1
+on the hybrid's masks of this run's network, then round 2 on round 1's.
+
   --config=configs/unet_objects.py             the real dataset, the poster's schedule
   --config=configs/unet_objects.py:synthetic   the poster's schedule on synthetic scenes
   --config=configs/unet_objects.py:quick       synthetic, small images, minutes on a CPU

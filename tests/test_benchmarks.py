@@ -282,6 +282,7 @@ def test_pipeline_benchmark_runs_on_the_test_preset(tmp_path):
 # --- the GPU check -------------------------------------------------------------
 
 
+@pytest.mark.slow  # every part of the GPU check, end to end: the fast tier's longest test
 @pytest.mark.parametrize('torch', [False, True])
 def test_gpu_check_runs_every_part_in_reduced_mode(tmp_path, torch):
   from benchmarks import gpu_check  # pylint: disable=g-import-not-at-top

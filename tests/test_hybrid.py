@@ -141,3 +141,12 @@ def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
   tables = runner.collect(seg, "embedding", runner.dispatch(seg, "embedding", batch["tap"],
                                                             batch, keys), np.ones(1, bool))
   assert metrics.score_tables(tables, np.array([3])).poster_miou[0] == pytest.approx(1.0)
+
+
+def test_results_name_the_hybrids_sources():
+  from clevr_jax.evaluation import results  # pylint: disable=g-import-not-at-top
+  seg, _ = _hybrid()
+  assert "regions from pixels and tap, merged by tap means" in results.results_markdown(
+      {"name": "x", "checkpoint_step": 0, "num_images": 1,
+       "segmenters": {seg.name: {"embedding": {"poster_miou": 1.0}}},
+       "segmenter_specs": {seg.name: results.spec_dict(seg)}})

@@ -49,6 +49,9 @@ def _describe(spec: dict[str, Any] | None) -> str:
     parts.append(f"pixels: {spec['pixel_transforms']}")
   if spec["tap_transforms"]:
     parts.append(f"taps: {spec['tap_transforms']}")
+  if spec.get("split_source", "tap") != "tap" or spec.get("merge_source", "tap") != "tap":
+    parts.append(f"regions from {spec['split_source'].replace('_', ' ')}, merged by "
+                 f"{spec['merge_source']} means")
   if spec["modal_size"] > 1:
     parts.append(f"modal filter {spec['modal_size']}")
   if spec["split"]:
