@@ -259,8 +259,9 @@ def test_four_devices_step_like_one_device_over_the_same_global_batch(_device_ru
     np.testing.assert_allclose(four[key], one[key], atol=_STATE_ATOL, rtol=0, err_msg=key)
   assert int(one[".step"]) == 3
   # The steps moved the parameters (warm-up: the first update is zero).
-  assert np.abs(one[".params['slots_mu']"] - state_lib.create_state(
-      _load_test_config()).params["slots_mu"]).max() > 0
+  config = _load_test_config()
+  fresh = state_lib.create_state(config, train_step.make_optimizer(config, 1))
+  assert np.abs(one[".params['slots_mu']"] - fresh.params["slots_mu"]).max() > 0
 
 
 def _load_test_config():
