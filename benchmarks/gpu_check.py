@@ -52,6 +52,7 @@ from clevr_jax import models
 from clevr_jax import schema
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
+from clevr_jax import train_step
 from benchmarks import samples
 from benchmarks import train_benchmark
 from clevr_jax.data import renderer
@@ -257,7 +258,7 @@ def score_taps(config: ml_collections.ConfigDict, split: ArraySplit,
   from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
   from clevr_jax.evaluation import segmenters  # pylint: disable=g-import-not-at-top
   taps = tuple(config.eval.taps)
-  predict = state_lib.make_predict_fn(model, taps)
+  predict = train_step.make_predict_fn(model, taps)
   table_, _ = protocol.score_features(
       config, sharding.make_mesh(), lambda batch: predict(state, batch['image'])[1], taps,
       split, segmenters.configured(config), what='GPU check protocol')
@@ -269,8 +270,9 @@ def protocol_lines(plan: Plan, stored: dict[str, np.ndarray],
                    part: str = 'evaluation protocol') -> list[Line]:
   config = protocol_config(plan, segmenter_names)
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config)
-  state = sharding.replicate(state_lib.create_state(config), mesh)
+  model = models.make_model(config)
+  state = sharding.replicate(
+      state_lib.create_state(config, train_step.make_optimizer(config, 1)), mesh)
   split = ArraySplit(stored, plan.eval_batch)
   start = time.perf_counter()
   scores = score_taps(config, split, state, model)
@@ -304,18 +306,17 @@ def slot_attention_config(plan: Plan) -> ml_collections.ConfigDict:
 
 
 def slot_attention_lines(plan: Plan) -> list[Line]:
-  from clevr_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   config = slot_attention_config(plan)
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config, axis_name=sharding.AXIS)
-  tx = state_lib.make_optimizer(config, 1)
+  model = models.make_model(config, axis_name=sharding.AXIS)
+  tx = train_step.make_optimizer(config, 1)
   state = sharding.replicate(state_lib.create_state(config, tx), mesh)
   host_batch = samples.random_stored(config, config.batch_size // jax.process_count(),
                                      batch_lib.fields(config, 'train'))
   batch = sharding.to_global(host_batch, mesh)
-  train_step = train_step_lib.make_train_step(config, model, tx, mesh)
+  step = train_step.make_train_step(config, model, tx, mesh)
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch, {}).compile()
+  compiled = step.lower(state, batch, {}).compile()
   compile_s = time.perf_counter() - start
   holder = {'state': state}
 

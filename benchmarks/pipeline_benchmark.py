@@ -9,12 +9,12 @@ preset renders its synthetic scenes in about a minute), then times, on the
 host batches `pipeline.Split(config, 'train').train_batches` yields (the
 stored fields the train step reads, `batch.fields(config, 'train')`: uint8
 images for reconstruction), each made global device arrays with
-`batch.to_global` as train.py does (unless `--nodevice_put`):
+`sharding.to_global` as train.py does (unless `--nodevice_put`):
 
   - the first epoch: tf.data reads and decodes the split (with
     config.data.cache into host arrays, from which its batches are gathered);
   - later epochs from the cache: batches gathered from the host arrays at
-    tf.data's shuffle order (median of `--cached_epochs`);
+    a NumPy permutation from (seed, epoch) (median of `--cached_epochs`);
   - with `--device_resident`, the split put on the devices once and each
     batch's positions sent instead (config.data.device_resident);
   - the train step alone on random images of the same shape (compiled once;
@@ -209,14 +209,15 @@ def run(config: Any, *, batches: int = 0, cached_epochs: int = 3,
   bytes_per_image = sum(v.nbytes for v in sample.values()) // len(sample['image'])
   resident = None
   if device_resident:
-    data = batch_lib.DeviceData(split.stored_arrays(fields), mesh)
+    data = batch_lib.DeviceData(split.train_arrays(fields), mesh)
     gather = batch_lib.make_gather(mesh)
 
     def gathered(host_batch):
       jax.block_until_ready(gather(data.arrays, sharding.to_global(host_batch, mesh)))
 
     resident = median_timing([
-        time_batches(lambda: split.position_batches(next(epochs)), gathered, batches)
+        time_batches(lambda: split.train_batches(next(epochs), positions_only=True),
+                     gathered, batches)
         for _ in range(cached_epochs)])
   if step_images_per_s:
     return Result(description, prepare_s, first, cached, step_images_per_s,

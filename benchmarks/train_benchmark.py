@@ -50,6 +50,7 @@ import numpy as np
 from benchmarks import samples
 from clevr_jax import batch as batch_lib
 from clevr_jax import defaults
+from clevr_jax import models
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step as train_step_lib
@@ -166,7 +167,7 @@ def _host_state(config_key: tuple[Any, ...]) -> Any:
   base_width, depth, grayscale, task = config_key
   config = bench_config(base_width, 'float32', 2**depth, 2**depth, depth)
   config.data.grayscale, config.task = grayscale, task
-  return state_lib.create_state(config)
+  return state_lib.create_state(config, train_step_lib.make_optimizer(config, 1))
 
 
 @dataclasses.dataclass
@@ -215,8 +216,8 @@ def compile_step(config: ml_collections.ConfigDict, per_device_batch: int,
   so that the benchmark needs no dataset (nor TensorFlow).
   """
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config, axis_name=sharding.AXIS)
-  tx = state_lib.make_optimizer(config, total_steps=1000)
+  model = models.make_model(config, axis_name=sharding.AXIS)
+  tx = train_step_lib.make_optimizer(config, total_steps=1000)
   state = sharding.replicate(_host_state(
       (config.model.base_width, config.model.depth, config.data.grayscale, config.task)),
       mesh)

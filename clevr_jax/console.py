@@ -105,8 +105,14 @@ def _end(line: str, status: int) -> NoReturn:
   os._exit(status)  # pylint: disable=protected-access
 
 
-def fail(message: str) -> NoReturn:
-  """Bad input: one `error:` line that says what to do, exit status 2."""
+def fail(error: Exception | str) -> NoReturn:
+  """Bad input: one `error:` line that says what to do, exit status 2.
+
+  With CLEVR_JAX_TRACEBACK=1 an exception is raised again instead, traceback and all.
+  """
+  if isinstance(error, Exception) and os.environ.get("CLEVR_JAX_TRACEBACK"):
+    raise error
+  message = str(error)
   _end(f"error: {' '.join(str(message).split())}\n"
        "(set CLEVR_JAX_TRACEBACK=1 for the traceback)", 2)
 

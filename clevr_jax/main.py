@@ -20,7 +20,6 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from clevr_jax import console
@@ -52,30 +51,16 @@ def default_workdir(config) -> str:
   return os.path.join("runs", config.name + (f"_{config.preset}" if config.preset else ""))
 
 
-def _devices() -> tuple[int, int]:
-  """(processes, local devices), after joining the distributed run if asked to."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-      raise ValueError("--coordinator_address needs --num_processes and --process_id")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  if jax.process_index() != 0:
-    logging.set_verbosity(logging.WARNING)
-  logging.info("JAX %s: %d process(es), %d device(s) (%s)", jax.__version__,
-               jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-  return jax.process_count(), jax.local_device_count()
-
-
 def run(config, workdir: str, mode: str) -> None:
   """Validates once, then one call per mode (each imports what it needs: after JAX joins)."""
   from clevr_jax import guards  # pylint: disable=g-import-not-at-top
-  if mode == "report" and not _WORKDIRS.value:
-    raise ValueError("--mode=report needs --workdirs=A,B,...")
-  if mode == "segment" and not _IMAGES.value:
-    raise ValueError("--mode=segment needs --images=FILE_OR_DIR[,...]")
-  devices = None if mode in ("prepare", "report") else _devices()
+  validate.check_mode_flags(mode, _WORKDIRS.value, _IMAGES.value)
+  if mode not in ("prepare", "report"):  # these two start no JAX backend
+    from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
+    devices = sharding.join_processes(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                      _PROCESS_ID.value, auto_detect=_DISTRIBUTED.value)
+  else:
+    devices = None
   validate.check_config(config, mode, devices)
   output = _OUTPUT_DIR.value or (os.path.join(workdir, "segments") if mode == "segment" else workdir)
   if mode != "prepare":  # a folder that cannot be written fails now, not after the work
@@ -121,9 +106,7 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value or default_workdir(_CONFIG.value)
     run(_CONFIG.value, workdir, _MODE.value)
   except (FileNotFoundError, ValueError) as e:  # bad input: what is wrong, what to do
-    if os.environ.get("CLEVR_JAX_TRACEBACK"):
-      raise
-    console.fail(str(e))
+    console.fail(e)
   except KeyboardInterrupt:  # Ctrl-C: training saved its step (train.py) and stopped
     console.interrupted(workdir, _MODE.value)
 
@@ -134,9 +117,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     validate.check_command_line(argv[1:])
     return flags.FLAGS(argv)
   except (ValueError, flags.Error) as e:
-    if os.environ.get("CLEVR_JAX_TRACEBACK"):
-      raise
-    console.fail(str(e))
+    console.fail(e)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from clevr_jax import schema
 from clevr_jax import slot_attention
 
 # PyTorch's BatchNorm epsilon (the poster's code); flax's default happens to match.
@@ -317,6 +318,29 @@ def build_model(config: ml_collections.ConfigDict, *,
       embedding_tap=str(m.get('embedding_tap', 'dec4')),
       embedding_dim=int(m.get('embedding_dim', 0)),
   )
+
+
+def output_channels(config: ml_collections.ConfigDict) -> int:
+  """Channels of the network's output: the config's, or derived from the task."""
+  if config.model.out_channels > 0:
+    return config.model.out_channels
+  if config.task == 'segmentation':
+    return schema.NUM_SEMANTIC_CLASSES
+  return 1 if config.data.grayscale else 3
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """One input image's shape, [H, W, C]."""
+  channels = 1 if config.data.grayscale else 3
+  return config.data.image_height, config.data.image_width, channels
+
+
+def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None
+               ) -> UNet | slot_attention.SlotAttentionAutoEncoder:
+  """The run's network: `config.model`, with its output channels from the task."""
+  model_config = ml_collections.ConfigDict(config.model.to_dict())
+  model_config.out_channels = output_channels(config)
+  return build_model(ml_collections.ConfigDict({'model': model_config}), axis_name=axis_name)
 
 
 def count_params(params: Any) -> int:

@@ -188,8 +188,3 @@ def load_or_compute(path: str, batches: Callable[[], Iterable[dict[str, np.ndarr
   np.savez_compressed(tmp, index=store.index, labels=store.labels, fingerprint=np.array(key))
   os.replace(tmp, path)
   return store
-
-
-def add_to_batch(batch: dict[str, np.ndarray], store: PseudoMaskStore) -> dict[str, np.ndarray]:
-  """The host batch with 'pseudo_labels' (uint8, the layout of its 'index' + [H, W])."""
-  return batch | {"pseudo_labels": store.lookup(batch["index"], batch.get("valid"))}

@@ -17,12 +17,35 @@ from __future__ import annotations
 
 from typing import Any
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 AXIS = "batch"  # the data-parallel mesh axis
+
+
+def join_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None, auto_detect: bool = False
+                   ) -> tuple[int, int]:
+  """Joins a multi-process run: explicitly (all three given), auto-detected
+  (Cloud TPU VMs, SLURM) with `auto_detect`, or not at all (one process).
+
+  Returns (processes, this process's devices). Processes other than 0 log
+  warnings only, so that a run's log is written once.
+  """
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError("--coordinator_address needs --num_processes and --process_id")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif auto_detect:
+    jax.distributed.initialize()
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  logging.info("JAX %s: %d process(es), %d device(s) (%s)", jax.__version__,
+               jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+  return jax.process_count(), jax.local_device_count()
 
 
 def make_mesh() -> jax.sharding.Mesh:

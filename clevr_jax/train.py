@@ -34,6 +34,7 @@ from clevr_jax import batch as batch_lib
 from clevr_jax import checkpoints
 from clevr_jax import logs
 from clevr_jax import metrics
+from clevr_jax import models
 from clevr_jax import objectives
 from clevr_jax import plots
 from clevr_jax import pseudo_masks
@@ -97,7 +98,7 @@ def teacher_tap(config: ml_collections.ConfigDict
   from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
   state, model = model_eval.restore_state(config, teacher, sharding.make_mesh())
   tap = config.objectives.tap
-  predict = state_lib.make_predict_fn(model, (tap,))
+  predict = train_step_lib.make_predict_fn(model, (tap,))
   step = int(jax.device_get(state.step))
   return (lambda images: predict(state, images)[1][tap]), f"{teacher}@{step}"
 
@@ -225,8 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = config.get("num_train_steps", 0) or steps_per_epoch * config.num_epochs
   num_epochs = -(-total_steps // steps_per_epoch)
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config, axis_name=sharding.AXIS)
-  tx = state_lib.make_optimizer(config, total_steps)
+  model = models.make_model(config, axis_name=sharding.AXIS)
+  tx = train_step_lib.make_optimizer(config, total_steps)
   state = state_lib.create_state(config, tx)
   manager = checkpoints.make_manager(workdir, config)
   if manager.latest_step() is not None:
@@ -246,16 +247,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    dropped, int(state.step))
   train_step = train_step_lib.make_train_step(config, model, tx, mesh)
   eval_step = train_step_lib.make_eval_step(config, model, mesh)
-  predict = state_lib.make_predict_fn(state_lib.make_model(config))
+  predict = train_step_lib.make_predict_fn(models.make_model(config))
+  store = load_pseudo_masks(config, workdir, train_split)
+  if store is not None:
+    train_split.attach_pseudo_masks(store)
+  fields = batch_lib.fields(config, "train")
   # The training split on the devices once (config.data.device_resident): each
-  # step then gets its examples' positions only. Otherwise streamed per step.
-  masks = load_pseudo_masks(config, workdir, train_split)
+  # step then gets its examples' positions only. Otherwise sent per step.
   device_data = None
   if config.data.device_resident:
-    arrays = train_split.stored_arrays(batch_lib.fields(config, "train"))
-    if masks is not None:
-      arrays = pseudo_masks.add_to_batch(arrays, masks)
-    device_data = batch_lib.DeviceData(arrays, mesh)
+    device_data = batch_lib.DeviceData(train_split.train_arrays(fields), mesh)
     logging.info("Training split on the devices: %.2f GB per device",
                  device_data.nbytes() / 1e9)
 
@@ -295,15 +296,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
       where = dict(skip_batches=step - epoch * steps_per_epoch,
                    process_index=jax.process_index(), process_count=jax.process_count())
-      if device_data is None:
-        batches = train_split.train_batches(
-            epoch, fields=batch_lib.fields(config, "train"), **where)
-      else:
-        batches = train_split.position_batches(epoch, **where)
+      batches = train_split.train_batches(epoch, fields=fields,
+                                          positions_only=device_data is not None, **where)
       data = device_data.arrays if device_data is not None else None
       for host_batch in batches:
-        if masks is not None and device_data is None:
-          host_batch = pseudo_masks.add_to_batch(host_batch, masks)
         state, train_metrics = train_step(state, sharding.to_global(host_batch, mesh), data)
         step += 1
         if step % config.log_every_steps == 0 or step == total_steps:

@@ -1,4 +1,4 @@
-"""The objective and the data-parallel train and eval steps that train.py runs.
+"""The objective, the optimizer and the data-parallel train and eval steps that train.py runs.
 
 The steps follow the pmap programming model (per-device code, named-axis
 collectives over `AXIS`) but run as `jax.jit` over `jax.shard_map` on a mesh of
@@ -35,6 +35,32 @@ from clevr_jax.state import TrainState
 
 Batch = dict[str, jax.Array]
 Data = dict[str, jax.Array]  # a device-resident split (batch.DeviceData.arrays), or {}
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+  """AdamW on the config's schedule (`total_steps`: the length of a cosine one)."""
+  opt = config.optimizer
+  if opt.schedule == "constant":
+    schedule = optax.constant_schedule(opt.learning_rate)
+  elif opt.schedule == "cosine":
+    schedule = optax.cosine_decay_schedule(opt.learning_rate, max(total_steps, 1))
+  elif opt.schedule == "warmup_exponential":
+    # Slot Attention's: a linear warm-up times an exponential decay that runs from
+    # step 0 (lr * min(t / warmup, 1) * decay_rate**(t / decay_steps)).
+    warmup = optax.linear_schedule(0.0, 1.0, max(opt.warmup_steps, 1))
+    decay = optax.exponential_decay(opt.learning_rate, opt.decay_steps, opt.decay_rate)
+    return optax.adamw(lambda count: warmup(count) * decay(count), b1=opt.b1, b2=opt.b2,
+                       eps=opt.eps, weight_decay=opt.weight_decay)
+  else:
+    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use 'constant', "
+                     "'cosine' or 'warmup_exponential'")
+  if opt.warmup_steps:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), schedule],
+        [opt.warmup_steps])
+  return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                     weight_decay=opt.weight_decay)
 
 
 def objective_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -185,3 +211,16 @@ def make_eval_step(config: ml_collections.ConfigDict, model: models.UNet,
   """Jitted eval step on stored fields (batch.fields(config, 'eval_loss'))."""
   step = functools.partial(_eval_step, model=model, config=config)
   return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
+
+
+def make_predict_fn(model: models.UNet, taps: tuple[str, ...] = ()
+                    ) -> Callable[[TrainState, jax.Array],
+                                  tuple[jax.Array, dict[str, jax.Array]]]:
+  """Jitted eval-mode forward pass returning the output and the requested taps.
+
+  Plain jit: the batch's sharding propagates, and no collective is needed.
+  """
+  def predict(state: TrainState, images: jax.Array):
+    return model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       images, train=False, taps=taps)
+  return jax.jit(predict)

@@ -127,6 +127,14 @@ def check_image_size(config: ml_collections.ConfigDict) -> None:
         + (f" (or {nearest[1]})" if len(nearest) > 1 else ""))
 
 
+def check_mode_flags(mode: str, workdirs: Sequence[str], images: Sequence[str]) -> None:
+  """The flags a mode cannot run without."""
+  if mode == "report" and not workdirs:
+    raise ValueError("--mode=report needs --workdirs=A,B,...")
+  if mode == "segment" and not images:
+    raise ValueError("--mode=segment needs --images=FILE_OR_DIR[,...]")
+
+
 def check_config(config: ml_collections.ConfigDict, mode: str,
                  devices: tuple[int, int] | None = None) -> None:
   """Everything `mode` reads from `config`, checked once, before any work.

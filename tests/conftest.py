@@ -122,6 +122,10 @@ os.environ["XLA_FLAGS"] = " ".join(
     _xla_flags + [f for f in SUITE_XLA_FLAGS
                   if f.split("=")[0] not in {g.split("=")[0] for g in _xla_flags}])
 
+# TensorFlow's settings, as the entry point sets them (the pipeline sets none at import).
+from clevr_jax import data as _data_package  # pylint: disable=g-import-not-at-top,wrong-import-position
+_data_package.set_tensorflow_environment()
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # In case JAX was imported (by a plugin) before this module.

@@ -593,59 +593,107 @@ def test_processes_read_disjoint_flat_slices_of_the_global_batches(synthetic, pr
     next(split.train_batches(3, process_count=3))
 
 
-def test_cached_batches_gathered_on_the_host_are_the_tf_data_streamed_ones(synthetic):
-  # With data.cache the epochs are gathered from host arrays at epoch_order's
-  # positions; tf.data's own shuffle and batch of the split is the reference.
+def _lanes(config):
+  """The training split read each way: in memory (config.data.cache), streamed."""
+  return {"in memory": pipeline.Split(config, "train"),
+          "streamed": pipeline.Split(_test_config(config.data.data_dir, cache=False), "train")}
+
+
+def test_each_lane_visits_every_example_once_an_epoch_in_whole_batches(synthetic, stored):
   config, _ = synthetic
-  assert config.data.cache
+  for lane, split in _lanes(config).items():
+    batches = list(split.train_batches(2))
+    assert len(batches) == split.steps_per_epoch(config.batch_size), lane
+    index = np.concatenate([b["index"] for b in batches])
+    assert len(set(index.tolist())) == len(index) == len(batches) * config.batch_size, lane
+    assert set(index.tolist()) <= set(stored["train"]), lane
+    for batch in batches:  # each example's fields travel together
+      for image, example_index in zip(batch["image"], batch["index"]):
+        np.testing.assert_array_equal(image, stored["train"][int(example_index)]["image"])
+    again = list(_lanes(config)[lane].train_batches(2))  # a restarted process
+    _assert_batches_equal(again, batches)
+
+
+def test_in_memory_epochs_are_gathered_at_the_epoch_order(synthetic):
+  # The host-gathered and the device-resident runs share one order: the
+  # positions a device-resident split is sent pick, from the split's arrays,
+  # the batches the host gathers; for every process's slice and a resumed epoch.
+  config, _ = synthetic
   split = pipeline.Split(config, "train")
-  cases = [dict(epoch=0), dict(epoch=1, skip_batches=2),
-           dict(epoch=2, fields=("image", "index")),
-           *[dict(epoch=3, process_index=p, process_count=2) for p in range(2)]]
+  arrays = split.train_arrays()
+  order = split.epoch_order(1)
+  assert sorted(order.tolist()) == sorted(set(order.tolist()))  # no repeats
+  assert not np.array_equal(order, split.epoch_order(0))
+  cases = [dict(epoch=1), dict(epoch=1, skip_batches=2),
+           *[dict(epoch=1, process_index=p, process_count=2) for p in range(2)]]
   for case in cases:
     gathered = list(split.train_batches(**case))
-    streamed = list(split.streamed_batches(**case))
-    assert gathered
-    _assert_batches_equal(gathered, streamed)
-    for a, e in zip(gathered, streamed):
-      assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in e.items()}
-  uncached = pipeline.Split(_test_config(config.data.data_dir, cache=False), "train")
-  _assert_batches_equal(list(uncached.train_batches(1)), list(split.train_batches(1)))
+    positions = list(split.train_batches(**case, positions_only=True))
+    assert gathered and len(positions) == len(gathered)
+    _assert_batches_equal([{k: v[p["position"]] for k, v in arrays.items()} for p in positions],
+                          gathered)
+  np.testing.assert_array_equal(
+      np.concatenate([p["position"] for p in split.train_batches(1, positions_only=True)]),
+      order)
+  (first,) = itertools.islice(split.train_batches(1, fields=("image", "index")), 1)
+  assert set(first) == {"image", "index"}
+  assert {k: v.dtype for k, v in first.items()} == {"image": np.uint8, "index": np.int32}
 
 
-def test_device_resident_split_gives_the_streamed_batches(synthetic):
-  # The positions' order is tf.data's shuffle of the same seed and size, and
-  # gathering the stored arrays at them gives the streamed batches, on the
-  # host and on the devices (batch.gather, as the train step does).
+def test_device_resident_split_gathers_the_host_batches_on_the_devices(synthetic):
   config, _ = synthetic
-  split = pipeline.Split(config, "train")
-  arrays = split.stored_arrays()
+  split = pipeline.Split(_test_config(config.data.data_dir, device_resident=True,
+                                      cache=False), "train")
+  assert split.in_memory  # device-resident implies the in-memory lane
   mesh = sharding.make_mesh()
-  data = batch_lib.DeviceData(arrays, mesh)
+  data = batch_lib.DeviceData(split.train_arrays(), mesh)
   assert data.num_examples == split.num_examples
+  gather = batch_lib.make_gather(mesh)
   for epoch, skip in ((0, 0), (1, 2)):
-    streamed = list(split.streamed_batches(epoch, skip_batches=skip))
-    positions = list(split.position_batches(epoch, skip_batches=skip))
-    assert len(positions) == len(streamed) == split.steps_per_epoch(config.batch_size) - skip
-    gathered = [{k: v[p["position"]] for k, v in arrays.items()} for p in positions]
-    _assert_batches_equal(gathered, streamed)
-    gather = batch_lib.make_gather(mesh)
+    host = list(split.train_batches(epoch, skip_batches=skip))
+    positions = list(split.train_batches(epoch, skip_batches=skip, positions_only=True))
+    assert len(positions) == len(host) == split.steps_per_epoch(config.batch_size) - skip
     on_devices = [{k: np.asarray(v) for k, v in gather(
         data.arrays, sharding.to_global(p, mesh)).items()} for p in positions]
-    _assert_batches_equal(on_devices, streamed)
-  halves = [list(split.position_batches(0, process_index=p, process_count=2))
-            for p in range(2)]
-  _assert_batches_equal(_concat_processes(halves), list(split.position_batches(0)))
+    _assert_batches_equal(on_devices, host)
 
 
-def test_resume_mid_epoch_gives_the_rest_of_the_epoch(synthetic):
+@pytest.mark.parametrize("lane", ["in memory", "streamed"])
+def test_resume_mid_epoch_gives_the_rest_of_the_epoch(synthetic, lane):
   config, _ = synthetic
-  split = pipeline.Split(config, "train")
+  split = _lanes(config)[lane]
   full = list(split.train_batches(1))
   assert len(full) == 4
   _assert_batches_equal(list(split.train_batches(1, skip_batches=3)), full[3:])
-  resumed = pipeline.Split(config, "train")  # a restarted process
+  resumed = _lanes(config)[lane]  # a restarted process
   _assert_batches_equal(list(resumed.train_batches(1, skip_batches=1)), full[1:])
+
+
+class _Masks:
+  """A pseudo-mask store whose labels are the example's index, everywhere."""
+
+  def __init__(self, shape):
+    self.shape = shape
+
+  def lookup(self, index):
+    return np.broadcast_to(np.asarray(index, np.uint8)[..., None, None],
+                           np.shape(index) + self.shape).copy()
+
+
+def test_pseudo_masks_attach_to_every_lanes_batches(synthetic):
+  config, _ = synthetic
+  shape = (config.data.image_height, config.data.image_width)
+  for lane, split in _lanes(config).items():
+    split.attach_pseudo_masks(_Masks(shape))
+    for batch in itertools.islice(split.train_batches(0, fields=("image",)), 2):
+      assert "index" in batch, lane  # looked up by it, so always sent
+      np.testing.assert_array_equal(batch[pipeline.PSEUDO_LABELS][:, 3, 5],
+                                    batch["index"].astype(np.uint8), err_msg=lane)
+  split = pipeline.Split(config, "train")
+  split.attach_pseudo_masks(_Masks(shape))
+  arrays = split.train_arrays(("image",))  # what a device-resident split holds
+  np.testing.assert_array_equal(arrays[pipeline.PSEUDO_LABELS][:, 0, 0],
+                                arrays["index"].astype(np.uint8))
 
 
 def test_eval_file_is_read_whole_as_the_test_split(synthetic, tmp_path):

@@ -18,7 +18,7 @@ from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
+from clevr_jax import train_step
 from clevr_jax.data import official
 from clevr_jax.data import pipeline
 from clevr_jax.evaluation import results as results_lib
@@ -89,7 +89,7 @@ def test_the_posters_figures_equal_an_independent_computation(evaluated):
   scored by metrics.score_instances on the device's label maps."""
   config, workdir, results = evaluated
   state, model = evaluation.restore_state(config, workdir, sharding.make_mesh())
-  predict = state_lib.make_predict_fn(model, tuple(config.eval.taps))
+  predict = train_step.make_predict_fn(model, tuple(config.eval.taps))
   km = config.eval.kmeans
   base = jax.random.key(config.seed)
   accumulators = {t: metrics.MeanAccumulator() for t in config.eval.taps}
@@ -283,7 +283,7 @@ def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workd
   rgb = np.load(os.path.join(SAMPLES, "sample_1.npz"))["image"]
   images = np.asarray(Image.fromarray(rgb).resize((64, 48)), np.float32)[None] / 255
   taps = ("enc1", "enc3", "dec4")
-  by_tap = state_lib.make_predict_fn(model, taps)(state, images)[1]  # one compile
+  by_tap = train_step.make_predict_fn(model, taps)(state, images)[1]  # one compile
   for tap in taps:
     feats = np.asarray(by_tap[tap])
     points = feats.reshape(1, -1, feats.shape[-1])

@@ -29,6 +29,8 @@ CORE_MODULES = [
     "clevr_jax.defaults", "clevr_jax.guards", "clevr_jax.validate", "clevr_jax.console",
     "benchmarks.train_benchmark", "benchmarks.kmeans_benchmark",
     "benchmarks.torch_reference", "clevr_jax.sharding",
+    "clevr_jax.evaluation.regions", "clevr_jax.evaluation.segmenters",
+    "clevr_jax.evaluation.postprocess_reference", "benchmarks.segmenter_benchmark",
 ]
 
 _WITHOUT_TENSORFLOW = """

@@ -94,7 +94,7 @@ def test_cache_is_computed_once_and_looked_up_by_index(tmp_path):
   # Looked up in any order and layout; padding gets zeros.
   batch = {"index": np.array([[106, 100], [0, 103]]),
            "valid": np.array([[True, True], [False, True]])}
-  looked = pseudo_masks.add_to_batch(batch, again)["pseudo_labels"]
+  looked = again.lookup(batch["index"], batch["valid"])
   assert looked.shape == (2, 2, 32, 48) and looked.dtype == np.uint8
   direct = labelling(images[[6, 0, 3]], np.array([106, 100, 103]))
   np.testing.assert_array_equal(looked[[0, 0, 1], [0, 1, 1]], direct)

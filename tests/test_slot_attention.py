@@ -22,6 +22,7 @@ from clevr_jax import slot_attention
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train
+from clevr_jax import train_step
 from clevr_jax.data import pipeline
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,8 +130,8 @@ def test_in_the_hard_limit_one_iteration_is_a_step_of_the_posters_cosine_lloyd()
 
 def test_taps_have_their_shapes_and_the_masks_split_each_pixel_over_the_slots(test_config):
   config = test_config("slot_attention")
-  model = state_lib.make_model(config)
-  variables = state_lib.init_variables(model, state_lib.input_shape(config), config.seed)
+  model = models.make_model(config)
+  variables = state_lib.init_variables(model, models.input_shape(config), config.seed)
   images = jax.random.uniform(jax.random.key(0), (2, 48, 64, 3))
   output, taps = model.apply(variables, images, train=False,
                              taps=models.config_tap_names(config))
@@ -158,8 +159,8 @@ def test_initial_slots_are_drawn_per_example_from_the_slots_stream(test_config):
   # examples differ, the same row gets the same noise whatever the batch's
   # other rows, and another key gives other slots.
   config = test_config("slot_attention")
-  model = state_lib.make_model(config)
-  variables = state_lib.init_variables(model, state_lib.input_shape(config), config.seed)
+  model = models.make_model(config)
+  variables = state_lib.init_variables(model, models.input_shape(config), config.seed)
   images = jax.random.uniform(jax.random.key(0), (3, 48, 64, 3))
   same = jnp.broadcast_to(images[:1], images.shape)
 
@@ -181,7 +182,7 @@ def test_warmup_exponential_is_the_papers_schedule(test_config):
   opt = config.optimizer
   opt.learning_rate, opt.warmup_steps, opt.decay_steps, opt.decay_rate = 4e-4, 10_000, 100_000, 0.5
   opt.b1, opt.b2, opt.eps = 0.0, 0.0, 0.0
-  tx = state_lib.make_optimizer(config, 500_000)
+  tx = train_step.make_optimizer(config, 500_000)
   params = {"w": jnp.zeros(())}
   for t in (0, 2_500, 10_000, 50_000, 300_000):
     state = tx.init(params)
@@ -273,7 +274,8 @@ def _load_test_config():
 def _restore(config, workdir):
   from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
   manager = checkpoints.make_manager(workdir, read_only=True)
-  return checkpoints.restore(manager, state_lib.abstract_state(config), sharding.make_mesh())
+  return checkpoints.restore(manager, state_lib.abstract_state(
+      config, train_step.make_optimizer(config, 1)), sharding.make_mesh())
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ tests/helpers/data_parallel.py. They start with this module and run beside its
 other tests; its last tests wait for them.
 """
 
-import functools
 import math
 
 import jax
@@ -16,6 +15,7 @@ import pytest
 
 from benchmarks import samples
 from clevr_jax import batch as batch_lib
+from clevr_jax import models
 from clevr_jax import schema
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
@@ -199,8 +199,8 @@ def test_loss_goes_down_on_a_fixed_batch(name, test_config):
   host_batch = next(pipeline.Split(config, "train").train_batches(
       0, fields=batch_lib.fields(config, "train")))
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config, axis_name=sharding.AXIS)
-  tx = state_lib.make_optimizer(config, 8)
+  model = models.make_model(config, axis_name=sharding.AXIS)
+  tx = train_step.make_optimizer(config, 8)
   state = sharding.replicate(state_lib.create_state(config, tx), mesh)
   step = train_step.make_train_step(config, model, tx, mesh)
   batch = sharding.to_global(host_batch, mesh)
@@ -210,10 +210,12 @@ def test_loss_goes_down_on_a_fixed_batch(name, test_config):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))  # the loss before this step's update
     assert math.isfinite(float(metrics["grad_norm"]))
-  # Measured: every step lowers the loss (by 3% at least); after 6 steps it
-  # is 0.16x (rgb), 0.06x (gray), 0.32x (supervised) the first.
+  # Measured over config seeds 0-3 (initial parameters and batch): every step
+  # lowers the loss; after 6 steps it is 0.10-0.17x (rgb), 0.05-0.13x (gray),
+  # 0.24-0.51x (supervised) the first. A step that does not learn leaves it
+  # near 1x; 0.75x clears the slowest seed by a margin.
   assert all(b < a for a, b in zip(losses, losses[1:])), losses
-  assert losses[-1] < 0.5 * losses[0], losses
+  assert losses[-1] < 0.75 * losses[0], losses
   assert int(state.step) == 6
 
 
@@ -225,8 +227,8 @@ def test_eval_loss_is_the_train_objective_in_eval_mode(name, test_config):
   # loss's counts too).
   config = _small(test_config(name))
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config)
-  host_state = state_lib.create_state(config)
+  model = models.make_model(config)
+  host_state = state_lib.create_state(config, train_step.make_optimizer(config, 1))
   state = sharding.replicate(host_state, mesh)
   stored = samples.random_stored(config, config.eval.batch_size, seed=3)
   stored["valid"][5:] = False
@@ -247,46 +249,100 @@ def test_eval_loss_is_the_train_objective_in_eval_mode(name, test_config):
 # --- the state -----------------------------------------------------------------
 
 
-def test_initial_state_is_reproducible_and_has_flax_initialisers_statistics(test_config):
+def _kernel_kind(path: tuple[str, ...]) -> str:
+  """Which flax layer a kernel belongs to, from its module path (models.py's names)."""
+  module = path[-2]
+  if module in ("query", "key", "value"):
+    return "attention q/k/v (DenseGeneral)"
+  if module == "out":
+    return "attention out (DenseGeneral)"
+  if module.startswith("mlp"):
+    return "dense"
+  if module.startswith("up"):
+    return "transposed conv"
+  return "conv"
+
+
+def _kernels(params) -> dict[tuple[str, ...], np.ndarray]:
+  return {tuple(getattr(k, "key", str(k)) for k in path): np.asarray(x)
+          for path, x in jax.tree_util.tree_leaves_with_path(params)
+          if getattr(path[-1], "key", None) == "kernel"}
+
+
+_REFERENCE_DRAWS = 8
+
+
+def test_initial_kernels_of_every_kind_have_flaxs_initial_statistics(test_config):
+  # configs/unet_objects.py has every kernel kind the models use: convolutions,
+  # transposed convolutions, dense layers and the attention block's
+  # DenseGeneral kernels (q/k/v [c, heads, head_dim], whose fan-in is c alone,
+  # and out [heads, head_dim, c]). Each kernel is scaled by its spread under
+  # flax's own `model.init` (mean variance over other keys), so no fan-in rule
+  # is restated here; the scaled values are pooled per kind.
+  config = test_config("unet_objects")
+  ours = _kernels(state_lib.create_state(config, train_step.make_optimizer(config, 1)).params)
+  model = models.make_model(config)
+  keys = jax.random.split(jax.random.key(config.seed + 1), _REFERENCE_DRAWS)
+  # Kernels do not depend on the image size: the smallest input the net takes.
+  small = jnp.zeros((1, 2**config.model.depth, 2**config.model.depth,
+                     models.input_shape(config)[-1]))
+  draws = jax.jit(jax.vmap(lambda k: model.init(k, small, train=False)["params"]))(keys)
+  theirs = _kernels(draws)
+  assert ours.keys() == theirs.keys()
+  pooled: dict[str, list[np.ndarray]] = {}
+  reference_max: dict[str, float] = {}
+  for path, kernel in ours.items():
+    assert kernel.shape == theirs[path].shape[1:], path
+    sigma = math.sqrt(np.mean(theirs[path].reshape(_REFERENCE_DRAWS, -1).var(axis=1)))
+    kind = _kernel_kind(path)
+    pooled.setdefault(kind, []).append(kernel.ravel() / sigma)
+    reference_max[kind] = max(reference_max.get(kind, 0.0), np.abs(theirs[path]).max() / sigma)
+  assert set(pooled) == {"conv", "transposed conv", "dense", "attention q/k/v (DenseGeneral)",
+                         "attention out (DenseGeneral)"}
+  off = {}
+  for kind, values in pooled.items():
+    z = np.concatenate(values)
+    # The relative standard error of a sample's standard deviation is at most
+    # 1 / sqrt(2 n) for a normal (a truncated normal's lighter tails make it
+    # smaller), and the reference's spread, from 8x as many values, adds an
+    # eighth of that variance; 5 such errors. The smallest kind has n > 2e4:
+    # under 4%, while a fan-in off by the number of heads (4) halves the spread.
+    margin = 5 * math.sqrt((1 + 1 / _REFERENCE_DRAWS) / (2 * z.size))
+    if not (abs(z.std() - 1) < margin  # spread
+            and abs(z.mean()) < 5 / math.sqrt(z.size)  # 5 standard errors of the mean
+            and np.abs(z).max() <= reference_max[kind] * (1 + margin)):  # flax truncates
+      off[kind] = (float(z.std()), float(z.mean()), float(np.abs(z).max()))
+  assert not off, f"kernels unlike flax's (std, mean, max of kernel / flax's spread): {off}"
+
+
+def test_initial_state_is_reproducible_from_its_seed(test_config):
   config = test_config("unet_rgb")
-  model = state_lib.make_model(config)
-  shape = state_lib.input_shape(config)
-  ours = state_lib.init_variables(model, shape, seed=config.seed)
-  theirs = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jnp.zeros((1,) + shape))
-  assert jax.tree.structure(ours) == jax.tree.structure(jax.tree.map(np.asarray, theirs))
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-    assert (a.shape, a.dtype) == (b.shape, b.dtype)
-  again = state_lib.init_variables(model, shape, seed=config.seed)
-  other = state_lib.init_variables(model, shape, seed=config.seed + 1)
-  kernels = {jax.tree_util.keystr(p): x for p, x in
-             jax.tree_util.tree_leaves_with_path(ours["params"]) if "kernel" in str(p[-1])}
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(ours)))
-  assert not np.array_equal(jax.tree.leaves(other["params"])[1],
-                            jax.tree.leaves(ours["params"])[1])
-  # LeCun normal (flax's default): truncated at 2 sigma of a normal whose
-  # truncated standard deviation is sqrt(1 / fan_in). Pooled over all kernels
-  # (n ~ 4.9e5 values) the standard deviation of z = x * sqrt(fan_in) has a
-  # sampling error ~ 1e-3; 1e-2 is ten of them.
-  z = np.concatenate([(x * math.sqrt(np.prod(x.shape[:-1]))).ravel()
-                      for x in kernels.values()])
-  assert z.size > 4e5
-  assert abs(z.std() - 1) < 1e-2 and abs(z.mean()) < 1e-2
-  assert np.abs(z).max() <= 2 / 0.87962566103423978 + 1e-5
-  for path, x in jax.tree_util.tree_leaves_with_path(ours):
-    name = str(path[-1])
-    if "bias" in name or "mean" in name:
-      assert not x.any(), path
-    elif "scale" in name or "var" in name:
-      assert (x == 1).all(), path
+  tx = train_step.make_optimizer(config, 1)
+  first, again = state_lib.create_state(config, tx), state_lib.create_state(config, tx)
+  config.seed += 1
+  other = state_lib.create_state(config, tx)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first),
+                                                  jax.tree.leaves(again)))
+  kernel = lambda s: np.asarray(s.params["output"]["kernel"])
+  assert not np.array_equal(kernel(first), kernel(other))
+  for path, x in jax.tree_util.tree_leaves_with_path(
+      {"params": first.params, "batch_stats": first.batch_stats}):
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name in ("bias", "mean"):
+      assert not np.asarray(x).any(), path
+    elif name in ("scale", "var"):
+      assert (np.asarray(x) == 1).all(), path
 
 
 def test_abstract_state_is_what_a_checkpoint_restores_into(test_config):
   config = test_config("unet_rgb")
-  abstract = state_lib.abstract_state(config)
-  fresh = state_lib.create_state(config)
+  tx = train_step.make_optimizer(config, 1)
+  abstract = state_lib.abstract_state(config, tx)
+  fresh = state_lib.create_state(config, tx)
   assert jax.tree.structure(abstract) == jax.tree.structure(fresh)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+  assert ([(x.shape, x.dtype) for x in jax.tree.leaves(abstract)]
+          == [(np.shape(x), np.asarray(x).dtype) for x in jax.tree.leaves(fresh)])
 
 
 # --- data parallelism: 4 devices equal 1 ------------------------------------

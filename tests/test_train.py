@@ -79,8 +79,8 @@ def _restore(config, workdir, step=None):
   """The state of a workdir's checkpoint, as train.py restores it (on one device)."""
   manager = checkpoints.make_manager(workdir, read_only=True)
   assert step is None or step in manager.all_steps(), (step, manager.all_steps())
-  return checkpoints.restore(manager, state_lib.abstract_state(config), sharding.make_mesh(),
-                             step=step)
+  like = state_lib.abstract_state(config, train_step_lib.make_optimizer(config, 1))
+  return checkpoints.restore(manager, like, sharding.make_mesh(), step=step)
 
 
 def _assert_same_state(actual, expected):
@@ -241,6 +241,18 @@ def test_interrupted_mid_epoch_then_resumed_equals_training_straight(
   assert [r["step"] for r in records if "test/loss" in r] == [4, 8]
   straight = [(r["step"], r["train/loss"]) for r in _metrics(trained_workdir) if "train/loss" in r]
   assert [(r["step"], r["train/loss"]) for r in records if "train/loss" in r] == straight
+
+
+def test_device_resident_run_takes_the_host_gathered_runs_steps(tmp_path, trained_workdir,
+                                                                 test_config):
+  # One training lane: the device-resident split is sent the positions of the
+  # very batches the host gathers, so both runs take the same steps.
+  config = test_config("unet_rgb")
+  config.data.device_resident = True
+  workdir = str(tmp_path / "resident")
+  train.train_and_evaluate(config, workdir)
+  for step in (4, 8):
+    _assert_same_state(_restore(config, workdir, step), _restore(config, trained_workdir, step))
 
 
 def test_run_killed_after_its_first_save_resumes_from_it(_children, trained_workdir, test_config):

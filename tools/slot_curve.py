@@ -22,8 +22,10 @@ from ml_collections import config_flags
 
 from clevr_jax import checkpoints
 from clevr_jax import metrics
+from clevr_jax import models
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
+from clevr_jax import train_step
 from clevr_jax.evaluation import model_eval
 from clevr_jax.evaluation import protocol
 from clevr_jax.evaluation import segmenters as segmenters_lib
@@ -53,9 +55,9 @@ def main(argv) -> None:
   segmenter = next(s for s in segmenters_lib.configured(config) if s.name == FLAGS.segmenter)
   mesh = sharding.make_mesh()
   split = pipeline.Split(config, "test")
-  model = state_lib.make_model(config)
+  model = models.make_model(config)
   manager = checkpoints.make_manager(FLAGS.workdir, read_only=True)
-  like = state_lib.abstract_state(config)
+  like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
   rows = []
   for step in sorted(manager.all_steps()):
     state = checkpoints.restore(manager, like, mesh, step)

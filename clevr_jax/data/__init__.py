@@ -9,7 +9,8 @@ import os
 def set_tensorflow_environment() -> None:
   """Settings TensorFlow reads when it is imported (a user's own setting wins).
 
-  Call before the first `import tensorflow` (main.py and pipeline.py do).
+  Call before the first `import tensorflow`: the entry point does (console.set_environment),
+  and so does tests/conftest.py. Importing the pipeline sets nothing.
   """
   os.environ.setdefault("NO_GCE_CHECK", "true")  # no metadata-server probes offline
   # `import tensorflow` imports Keras to register its optimizers (2.6 s of a

@@ -9,9 +9,10 @@ Evaluation pads the split with invalid examples to a whole number of global
 batches, so no test image is dropped and every process runs the same number of
 collective steps (uneven shards make collectives hang).
 
-Cached training epochs are gathered on the host from the split's arrays, read
-once through tf.data, at the positions of tf.data's own shuffle
-(`Split.train_batches`).
+Training epochs of a split in memory are gathered from its arrays, read once
+through tf.data, at the positions of a NumPy permutation drawn from (seed,
+epoch), on the host or on the devices; a split too large for memory is
+streamed by tf.data (`Split`).
 
 Each host batch is a dict of numpy arrays, this process's slice of a global
 batch ([per-process batch, ...]), holding the stored fields of clevr_jax/batch.py
@@ -26,11 +27,7 @@ import os
 import shutil
 from typing import Iterator, Sequence
 
-from clevr_jax import data as data_package
-
-data_package.set_tensorflow_environment()  # before TensorFlow is imported
-
-from absl import logging  # pylint: disable=g-import-not-at-top
+from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -275,8 +272,23 @@ def _select(dataset: tf.data.Dataset, fields: Sequence[str] | None) -> tf.data.D
   return dataset.map(lambda e: {k: e[k] for k in fields})
 
 
+PSEUDO_LABELS = "pseudo_labels"  # attached by `Split.attach_pseudo_masks`, uint8 [b, H, W]
+
+
 class Split:
-  """A split read once (and cached in memory when configured), batched per epoch."""
+  """A split read once, batched per epoch.
+
+  Training has one lane when the split is in memory (config.data.cache, or
+  config.data.device_resident): its stored fields are read once into host
+  arrays, and each epoch visits them in a NumPy permutation drawn from
+  (config.seed, epoch) (`epoch_order`). The host gathers each batch from the
+  arrays, or, for a device-resident split, sends only the positions and the
+  devices gather (batch.gather): the same batches either way. A split that does
+  not fit in memory (config.data.cache=False: the full real dataset on a small
+  host) is streamed by tf.data instead, shuffled by its own seeded buffer (a
+  different order, as deterministic). Both lanes resume mid-epoch exactly, by
+  skipping batches, and attach pseudo-masks in `_attach`.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, split: str):
     self.config = config
@@ -284,15 +296,18 @@ class Split:
     dataset, self.num_examples = _source_dataset(config, split)
     self._source = dataset.map(_stored_form, num_parallel_calls=tf.data.AUTOTUNE)
     self._dataset = self._source.cache() if config.data.cache else self._source
-    # config.data.cache: the training fields in host memory, read once (see
-    # train_batches); filled by the first epoch.
-    self._host_arrays: dict[str, np.ndarray] = {}
+    self._arrays: dict[str, np.ndarray] = {}  # the in-memory lane's fields, read on first use
+    self._pseudo_masks = None  # a pseudo_masks.PseudoMaskStore, when attached
+
+  @property
+  def in_memory(self) -> bool:
+    return bool(self.config.data.cache or self.config.data.device_resident)
 
   def steps_per_epoch(self, global_batch: int) -> int:
     return self.num_examples // global_batch
 
-  def _epoch_seed(self, epoch: int) -> int:
-    return int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0])
+  def _epoch_seed(self, epoch: int) -> list[int]:
+    return [self.config.seed, epoch]
 
   def _check_train_batch(self) -> int:
     global_batch = self.config.batch_size
@@ -301,70 +316,85 @@ class Split:
                        f"than one global batch ({global_batch})")
     return global_batch
 
-  def train_batches(self, epoch: int, *, skip_batches: int = 0, process_index: int = 0,
-                    process_count: int = 1, fields: Sequence[str] | None = None
-                    ) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of shuffled, whole global batches, from batch `skip_batches` on.
+  def attach_pseudo_masks(self, store) -> None:
+    """Training batches carry `PSEUDO_LABELS`, looked up in `store` by 'index'
+    (a pseudo_masks.PseudoMaskStore; batches then always hold 'index')."""
+    self._pseudo_masks = store
+    self._arrays.pop(PSEUDO_LABELS, None)
 
-    Yields this process's flat slice of each global batch, with the stored
-    `fields` (all when None).
+  def _attach(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The one place pseudo-masks join the training examples."""
+    if self._pseudo_masks is None:
+      return batch
+    return batch | {PSEUDO_LABELS: self._pseudo_masks.lookup(batch["index"])}
 
-    With config.data.cache the split's fields are read once into host arrays
-    and each batch is gathered from them at the positions of `epoch_order`
-    (tf.data's shuffle of the same seed, so the batches are the streamed ones,
-    tested): tf.data's batching of cached examples, one by one, took about 10x
-    the copy itself, and a resumed epoch now skips its first batches without
-    reading them. Without the cache, tf.data streams the split and shuffles it
-    (config.data.prefetch_batches applies there and to evaluation).
-    """
-    global_batch = self._check_train_batch()
-    per_process = per_process_batch(global_batch, process_count)
-    if self.config.data.cache:
-      arrays = self._cached_arrays(fields)
-      order = self.epoch_order(epoch).reshape(-1, global_batch)
-      own = order[skip_batches:, process_index * per_process:(process_index + 1) * per_process]
-      return ({k: v[positions] for k, v in arrays.items()} for positions in own)
-    return self.streamed_batches(epoch, skip_batches=skip_batches,
-                                 process_index=process_index,
-                                 process_count=process_count, fields=fields)
-
-  def streamed_batches(self, epoch: int, *, skip_batches: int = 0, process_index: int = 0,
-                       process_count: int = 1, fields: Sequence[str] | None = None
-                       ) -> Iterator[dict[str, np.ndarray]]:
-    """`train_batches` through tf.data alone (shuffle, batch, slice), uncached."""
-    global_batch = self._check_train_batch()
-    dataset = _select(self._source, fields).shuffle(
-        self.num_examples, seed=self._epoch_seed(epoch), reshuffle_each_iteration=False)
-    dataset = dataset.batch(global_batch, drop_remainder=True).skip(skip_batches)
-    return _to_host_batches(dataset, self.config, global_batch, process_index,
-                            process_count)
+  def _wanted(self, fields: Sequence[str] | None) -> tuple[str, ...]:
+    wanted = tuple(self._source.element_spec) if fields is None else tuple(fields)
+    if self._pseudo_masks is not None and "index" not in wanted:
+      wanted += ("index",)
+    return wanted
 
   def epoch_order(self, epoch: int) -> np.ndarray:
-    """int32 [steps per epoch * global batch]: the split positions `train_batches`
-    visits in `epoch`, in order (tf.data's shuffle of the same seed and size)."""
+    """int32 [steps per epoch * global batch]: the split positions the in-memory
+    lane visits in `epoch`, in order: a permutation drawn from (seed, epoch), the
+    same in every process."""
     global_batch = self._check_train_batch()
-    order = tf.data.Dataset.range(self.num_examples).shuffle(
-        self.num_examples, seed=self._epoch_seed(epoch), reshuffle_each_iteration=False)
-    # One element: iterating n scalars through Python took 15x as long (per epoch).
-    order = order.batch(self.num_examples).get_single_element().numpy()
+    order = np.random.default_rng(self._epoch_seed(epoch)).permutation(self.num_examples)
     return order[:self.steps_per_epoch(global_batch) * global_batch].astype(np.int32)
 
-  def position_batches(self, epoch: int, *, skip_batches: int = 0, process_index: int = 0,
-                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """`train_batches` for a device-resident split: the examples' positions only."""
-    global_batch = self.config.batch_size
-    per_process = per_process_batch(global_batch, process_count)
-    order = self.epoch_order(epoch).reshape(-1, global_batch)
-    for positions in order[skip_batches:]:
-      own = positions[process_index * per_process:(process_index + 1) * per_process]
-      yield {"position": own}
+  def train_batches(self, epoch: int, *, skip_batches: int = 0, process_index: int = 0,
+                    process_count: int = 1, fields: Sequence[str] | None = None,
+                    positions_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of shuffled, whole global batches, from batch `skip_batches` on.
 
-  def stored_arrays(self, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """The whole split's stored fields, stacked in split order (for DeviceData).
-
-    Read from the source, not through the cache, so that the split is not held
-    in memory twice.
+    Yields this process's flat slice of each global batch: the stored `fields`
+    (all when None), plus `PSEUDO_LABELS` when attached; or, with
+    `positions_only` (a device-resident split, `train_arrays` on the devices),
+    only the examples' positions in the split ({batch.POSITION: int32 [b]}).
     """
+    global_batch = self._check_train_batch()
+    per_process = per_process_batch(global_batch, process_count)
+    if not self.in_memory:
+      if positions_only:
+        raise ValueError("a device-resident split is in memory: config.data.device_resident")
+      return self._streamed_batches(epoch, skip_batches, process_index, process_count, fields)
+    order = self.epoch_order(epoch).reshape(-1, global_batch)
+    own = order[skip_batches:, process_index * per_process:(process_index + 1) * per_process]
+    if positions_only:
+      return ({"position": positions} for positions in own)
+    arrays = self.train_arrays(fields)
+    return ({k: v[positions] for k, v in arrays.items()} for positions in own)
+
+  def _streamed_batches(self, epoch: int, skip_batches: int, process_index: int,
+                        process_count: int, fields: Sequence[str] | None
+                        ) -> Iterator[dict[str, np.ndarray]]:
+    """The lane for a split that does not fit in memory: tf.data shuffles and batches."""
+    global_batch = self._check_train_batch()
+    seed = int(np.random.SeedSequence(self._epoch_seed(epoch)).generate_state(1)[0])
+    dataset = _select(self._source, self._wanted(fields)).shuffle(
+        self.num_examples, seed=seed, reshuffle_each_iteration=False)
+    dataset = dataset.batch(global_batch, drop_remainder=True).skip(skip_batches)
+    batches = _to_host_batches(dataset, self.config, global_batch, process_index,
+                               process_count)
+    return (self._attach(batch) for batch in batches)
+
+  def train_arrays(self, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The whole split's `fields` (all when None) in split order, read once and
+    kept, plus `PSEUDO_LABELS` when attached: the in-memory lane's examples."""
+    wanted = self._wanted(fields)
+    missing = [k for k in wanted if k not in self._arrays]
+    if missing:
+      self._arrays.update(self._read_arrays(missing))
+    arrays = {k: self._arrays[k] for k in wanted}
+    if self._pseudo_masks is not None:
+      if PSEUDO_LABELS not in self._arrays:
+        self._arrays[PSEUDO_LABELS] = self._attach(arrays)[PSEUDO_LABELS]
+      arrays[PSEUDO_LABELS] = self._arrays[PSEUDO_LABELS]
+    return arrays
+
+  def _read_arrays(self, fields: Sequence[str]) -> dict[str, np.ndarray]:
+    """The split's stored `fields`, stacked in split order, read from the source
+    (not through the evaluation's tf.data cache: the split is not held twice)."""
     chunks = _select(self._source, fields).batch(256).as_numpy_iterator()
     arrays: dict[str, np.ndarray] = {}
     start = 0
@@ -378,14 +408,6 @@ class Split:
       raise ValueError(f"the {self.split} split yielded {start} examples, not the "
                        f"{self.num_examples} its metadata lists: rebuild it")
     return arrays
-
-  def _cached_arrays(self, fields: Sequence[str] | None) -> dict[str, np.ndarray]:
-    """`stored_arrays(fields)`, read on first use and kept."""
-    wanted = tuple(self._source.element_spec) if fields is None else tuple(fields)
-    missing = [k for k in wanted if k not in self._host_arrays]
-    if missing:
-      self._host_arrays.update(self.stored_arrays(missing))
-    return {k: self._host_arrays[k] for k in wanted}
 
   def eval_batches(self, *, process_index: int = 0, process_count: int = 1,
                    max_examples: int = 0, fields: Sequence[str] | None = None

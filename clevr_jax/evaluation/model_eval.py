@@ -13,6 +13,7 @@ from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import sharding
 from clevr_jax import state as state_lib
+from clevr_jax import train_step
 from clevr_jax.evaluation import protocol
 from clevr_jax.evaluation import results as results_lib
 from clevr_jax.evaluation import segmenters as segmenters_lib
@@ -25,8 +26,8 @@ HYPERCOLUMN_SEP = "+"
 def restore_state(config: ml_collections.ConfigDict, workdir: str,
                   mesh: jax.sharding.Mesh) -> tuple[state_lib.TrainState, models.UNet]:
   """The newest checkpoint of `workdir`, replicated over `mesh`, and its model."""
-  model = state_lib.make_model(config)
-  like = state_lib.abstract_state(config)
+  model = models.make_model(config)
+  like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
   with checkpoints.make_manager(workdir, read_only=True) as manager:
     return checkpoints.restore(manager, like, mesh), model
 
@@ -52,7 +53,7 @@ def scored_taps(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tup
 def tap_features_fn(state: state_lib.TrainState, model: models.UNet, config: ml_collections.ConfigDict
                     ) -> protocol.FeaturesFn:
   needed, _ = scored_taps(config)
-  predict = state_lib.make_predict_fn(model, needed)
+  predict = train_step.make_predict_fn(model, needed)
 
   def features(batch):
     taps = dict(predict(state, batch["image"])[1])

@@ -12,14 +12,14 @@ from clevr_jax import logs
 from clevr_jax import metrics
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
+from clevr_jax import train_step
 from clevr_jax.evaluation import protocol
 
 
 def score(config: ml_collections.ConfigDict, state: Any, model: Any, split: Any,
           mesh: jax.sharding.Mesh) -> tuple[dict[str, Any], dict[str, Any]]:
   """(pixel accuracy, per-class IoU, the poster's class Hungarian mIoU, confusion; figures)."""
-  predict = state_lib.make_predict_fn(model)
+  predict = train_step.make_predict_fn(model)
   accumulator = metrics.SupervisedAccumulator(schema.NUM_SEMANTIC_CLASSES,
                                               schema.SEMANTIC_CLASSES)
   progress = logs.Progress("supervised evaluation", protocol.num_images(config, split),

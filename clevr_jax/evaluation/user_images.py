@@ -22,7 +22,7 @@ from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
+from clevr_jax import train_step
 from clevr_jax.evaluation import segmenters as segmenters_lib
 
 
@@ -136,7 +136,7 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
   else:
     from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
     state, model = model_eval.restore_state(config, workdir, mesh)
-    predict = state_lib.make_predict_fn(model, (tap,))  # one jit: images of a size share it
+    predict = train_step.make_predict_fn(model, (tap,))  # one jit: images of a size share it
   run = jax.jit(lambda f, key, w: segmenters_lib.segment(
       segmenter, config.eval.kmeans, f, k, key[None], target, threshold,
       is_pixels=tap == "input", max_regions=config.eval.max_regions, cap=_MAX_LABELS,

@@ -64,19 +64,20 @@ def main(argv) -> None:
 
   from clevr_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
   from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from clevr_jax import models  # pylint: disable=g-import-not-at-top
   from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
   from clevr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from clevr_jax import train_step  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   mesh = sharding.make_mesh()
-  model = state_lib.make_model(config, axis_name=sharding.AXIS)
+  model = models.make_model(config, axis_name=sharding.AXIS)
   if _FLOAT64.value:
     model = model.clone(dtype=jnp.float64)  # compute dtype; params are cast below
-  tx = state_lib.make_optimizer(config, max(_STEPS.value, 1))
+  tx = train_step.make_optimizer(config, max(_STEPS.value, 1))
   if _RESTORE.value:
     state = checkpoints.restore(checkpoints.make_manager(_RESTORE.value, read_only=True),
-                                state_lib.abstract_state(config), mesh)
+                                state_lib.abstract_state(config, tx), mesh)
   else:
     state = state_lib.create_state(config, tx)
     if _FLOAT64.value:

@@ -31,6 +31,7 @@ def train_steps_on_devices(num_steps: int = 2) -> float:
   from benchmarks import samples  # pylint: disable=g-import-not-at-top
   from configs import unet_objects  # pylint: disable=g-import-not-at-top
   from clevr_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
+  from clevr_jax import models  # pylint: disable=g-import-not-at-top
   from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
   from clevr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from clevr_jax import train_step  # pylint: disable=g-import-not-at-top
@@ -53,8 +54,8 @@ def train_steps_on_devices(num_steps: int = 2) -> float:
   host_batch["pseudo_labels"] = np.repeat(np.repeat(blocks, 4, 1), 4, 2).astype(np.uint8)
 
   def run(mesh):
-    model = state_lib.make_model(config, axis_name=sharding.AXIS).clone(dtype=jnp.float64)
-    tx = state_lib.make_optimizer(config, num_steps)
+    model = models.make_model(config, axis_name=sharding.AXIS).clone(dtype=jnp.float64)
+    tx = train_step.make_optimizer(config, num_steps)
     state = state_lib.create_state(config, tx)
     as64 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float64), t)
     params = as64(state.params)
