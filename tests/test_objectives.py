@@ -312,7 +312,7 @@ def test_a_short_optimisation_lowers_the_objectives():
 
 def test_unet_objects_config_presets_and_model():
   from configs import unet_objects  # pylint: disable=g-import-not-at-top
-  from clevr_jax import models, state  # pylint: disable=g-import-not-at-top
+  from clevr_jax import models  # pylint: disable=g-import-not-at-top
   for preset in unet_objects.PRESETS:
     config = unet_objects.get_config(preset)
     objectives.check_config(config)
@@ -328,7 +328,7 @@ def test_unet_objects_config_presets_and_model():
   assert not objectives.enabled(defaults.get_config())
   # The :test model exposes the embedding tap (shapes only: nothing compiled).
   config = unet_objects.get_config("test")
-  model = state.make_model(config)
+  model = models.make_model(config)
   x = jnp.zeros((2, 48, 64, 3))
   variables = jax.eval_shape(functools.partial(model.init, train=False), _key(0), x)
   _, taps = jax.eval_shape(functools.partial(model.apply, train=False,
