@@ -19,20 +19,12 @@ import pytest
 
 from clevr_jax import defaults
 from clevr_jax import validate
+from tests.helpers.cli_output import error_line
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = os.path.join(REPO_ROOT, "tests", "helpers")
 MAIN = ("-m", "clevr_jax.main")
 SAMPLES = pathlib.Path(REPO_ROOT) / "tests" / "data" / "clevr_with_masks_samples"
-
-
-def _error_line(result):
-  """The one `error:` line of a run that stopped on bad input (exit status 2)."""
-  assert "Traceback" not in result.stderr, result.stderr[-5000:]
-  assert result.returncode == 2, result.stderr[-5000:]
-  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(lines) == 1, result.stderr[-5000:]
-  return lines[0]
 
 
 def _bad_eval_files(tmp: pathlib.Path) -> dict[str, str]:
@@ -144,7 +136,7 @@ def _start_children(request):
 
 @pytest.mark.parametrize("name", ["uncompressed", "png", "gzip_of_text", "cut_in_first_record"])
 def test_eval_file_that_is_not_a_gzip_tfrecord_is_named(_children, name):
-  line = _error_line(_children[f"eval_file_{name}"].result())
+  line = error_line(_children[f"eval_file_{name}"].result())
   assert ".tfrecords" in line
   if name in ("uncompressed", "png"):
     assert "not GZIP-compressed" in line
@@ -153,7 +145,7 @@ def test_eval_file_that_is_not_a_gzip_tfrecord_is_named(_children, name):
 
 
 def test_evaluate_names_an_eval_file_that_is_not_a_tfrecord(_children):
-  line = _error_line(_children["eval_file_evaluate"].result())
+  line = error_line(_children["eval_file_evaluate"].result())
   assert "text.tfrecords: record 0 is truncated or corrupt" in line
 
 
@@ -163,19 +155,19 @@ def test_evaluate_names_an_eval_file_that_is_not_a_tfrecord(_children):
 def test_batch_sizes_of_zero_or_less_name_the_setting(_children):
   for child, flag in (("batch_0", "batch_size=0"), ("batch_minus_8", "batch_size=-8"),
                       ("eval_batch_0", "eval.batch_size=0")):
-    line = _error_line(_children[child].result())
+    line = error_line(_children[child].result())
     assert f"config.{flag} must be at least 1" in line, line
 
 
 @pytest.mark.parametrize("mode", ["baselines", "evaluate"])
 def test_eval_batch_that_does_not_divide_over_the_devices_names_the_flag(_children, mode):
-  line = _error_line(_children[f"eval_batch_6_on_4_{mode}"].result())
+  line = error_line(_children[f"eval_batch_6_on_4_{mode}"].result())
   assert "the global batch 6 does not divide over 4 devices" in line
   assert "--config.eval.batch_size=4 or 8" in line
 
 
 def test_dead_key_eval_kmeans_metric_is_gone_and_names_the_live_ones(_children):
-  line = _error_line(_children["dead_key"].result())
+  line = error_line(_children["dead_key"].result())
   assert "--config.eval.kmeans.metric: the config has no key 'metric'" in line
   assert "--config.eval.segmenters.kmeans.metric" in line
 
@@ -199,7 +191,7 @@ def test_every_config_leaf_is_read_somewhere_in_the_package():
 
 
 def test_missing_config_file_with_an_override_names_the_file(_children):
-  line = _error_line(_children["no_config_file_with_override"].result())
+  line = error_line(_children["no_config_file_with_override"].result())
   assert "cannot load the config file 'configs/unet_rbg.py' (No such file" in line
 
 
@@ -223,7 +215,7 @@ def test_validation_names_the_field_to_fix():
 
 
 def test_report_over_a_results_json_cut_short_names_the_file(_children):
-  line = _error_line(_children["report_cut_json"].result())
+  line = error_line(_children["report_cut_json"].result())
   assert "cut_results/results.json is not valid JSON" in line
   assert "--mode=evaluate" in line
 
@@ -231,7 +223,7 @@ def test_report_over_a_results_json_cut_short_names_the_file(_children):
 @pytest.mark.parametrize("mode", ["train", "evaluate"])
 def test_changed_architecture_is_a_config_mismatch_not_damage(_children, mode):
   result = _children[f"wider_{mode}"].result()
-  line = _error_line(result)
+  line = error_line(result)
   assert "holds another network than the config builds" in line
   assert "The config does not match the checkpoint" in line
   # Width 8 -> 16: the bottleneck's first kernel (listed first) doubles both channel counts.
@@ -248,7 +240,7 @@ def test_changed_architecture_is_a_config_mismatch_not_damage(_children, mode):
 def test_full_disk_is_one_short_line_that_says_where_training_resumes(_children):
   result = _children["full_disk"].result()
   stderr = result.stderr
-  line = _error_line(result)
+  line = error_line(result)
   assert line.startswith(
       f"error: cannot write a checkpoint in {_children['full_disk_workdir']}/checkpoints "
       "(File too large)"), line

@@ -28,6 +28,7 @@ from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train
 from clevr_jax import train_step as train_step_lib
+from tests.helpers.cli_output import error_line
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_RUN = os.path.join(REPO_ROOT, "tests", "helpers", "train_run.py")
@@ -43,15 +44,6 @@ def _metrics(workdir):
   """The records of metrics.jsonl, read as strict JSON (NaN/Infinity rejected)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line, parse_constant=_reject_constant) for line in f]
-
-
-def _error_line(result):
-  """The one `error:` line of a CLI run that stopped on bad input (exit status 2)."""
-  assert "Traceback" not in result.stderr, result.stderr[-5000:]
-  assert result.returncode == 2, result.stderr[-5000:]
-  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(lines) == 1, result.stderr[-5000:]
-  return lines[0]
 
 
 def _copy_checkpoints(source, workdir):
@@ -309,24 +301,24 @@ def test_batch_that_does_not_divide_over_the_devices_names_the_flag(_children):
 
 
 def test_cli_config_typo_names_the_key(_children):
-  line = _error_line(_children["typo"].result())
+  line = error_line(_children["typo"].result())
   assert "--config.model.skipp" in line and 'Did you mean "skip"' in line
 
 
 def test_cli_unknown_preset_lists_the_presets(_children):
-  line = _error_line(_children["unknown_preset"].result())
+  line = error_line(_children["unknown_preset"].result())
   assert "unknown preset 'quik'" in line
   assert "'quick', 'synthetic', 'test'" in line
 
 
 def test_cli_missing_config_file_names_it(_children):
-  line = _error_line(_children["no_config_file"].result())
+  line = error_line(_children["no_config_file"].result())
   assert "configs/unet_rbg.py" in line and "No such file" in line
   assert "--config=configs/unet_rgb.py:quick" in line
 
 
 def test_cli_without_the_real_dataset_says_how_to_get_it(_children):
-  line = _error_line(_children["no_real_dataset"].result())
+  line = error_line(_children["no_real_dataset"].result())
   assert line.startswith("error: no clevr_with_masks TFRecord at")
   for hint in ("clevr_with_masks_train.tfrecords", "--config.data.manual_dir",
                "':synthetic'", "':quick'"):
@@ -353,7 +345,7 @@ def test_cli_prepare_prints_the_resolved_config(_children, data_dir):
 
 def test_cli_stops_at_a_non_finite_loss_keeping_the_last_good_checkpoint(_children):
   result = _children["nan"].result()
-  line = _error_line(result)
+  line = error_line(result)
   assert "training diverged at step" in line and "--config.optimizer.learning_rate=1e+08" in line
   diverged_at = int(line.split("training diverged at step ")[1].split(":")[0])
   workdir = _children["nan_workdir"]
@@ -375,23 +367,23 @@ def test_cli_stops_at_a_non_finite_loss_keeping_the_last_good_checkpoint(_childr
 
 
 def test_cli_second_run_on_a_locked_workdir_names_the_holder(_children):
-  line = _error_line(_children["locked"].result())
+  line = error_line(_children["locked"].result())
   assert f"host {socket.gethostname()}, pid {os.getpid()}" in line
   assert "another --workdir" in line
 
 
 def test_cli_workdir_that_cannot_be_written_fails_before_any_work(_children):
-  line = _error_line(_children["workdir_is_file"].result())
+  line = error_line(_children["workdir_is_file"].result())
   assert "is a file, not a directory" in line and "--workdir" in line
   # --mode=baselines stopped before it built (or even looked for) any data.
   assert os.listdir(_children["empty_data_dir"]) == []
-  line = _error_line(_children["workdir_in_file"].result())
+  line = error_line(_children["workdir_in_file"].result())
   assert "cannot write in --workdir=" in line and "Not a directory" in line
 
 
 def test_cli_evaluate_with_every_checkpoint_damaged_says_so(_children):
   result = _children["all_checkpoints_damaged"].result()
-  line = _error_line(result)
+  line = error_line(result)
   assert "restores" in line and "step 4" in line and "step 8" in line
   # orbax's notes on the read-only manager that evaluation opens are not shown.
   for noise in ("Given directory is read only", "CheckpointManagerOptions.read_only"):
@@ -399,14 +391,14 @@ def test_cli_evaluate_with_every_checkpoint_damaged_says_so(_children):
 
 
 def test_cli_image_size_the_network_cannot_take_fails_before_rendering(_children):
-  line = _error_line(_children["image_height_50"].result())
+  line = error_line(_children["image_height_50"].result())
   assert "config.data.image_height=50 is not divisible by 16" in line
   assert "--config.data.image_height=48" in line
   assert os.listdir(_children["empty_data_dir"]) == []  # nothing rendered
 
 
 def test_cli_eval_file_that_is_a_directory_says_so(_children):
-  line = _error_line(_children["eval_file_is_a_dir"].result())
+  line = error_line(_children["eval_file_is_a_dir"].result())
   assert "eval_file" in line and "is a directory" in line
 
 
