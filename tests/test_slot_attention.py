@@ -7,7 +7,6 @@ float64, in child processes started with this module), resuming, and the
 evaluation that scores the slot masks.
 """
 
-import math
 import os
 
 import jax
