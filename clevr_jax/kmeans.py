@@ -105,10 +105,25 @@ class _Prepared(NamedTuple):
 
 
 def _check(metric: str, init: str | None = None) -> None:
-  if metric not in METRICS:
+  if metric is not None and metric not in METRICS:
     raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
   if init is not None and init not in INITS:
     raise ValueError(f'init must be one of {INITS}, got {init!r}')
+
+
+def _cosine(metric):
+  """True/False for a named metric; for a metric given as data (a boolean array,
+  True = cosine), that traced value."""
+  return metric == 'cosine' if isinstance(metric, str) else metric
+
+
+def _either(cosine, if_cosine, if_euclidean):
+  """if_cosine() or if_euclidean(): chosen while tracing when the metric is named,
+  on the device (both computed, one kept) when it is data, so that one compiled
+  program serves both metrics."""
+  if isinstance(cosine, bool):
+    return if_cosine() if cosine else if_euclidean()
+  return jax.tree.map(lambda a, b: jnp.where(cosine, a, b), if_cosine(), if_euclidean())
 
 
 def _normalize(v: jax.Array) -> jax.Array:
@@ -124,20 +139,17 @@ def _prepare(points, point_weights, metric, tol) -> _Prepared:
   else:
     w = jnp.asarray(point_weights, x.dtype)
   total = jnp.sum(w, axis=1, keepdims=True)
-  if metric == 'cosine':
-    x = _normalize(x)
+  cosine = _cosine(metric)
+  x = _either(cosine, lambda: _normalize(x), lambda: x)
   mean = jnp.einsum('bn,bnd->bd', w, x) / total
   # Centring does not change euclidean k-means but keeps the matmul-form
   # distance ||x||^2 - 2 x.c + ||c||^2 accurate in float32 (sklearn does too).
   centred = x - mean[:, None, :]
   variance = jnp.einsum('bn,bnd->bd', w, centred**2) / total
   tol_abs = jnp.where(tol == 0, 0.0, tol * jnp.mean(variance, axis=1))
-  if metric == 'euclidean':
-    x, offset = centred, mean
-  else:
-    offset = jnp.zeros_like(mean)
+  x, offset = _either(cosine, lambda: (x, jnp.zeros_like(mean)), lambda: (centred, mean))
   sq_norms = jnp.sum(x * x, axis=-1)
-  seed_w = jnp.where(sq_norms > 0, w, 0) if metric == 'cosine' else w
+  seed_w = _either(cosine, lambda: jnp.where(sq_norms > 0, w, 0), lambda: w)
   return _Prepared(x, jnp.swapaxes(x, 1, 2), sq_norms, w, seed_w, offset,
                    tol_abs)
 
@@ -154,27 +166,24 @@ def _assign(xt, sq_norms, centroids, num_clusters, metric):
     sq_norms: [..., N].
     centroids: [..., K, D].
     num_clusters: [...] clusters >= this are masked out.
-    metric: 'euclidean' or 'cosine'.
+    metric: 'euclidean' or 'cosine' (or a boolean array, True = cosine).
 
   Returns:
     labels [..., N] int32 and distances [..., N]: squared euclidean, or
     1 - cos.
   """
   k_max = centroids.shape[-2]
+  cosine = _cosine(metric)
   dots = jnp.einsum('...kd,...dn->...kn', centroids, xt)
-  if metric == 'euclidean':
-    # argmax of 2 x.c - ||c||^2 = argmin of ||x - c||^2; ||x||^2 added after.
-    score = 2 * dots - jnp.sum(centroids**2, axis=-1)[..., None]
-  else:
-    score = dots
+  # Euclidean: argmax of 2 x.c - ||c||^2 = argmin of ||x - c||^2; ||x||^2 added after.
+  score = _either(cosine, lambda: dots,
+                  lambda: 2 * dots - jnp.sum(centroids**2, axis=-1)[..., None])
   valid = _valid_clusters(num_clusters, k_max)[..., None]
   score = jnp.where(valid, score, -jnp.inf)
   labels = jnp.argmax(score, axis=-2).astype(jnp.int32)
   best = jnp.max(score, axis=-2)
-  if metric == 'euclidean':
-    dist = jnp.maximum(sq_norms - best, 0)
-  else:
-    dist = jnp.maximum(1 - best, 0)
+  dist = _either(cosine, lambda: jnp.maximum(1 - best, 0),
+                 lambda: jnp.maximum(sq_norms - best, 0))
   return labels, dist
 
 
@@ -345,10 +354,12 @@ def _lloyd_pool(prep, num_clusters, run_image, init, *, max_iter, metric,
     valid = ks[None, :] < k[:, None]
     nonempty = counts > 0
     new_c = c + sums / jnp.where(nonempty, counts, 1)[..., None]
-    if metric == 'cosine':
-      # A zero mean (e.g. opposite points) has no direction: keep the old one.
-      has_dir = jnp.linalg.norm(new_c, axis=-1) > 0
-      new_c = jnp.where(has_dir[..., None], _normalize(new_c), c)
+    # Cosine: a zero mean (e.g. opposite points) has no direction: keep the old one.
+    new_c = _either(
+        _cosine(metric),
+        lambda: jnp.where((jnp.linalg.norm(new_c, axis=-1) > 0)[..., None],
+                          _normalize(new_c), c),
+        lambda: new_c)
     new_c = jnp.where(nonempty[..., None], new_c, c)
     empty = valid & ~nonempty
 
@@ -439,6 +450,13 @@ def _check_points(points, k_max):
                      f'{points.shape[1]}')
 
 
+def _metric_args(metric):
+  """(the static metric name or None, the metric as data or None)."""
+  if isinstance(metric, str):
+    return metric, None
+  return None, jnp.asarray(metric, bool)
+
+
 def _as_tol(tol):
   # Always a traced float32 scalar: the default and an explicit value (or
   # tol=-1 for "never stop") then share one compiled function.
@@ -448,8 +466,9 @@ def _as_tol(tol):
 @functools.partial(
     jax.jit, static_argnames=('k_max', 'num_restarts', 'max_iter', 'metric',
                               'init', 'parallel_runs'))
-def _kmeans(points, num_clusters, key, tol, point_weights, *, k_max,
+def _kmeans(points, num_clusters, key, tol, point_weights, metric_data, *, k_max,
             num_restarts, max_iter, metric, init, parallel_runs):
+  metric = metric_data if metric is None else metric
   b, n, d = points.shape
   num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
   prep = _prepare(points, point_weights, metric, tol)
@@ -479,7 +498,7 @@ def kmeans(points: jax.Array,
            num_restarts: int = 10,
            max_iter: int = 300,
            tol: float = 1e-4,
-           metric: str = 'euclidean',
+           metric: str | jax.Array = 'euclidean',
            init: str = 'k-means++',
            point_weights: jax.Array | None = None,
            parallel_runs: int | None = None) -> KMeansResult:
@@ -500,7 +519,9 @@ def kmeans(points: jax.Array,
     max_iter: Lloyd iterations at most, per restart.
     tol: relative tolerance on the total squared centroid shift (times the
       mean per-feature variance of the image); a negative value never stops.
-    metric: 'euclidean' or 'cosine' (spherical k-means).
+    metric: 'euclidean' or 'cosine' (spherical k-means); or a boolean scalar
+      array (True = cosine), an input of the compiled program, so that one
+      program serves both metrics (the evaluation's segmenters share it).
     init: 'k-means++' (greedy, with local trials) or 'random'.
     point_weights: optional [B, N] non-negative weights (multiplicities).
     parallel_runs: restarts iterated at once (slots of the run pool); default
@@ -509,12 +530,13 @@ def kmeans(points: jax.Array,
   Returns:
     A `KMeansResult`.
   """
-  _check(metric, init)
+  named, data = _metric_args(metric)
+  _check(named, init)
   points = jnp.asarray(points)
   _check_points(points, k_max)
-  return _kmeans(points, num_clusters, key, _as_tol(tol), point_weights,
+  return _kmeans(points, num_clusters, key, _as_tol(tol), point_weights, data,
                  k_max=k_max, num_restarts=num_restarts, max_iter=max_iter,
-                 metric=metric, init=init, parallel_runs=parallel_runs)
+                 metric=named, init=init, parallel_runs=parallel_runs)
 
 
 @functools.partial(

@@ -24,7 +24,8 @@ TASKS = ("reconstruction", "segmentation")
 # Settings that count something: 0 or less would divide by zero or never happen.
 _POSITIVE = ("batch_size", "eval.batch_size", "num_epochs", "log_every_steps",
              "checkpoint_every_steps", "keep_checkpoints", "model.base_width", "model.depth",
-             "eval.kmeans.num_restarts", "eval.kmeans.max_iter", "eval.kmeans.fixed_k")
+             "eval.kmeans.num_restarts", "eval.kmeans.max_iter", "eval.kmeans.fixed_k",
+             "eval.max_regions")
 _NON_NEGATIVE = ("num_train_steps", "eval.max_images", "eval.num_figure_images", "num_preview_images",
                  "optimizer.warmup_steps", "data.eval_file_height", "data.eval_file_width")
 # The modes that run batches over the devices, and the batches each one runs.
@@ -127,6 +128,22 @@ def check_image_size(config: ml_collections.ConfigDict) -> None:
         + (f" (or {nearest[1]})" if len(nearest) > 1 else ""))
 
 
+def check_region_slots(config: ml_collections.ConfigDict) -> None:
+  """R (eval.max_regions) must hold a post-processing segmenter's clusters: with
+  fewer slots than clusters, every image would lose regions before the merge."""
+  from clevr_jax.evaluation import segmenters  # pylint: disable=g-import-not-at-top  (JAX)
+  ev = config.eval
+  names = dict.fromkeys(tuple(ev.segmenter_names) + (ev.user_segmenter,))
+  for name in (n for n in names if n in ev.segmenters):
+    segmenter = segmenters.from_config(name, ev.segmenters[name], ev.kmeans.fixed_k)
+    if segmenter.post_processes and ev.max_regions < segmenter.k_max:
+      raise ValueError(
+          f"config.eval.max_regions={ev.max_regions} region slots are fewer than the "
+          f"{segmenter.k_max} clusters segmenter {name!r} splits into regions: every "
+          f"image would lose regions; set --config.eval.max_regions={segmenter.k_max} "
+          "or more (the default, 128, holds the scenes measured: 24-34 regions)")
+
+
 def check_mode_flags(mode: str, workdirs: Sequence[str], images: Sequence[str]) -> None:
   """The flags a mode cannot run without."""
   if mode == "report" and not workdirs:
@@ -166,6 +183,8 @@ def check_config(config: ml_collections.ConfigDict, mode: str,
   if mode in ("train", "evaluate"):
     from clevr_jax import objectives  # pylint: disable=g-import-not-at-top  (imports JAX)
     objectives.check_config(config)
+  if mode in ("train", "evaluate", "baselines", "segment"):
+    check_region_slots(config)
   if devices is not None and mode in _BATCHES:
     from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
     for path in _BATCHES[mode]:

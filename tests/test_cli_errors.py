@@ -95,6 +95,8 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir):
     children[f"eval_batch_6_on_4_{mode}"] = main(
         f"--mode={mode}", "--config.eval.batch_size=6", f"--workdir={tmp / ('e6' + mode)}",
         devices=4)
+  children["region_slots_4"] = main("--mode=baselines", "--config.eval.max_regions=4",
+                                    f"--workdir={tmp / 'r4'}")
   children["dead_key"] = main("--config.eval.kmeans.metric=euclidean", f"--workdir={tmp / 'k'}")
   children["no_config_file_with_override"] = start_python(
       [*MAIN, "--config=configs/unet_rbg.py:test", "--config.batch_size=4"])
@@ -166,6 +168,13 @@ def test_eval_batch_that_does_not_divide_over_the_devices_names_the_flag(_childr
   assert "--config.eval.batch_size=4 or 8" in line
 
 
+def test_region_slots_fewer_than_a_segmenters_clusters_name_the_field(_children):
+  line = error_line(_children["region_slots_4"].result())
+  assert ("config.eval.max_regions=4 region slots are fewer than the 11 clusters "
+          "segmenter 'split_merge' splits into regions") in line, line
+  assert "--config.eval.max_regions=11 or more" in line
+
+
 def test_dead_key_eval_kmeans_metric_is_gone_and_names_the_live_ones(_children):
   line = error_line(_children["dead_key"].result())
   assert "--config.eval.kmeans.metric: the config has no key 'metric'" in line
@@ -201,6 +210,8 @@ def test_validation_names_the_field_to_fix():
   for path, value, expected in (("num_epochs", 0, "config.num_epochs=0 must be at least 1"),
                                 ("checkpoint_every_steps", -1, "checkpoint_every_steps=-1"),
                                 ("eval.kmeans.fixed_k", 0, "eval.kmeans.fixed_k=0"),
+                                ("eval.max_regions", 0, "eval.max_regions=0 must be"),
+                                ("eval.max_regions", 10, "eval.max_regions=10 region slots"),
                                 ("task", "segment", "config.task='segment'")):
     bad = defaults.get_config("test")
     node = bad

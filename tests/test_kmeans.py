@@ -166,6 +166,24 @@ def test_per_image_k_and_batch_equals_single_images(small_batch):
   np.testing.assert_allclose(batch.inertia[:2], batch.inertia[2:], rtol=2e-3)
 
 
+@pytest.mark.parametrize('metric', km.METRICS)
+def test_metric_given_as_data_equals_the_named_metric(small_batch, metric):
+  # One compiled program serves both metrics when the metric is an input: it must
+  # compute what the named metric's own program computes (the same operations on
+  # the chosen side), label for label.
+  ks = np.array([2, 5, 3, 4], np.int32)
+  keys = jax.random.split(jax.random.key(3), 4)
+  named = km.kmeans(small_batch, ks, keys, k_max=5, metric=metric, num_restarts=3)
+  data = km.kmeans(small_batch, ks, keys, k_max=5, metric=np.bool_(metric == 'cosine'),
+                   num_restarts=3)
+  np.testing.assert_array_equal(data.labels, named.labels)
+  np.testing.assert_array_equal(data.n_iter, named.n_iter)
+  # Both sides of each choice are computed, and XLA may fuse them otherwise:
+  # float32 rounding of sums of 1,200 terms (relative 1e-7 each) at most.
+  np.testing.assert_allclose(data.centroids, named.centroids, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(data.inertia, named.inertia, rtol=1e-5)
+
+
 def test_early_stop_per_image(small_batch):
   ks = np.array([2, 5, 2, 5], np.int32)
   keys = jax.random.split(jax.random.key(3), 4)  # signature as above

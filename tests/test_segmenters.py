@@ -500,3 +500,20 @@ def test_segmenters_that_share_a_program_keep_their_own_k_and_merge_rule():
             for s in found}
   # K = 11 (fixed) leaves more labels in use than the oracle K = 4.
   assert (tables["kmeans_fixed_k"].sum(1) > 0).sum() > (tables["kmeans"].sum(1) > 0).sum()
+  # The four share one K-Means program (cosine and euclidean alike: the metric is
+  # an input); the post-processing is one more, the scoring of plain K-Means one.
+  kinds = [key[0] for key in together.programs.keys]
+  assert kinds.count("kmeans") == 1 and kinds.count("postprocess") == 1
+  # Staged, the segmenter computes what `segment` computes as one program.
+  host = {k: np.asarray(v) for k, v in batch.items()}
+  for seg in found:
+    num_masks = host["num_masks"]
+    target, threshold = segmenters.merge_rule(seg, segmenters.target_k(seg, num_masks),
+                                              "input", together.slots)
+    labels, _ = jax.jit(lambda f, k, t, th, seg=seg: segmenters.segment(
+        seg, config.eval.kmeans, f, k, kmeans.image_keys(0, host["index"]), t, th,
+        is_pixels=True, max_regions=config.eval.max_regions, cap=together.slots))(
+            host["features"], segmenters.cluster_k(seg, num_masks), target, threshold)
+    staged = together.dispatch(seg, "input", features, batch, keys)[1]
+    np.testing.assert_array_equal(
+        np.asarray(staged), np.asarray(kmeans.upsample_labels(labels, 24, 32)))

@@ -1,10 +1,9 @@
 """The sharded scoring protocol: every (segmenter, tap) over the test split.
 
 Per batch, each device takes its own images through the features (a network's
-taps, or the pixels) and the whole segmenter, one jitted program per
-(segmenter, feature shape): transform, K-Means, post-processing and the
-contingency tables against the truth, which the pipeline put on the devices
-once. Only the tables (images x 11 x slots counts) and each image's region
+taps, or the pixels) and the whole segmenter (`segmenters.DevicePrograms`:
+transform, K-Means, post-processing and the contingency tables against the
+truth, which the pipeline put on the devices once). Only the tables (images x 11 x slots counts) and each image's region
 count reach the host; processes exchange tables only. Scores (Hungarian
 matching) follow from the tables on every host alike. Figures are taken after
 the loop from the first batch's label maps, which stayed on the devices.
@@ -61,30 +60,24 @@ class Runner:
     self.config, self.mesh = config, mesh
     self.segmenters = list(segmenters)
     self.slots = num_pred_slots(self.segmenters)
-    # Made up front, so that threads only look them up.
-    self._fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
-    for segmenter in self.segmenters:
-      for is_pixels in (True, False):
-        key = self.program_key(segmenter, is_pixels)
-        if key not in self._fns:
-          self._fns[key] = segmenters_lib.make_device_fn(
-              segmenter, config, mesh, is_pixels=is_pixels, num_pred_slots=self.slots)
+    self.programs = segmenters_lib.DevicePrograms(config, mesh, self.slots)
 
-  @staticmethod
-  def program_key(segmenter: segmenters_lib.Segmenter, is_pixels: bool) -> tuple[Any, ...]:
-    return (segmenter.device_key, is_pixels)
+  def group_key(self, segmenter: segmenters_lib.Segmenter, tap: str,
+                shape: tuple[int, ...]) -> tuple[Any, ...]:
+    """Jobs that may share device programs (`DevicePrograms.group_key`)."""
+    return self.programs.group_key(segmenter, shape, tap in segmenters_lib.PIXEL_TAPS)
 
   def dispatch(self, segmenter: segmenters_lib.Segmenter, tap: str, features: jax.Array,
                batch: dict[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, ...]:
-    """Starts the device program (compiling it on its first call): (tables, labels,
+    """Starts the device programs (compiling them on first use): (tables, labels,
     region counts) as device arrays."""
-    fn = self._fns[self.program_key(segmenter, tap in segmenters_lib.PIXEL_TAPS)]
     num_masks = batch["num_masks"]
     target, threshold = segmenters_lib.merge_rule(
         segmenter, segmenters_lib.target_k(segmenter, num_masks), tap, self.slots)
-    return fn(features, segmenters_lib.cluster_k(segmenter, num_masks), target, threshold,
-              keys, batch["instance_labels"],
-              batch["image"] if segmenter.uses_pixels else None)
+    return self.programs(segmenter, features, segmenters_lib.cluster_k(segmenter, num_masks),
+                         target, threshold, keys, batch["instance_labels"],
+                         batch["image"] if segmenter.uses_pixels else None,
+                         is_pixels=tap in segmenters_lib.PIXEL_TAPS)
 
   def collect(self, segmenter: segmenters_lib.Segmenter, tap: str,
               out: tuple[jax.Array, ...], valid: np.ndarray) -> np.ndarray:
@@ -117,11 +110,10 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   first: dict[str, Any] = {}
   progress = logs.Progress(what, num_images(config, split), config.eval.progress_every_s)
   jobs = [(s, t) for s in segmenters for t in taps if s.scores(t)]
-  # Each batch's programs are started from a pool of threads (one per core):
-  # their first calls compile them, so XLA compiles on all of the host's cores
-  # at once instead of one program after another. Segmenters that share a
-  # program share a thread (one compile). Host transfers stay in this thread,
-  # in order (in several processes they are collectives).
+  # Each batch's programs are started from a pool of threads (one per core), so
+  # that programs run side by side. Jobs that may share a program share a thread
+  # (one compile). Host transfers stay in this thread, in order (in several
+  # processes they are collectives).
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
   for batch in host_batches(config, split, mesh):
     keys = kmeans.image_keys(config.seed, batch["index"])
@@ -129,9 +121,8 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     features = features_fn(batch)
     groups: dict[tuple[Any, ...], list[tuple[segmenters_lib.Segmenter, str]]] = {}
     for segmenter, tap in jobs:
-      program = (Runner.program_key(segmenter, tap in segmenters_lib.PIXEL_TAPS),
-                 features[tap].shape)
-      groups.setdefault(program, []).append((segmenter, tap))
+      key = runner.group_key(segmenter, tap, features[tap].shape)
+      groups.setdefault(key, []).append((segmenter, tap))
 
     def dispatch_group(group, batch=batch, features=features, keys=keys):
       return [((s.name, t), runner.dispatch(s, t, features[t], batch, keys)) for s, t in group]

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any, Callable
 
 from absl import logging
@@ -201,25 +202,54 @@ def cluster_k(segmenter: Segmenter, num_masks: jax.Array) -> jax.Array:
   return target_k(segmenter, num_masks)
 
 
+def transform(segmenter: Segmenter, features: jax.Array, *, is_pixels: bool) -> jax.Array:
+  """The features [B, h, w, c] under the segmenter's transforms: [B, h, w, c']."""
+  return transforms.apply(features.astype(jnp.float32), segmenter.transforms_for(
+      "pixels" if is_pixels else "tap"), is_rgb=is_pixels, pca_dim=segmenter.pca_dim,
+                          xy_weight=segmenter.xy_weight)
+
+
+def cluster(x: jax.Array, num_clusters: jax.Array, keys: jax.Array,
+            kmeans_config: ml_collections.ConfigDict, *, k_max: int,
+            metric: str | jax.Array, point_weights: jax.Array | None = None) -> jax.Array:
+  """K-Means labels [B, h, w] of transformed features [B, h, w, c], at the tap's own
+  resolution (kmeans.py says why that equals clustering the upsampled map).
+  `num_clusters` [B]: K per image (`cluster_k`); `metric` a name, or a boolean
+  array (True = cosine) so that one compiled program serves every segmenter."""
+  b, h, w, c = x.shape
+  result = kmeans.kmeans(
+      x.reshape(b, h * w, c), num_clusters, keys, k_max=k_max,
+      num_restarts=kmeans_config.num_restarts, max_iter=kmeans_config.max_iter,
+      tol=kmeans_config.tol, metric=metric, init=kmeans_config.init,
+      point_weights=point_weights)
+  return result.labels.reshape(b, h, w)
+
+
 def transform_and_cluster(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
                           features: jax.Array, num_clusters: jax.Array, keys: jax.Array,
                           *, is_pixels: bool, point_weights: jax.Array | None = None
                           ) -> tuple[jax.Array, jax.Array]:
   """(transformed features [B, h, w, c'], cluster labels [B, h, w]) of one tap.
+  Jittable."""
+  x = transform(segmenter, features, is_pixels=is_pixels)
+  return x, cluster(x, num_clusters, keys, kmeans_config, k_max=segmenter.k_max,
+                    metric=segmenter.metric, point_weights=point_weights)
 
-  `num_clusters` [B]: K-Means' K per image (see `cluster_k`). Jittable; K-Means runs at the tap's own resolution (see kmeans.py on why
-  that equals clustering the upsampled map).
-  """
-  x = transforms.apply(features.astype(jnp.float32), segmenter.transforms_for(
-      "pixels" if is_pixels else "tap"), is_rgb=is_pixels, pca_dim=segmenter.pca_dim,
-                       xy_weight=segmenter.xy_weight)
-  b, h, w, c = x.shape
-  result = kmeans.kmeans(
-      x.reshape(b, h * w, c), num_clusters, keys, k_max=segmenter.k_max,
-      num_restarts=kmeans_config.num_restarts, max_iter=kmeans_config.max_iter,
-      tol=kmeans_config.tol, metric=segmenter.metric, init=kmeans_config.init,
-      point_weights=point_weights)
-  return x, result.labels.reshape(b, h, w)
+
+def postprocess(segmenter: Segmenter, labels: jax.Array, x: jax.Array, target: jax.Array,
+                threshold: jax.Array, *, max_regions: int, cap: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """The segmenter's post-processing of cluster labels [B, h, w] of the features x
+  [B, h, w, c]: (labels [B, h, w] in 0..cap-1, regions per image after absorbing
+  specks; zeros without post-processing). See `segment` for the arguments."""
+  if not segmenter.post_processes:
+    return labels, jnp.zeros(labels.shape[:1], jnp.int32)
+  _, h, w = labels.shape
+  one_image = functools.partial(
+      regions.postprocess, num_labels=segmenter.k_max, modal_size=segmenter.modal_size,
+      split=segmenter.split, min_area=int(round(segmenter.min_area * h * w)),
+      max_regions=max_regions, cap=cap, metric=segmenter.metric)
+  return jax.vmap(one_image)(labels, x, target, threshold)
 
 
 def merge_rule(segmenter: Segmenter, target: jax.Array, tap: str, cap: int
@@ -271,14 +301,8 @@ def segment(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
   else:
     x, labels = transform_and_cluster(segmenter, kmeans_config, features, num_clusters, keys,
                                       is_pixels=is_pixels, point_weights=point_weights)
-  if not segmenter.post_processes:
-    return labels, jnp.zeros(labels.shape[:1], jnp.int32)
-  _, h, w = labels.shape
-  one_image = functools.partial(
-      regions.postprocess, num_labels=segmenter.k_max, modal_size=segmenter.modal_size,
-      split=segmenter.split, min_area=int(round(segmenter.min_area * h * w)),
-      max_regions=max_regions, cap=cap, metric=segmenter.metric)
-  return jax.vmap(one_image)(labels, x, target, threshold)
+  return postprocess(segmenter, labels, x, target, threshold, max_regions=max_regions,
+                     cap=cap)
 
 
 def upsample_features(x: jax.Array, height: int, width: int) -> jax.Array:
@@ -338,30 +362,102 @@ def check_region_counts(counts: np.ndarray, max_regions: int, where: str) -> Non
         int(np.max(counts)))
 
 
-def make_device_fn(segmenter: Segmenter, config: ml_collections.ConfigDict,
-                   mesh: jax.sharding.Mesh, *, is_pixels: bool, num_pred_slots: int
-                   ) -> Callable[..., Any]:
-  """The whole segmenter and its scoring, sharded: each device its own images.
+class DevicePrograms:
+  """The segmenters and their scoring as sharded device programs, each device on
+  its own images; compiled on first use and shared by what they depend on.
 
-  (features, K-Means' K, merge target, merge threshold (`merge_rule`), keys,
-  true labels, the images) -> (contingency tables [B, T, P], labels [B, H, W],
-  regions per image after absorbing specks [B]). K and the merge's rule are inputs, not
-  constants: segmenters with the same `device_key` share the program.
-  Only the tables and counts need to reach the host; the labels stay on the
-  devices unless figures want them.
+  A segmenter that clusters a tap with K-Means runs as three programs whose
+  arrays stay on the devices: its transform, the K-Means, and the
+  post-processing with the upsampling and the contingency tables. The K-Means
+  program depends only on the transformed features' shape (K, keys and the
+  metric are inputs), so every such segmenter, and every tap of that shape,
+  shares one compile; the post-processing program is shared by the taps of one
+  shape. On a short evaluation the compiles, not the runs, are most of the
+  time (docs/benchmarks.md). A segmenter that reads the image too (the hybrid)
+  or takes each pixel's largest channel ('argmax') runs as one program.
+
+  Only the tables and region counts need to reach the host; the labels stay on
+  the devices unless figures want them.
   """
-  height, width = config.data.image_height, config.data.image_width
 
-  def run(features, num_clusters, target, threshold, keys, true_labels, pixels):
-    labels, counts = segment(segmenter, config.eval.kmeans, features, num_clusters, keys,
-                             target, threshold, is_pixels=is_pixels,
-                             max_regions=config.eval.max_regions, cap=num_pred_slots,
-                             pixels=pixels)
-    labels = kmeans.upsample_labels(labels, height, width)
-    tables = metrics.contingency(true_labels, labels, schema.MAX_SLOTS, num_pred_slots)
-    return tables, labels, counts
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               num_pred_slots: int) -> None:
+    self.config, self.mesh, self.cap = config, mesh, num_pred_slots
+    self.height, self.width = config.data.image_height, config.data.image_width
+    self._fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
+    self._lock = threading.Lock()
 
-  # No collective inside: the loops' carries would need varying-axis
-  # annotations for the check, which adds nothing here.
-  return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P(sharding.AXIS),
-                               out_specs=P(sharding.AXIS), check_vma=False))
+  @property
+  def keys(self) -> tuple[tuple[Any, ...], ...]:
+    """The programs made so far (each compiled once per input shape)."""
+    return tuple(self._fns)
+
+  @staticmethod
+  def staged(segmenter: Segmenter) -> bool:
+    return segmenter.cluster == "kmeans" and not segmenter.uses_pixels
+
+  def group_key(self, segmenter: Segmenter, shape: tuple[int, ...], is_pixels: bool
+                ) -> tuple[Any, ...]:
+    """Jobs with equal keys may share programs: run them in one thread, so that
+    no program is compiled twice at once."""
+    if self.staged(segmenter):
+      x = jax.eval_shape(lambda f: transform(segmenter, f, is_pixels=is_pixels),
+                         jax.ShapeDtypeStruct(shape, jnp.float32))
+      return ("kmeans", x.shape, segmenter.k_max)
+    return ("whole", segmenter.device_key, is_pixels, shape)
+
+  def _program(self, key: tuple[Any, ...], make: Callable[[], Callable[..., Any]],
+               in_specs: Any = P(sharding.AXIS)) -> Callable[..., Any]:
+    with self._lock:
+      if key not in self._fns:
+        # No collective inside: the loops' carries would need varying-axis
+        # annotations for the check, which adds nothing here.
+        self._fns[key] = jax.jit(jax.shard_map(make(), mesh=self.mesh, in_specs=in_specs,
+                                               out_specs=P(sharding.AXIS), check_vma=False))
+      return self._fns[key]
+
+  def _score(self, labels: jax.Array, true_labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    labels = kmeans.upsample_labels(labels, self.height, self.width)
+    return metrics.contingency(true_labels, labels, schema.MAX_SLOTS, self.cap), labels
+
+  def __call__(self, segmenter: Segmenter, features: jax.Array, num_clusters: jax.Array,
+               target: jax.Array, threshold: jax.Array, keys: jax.Array,
+               true_labels: jax.Array, pixels: jax.Array | None, *, is_pixels: bool
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Starts the programs (compiling them on first use): (contingency tables
+    [B, T, P], labels [B, H, W], regions per image after absorbing specks [B])."""
+    ev, cap = self.config.eval, self.cap
+    if not self.staged(segmenter):
+      def whole(features, num_clusters, target, threshold, keys, true_labels, pixels):
+        labels, counts = segment(segmenter, ev.kmeans, features, num_clusters, keys, target,
+                                 threshold, is_pixels=is_pixels, max_regions=ev.max_regions,
+                                 cap=cap, pixels=pixels)
+        return (*self._score(labels, true_labels), counts)
+      fn = self._program(("whole", segmenter.device_key, is_pixels), lambda: whole)
+      return fn(features, num_clusters, target, threshold, keys, true_labels, pixels)
+
+    names = segmenter.transforms_for("pixels" if is_pixels else "tap")
+    x = features
+    if names or features.dtype != jnp.float32:
+      x = self._program(
+          ("transform", names, is_pixels, segmenter.pca_dim, segmenter.xy_weight),
+          lambda: functools.partial(transform, segmenter, is_pixels=is_pixels))(features)
+    cluster_fn = self._program(
+        ("kmeans", segmenter.k_max),
+        lambda: lambda x, k, keys, cosine: cluster(x, k, keys, ev.kmeans,
+                                                   k_max=segmenter.k_max, metric=cosine),
+        in_specs=(P(sharding.AXIS),) * 3 + (P(),))
+    labels = cluster_fn(x, num_clusters, keys, np.bool_(segmenter.metric == "cosine"))
+    if not segmenter.post_processes:
+      def score(labels, true_labels):
+        tables, labels = self._score(labels, true_labels)
+        return tables, labels, jnp.zeros(labels.shape[:1], jnp.int32)
+      return self._program(("score",), lambda: score)(labels, true_labels)
+
+    def finish(labels, x, target, threshold, true_labels):
+      labels, counts = postprocess(segmenter, labels, x, target, threshold,
+                                   max_regions=ev.max_regions, cap=cap)
+      return (*self._score(labels, true_labels), counts)
+    key = ("postprocess", segmenter.k_max, segmenter.modal_size, segmenter.split,
+           segmenter.min_area, segmenter.metric)
+    return self._program(key, lambda: finish)(labels, x, target, threshold, true_labels)
