@@ -62,11 +62,6 @@ class Runner:
     self.slots = num_pred_slots(self.segmenters)
     self.programs = segmenters_lib.DevicePrograms(config, mesh, self.slots)
 
-  def group_key(self, segmenter: segmenters_lib.Segmenter, tap: str,
-                shape: tuple[int, ...]) -> tuple[Any, ...]:
-    """Jobs that may share device programs (`DevicePrograms.group_key`)."""
-    return self.programs.group_key(segmenter, shape, tap in segmenters_lib.PIXEL_TAPS)
-
   def dispatch(self, segmenter: segmenters_lib.Segmenter, tap: str, features: jax.Array,
                batch: dict[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, ...]:
     """Starts the device programs (compiling them on first use): (tables, labels,
@@ -111,23 +106,20 @@ def score_features(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   progress = logs.Progress(what, num_images(config, split), config.eval.progress_every_s)
   jobs = [(s, t) for s in segmenters for t in taps if s.scores(t)]
   # Each batch's programs are started from a pool of threads (one per core), so
-  # that programs run side by side. Jobs that may share a program share a thread
-  # (one compile). Host transfers stay in this thread, in order (in several
-  # processes they are collectives).
+  # that they run side by side; the call that compiles a shared program runs
+  # alone (`segmenters.DevicePrograms`). Host transfers stay in this thread, in
+  # order (in several processes they are collectives).
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
   for batch in host_batches(config, split, mesh):
     keys = kmeans.image_keys(config.seed, batch["index"])
     num_masks, valid = sharding.to_host(batch["num_masks"]), sharding.to_host(batch["valid"])
     features = features_fn(batch)
-    groups: dict[tuple[Any, ...], list[tuple[segmenters_lib.Segmenter, str]]] = {}
-    for segmenter, tap in jobs:
-      key = runner.group_key(segmenter, tap, features[tap].shape)
-      groups.setdefault(key, []).append((segmenter, tap))
 
-    def dispatch_group(group, batch=batch, features=features, keys=keys):
-      return [((s.name, t), runner.dispatch(s, t, features[t], batch, keys)) for s, t in group]
+    def dispatch(job, batch=batch, features=features, keys=keys):
+      segmenter, tap = job
+      return runner.dispatch(segmenter, tap, features[tap], batch, keys)
 
-    outputs = dict(o for out in pool.map(dispatch_group, groups.values()) for o in out)
+    outputs = {(s.name, t): out for (s, t), out in zip(jobs, pool.map(dispatch, jobs))}
     labels, scores = {}, {}
     for segmenter, tap in jobs:
       out = outputs[segmenter.name, tap]

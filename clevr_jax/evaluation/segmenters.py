@@ -2,9 +2,10 @@
 
 A segmenter is named in `config.eval.segmenters` (a small ConfigDict each;
 `config.eval.segmenter_names` says which run, in which order). All of it runs
-on the devices as one jitted program per (segmenter, feature shape), each
-device on its own images: the transform, K-Means, the optional
-post-processing (`regions.py`) and the contingency tables.
+on the devices, each device on its own images: the transform, K-Means, the
+optional post-processing (`regions.py`) and the contingency tables
+(`DevicePrograms`: the K-Means program is shared by every segmenter and tap of
+one feature shape).
 
 Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
   cluster           'kmeans', or 'argmax': each pixel's largest channel is its
@@ -362,6 +363,24 @@ def check_region_counts(counts: np.ndarray, max_regions: int, where: str) -> Non
         int(np.max(counts)))
 
 
+class _CompiledOnce:
+  """A jitted function whose first call for each input shape, the one that
+  compiles, runs alone: threads that start it at once wait for that compile
+  instead of repeating it. Later calls do not wait."""
+
+  def __init__(self, fn: Callable[..., Any]) -> None:
+    self.fn, self._lock, self._ready = fn, threading.Lock(), set()
+
+  def __call__(self, *args: Any) -> Any:
+    shapes = tuple(getattr(a, "shape", None) for a in args)
+    if shapes in self._ready:
+      return self.fn(*args)
+    with self._lock:
+      out = self.fn(*args)
+      self._ready.add(shapes)
+    return out
+
+
 class DevicePrograms:
   """The segmenters and their scoring as sharded device programs, each device on
   its own images; compiled on first use and shared by what they depend on.
@@ -396,24 +415,15 @@ class DevicePrograms:
   def staged(segmenter: Segmenter) -> bool:
     return segmenter.cluster == "kmeans" and not segmenter.uses_pixels
 
-  def group_key(self, segmenter: Segmenter, shape: tuple[int, ...], is_pixels: bool
-                ) -> tuple[Any, ...]:
-    """Jobs with equal keys may share programs: run them in one thread, so that
-    no program is compiled twice at once."""
-    if self.staged(segmenter):
-      x = jax.eval_shape(lambda f: transform(segmenter, f, is_pixels=is_pixels),
-                         jax.ShapeDtypeStruct(shape, jnp.float32))
-      return ("kmeans", x.shape, segmenter.k_max)
-    return ("whole", segmenter.device_key, is_pixels, shape)
-
   def _program(self, key: tuple[Any, ...], make: Callable[[], Callable[..., Any]],
                in_specs: Any = P(sharding.AXIS)) -> Callable[..., Any]:
     with self._lock:
       if key not in self._fns:
         # No collective inside: the loops' carries would need varying-axis
         # annotations for the check, which adds nothing here.
-        self._fns[key] = jax.jit(jax.shard_map(make(), mesh=self.mesh, in_specs=in_specs,
-                                               out_specs=P(sharding.AXIS), check_vma=False))
+        self._fns[key] = _CompiledOnce(jax.jit(jax.shard_map(
+            make(), mesh=self.mesh, in_specs=in_specs, out_specs=P(sharding.AXIS),
+            check_vma=False)))
       return self._fns[key]
 
   def _score(self, labels: jax.Array, true_labels: jax.Array) -> tuple[jax.Array, jax.Array]:
