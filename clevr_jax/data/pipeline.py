@@ -294,6 +294,12 @@ class Split:
     self.config = config
     self.split = split
     dataset, self.num_examples = _source_dataset(config, split)
+    # No autotuning: deleting an iterator waits for the autotuner's thread to
+    # wake, 10-23 s after an evaluation's slow batches (docs/benchmarks.md); the
+    # AUTOTUNE maps then run on every core, as fast for these small maps.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    dataset = dataset.with_options(options)
     self._source = dataset.map(_stored_form, num_parallel_calls=tf.data.AUTOTUNE)
     self._dataset = self._source.cache() if config.data.cache else self._source
     self._arrays: dict[str, np.ndarray] = {}  # the in-memory lane's fields, read on first use
