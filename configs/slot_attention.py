@@ -20,8 +20,8 @@ any other tap.
                                                  scenes (128x128 crops of 240x320)
   --config=configs/slot_attention.py:experiment  CPU, CLEVR6-like synthetic scenes at 64x64
                                                  (crops of 96x128), a narrower model,
-                                                 750 steps: about 45 minutes on 2 idle
-                                                 cores (estimated)
+                                                 748 steps: about 50 minutes on one
+                                                 idle core (measured: docs/slots.md)
   --config=configs/slot_attention.py:quick       synthetic, 64x64, minutes on a CPU
   --config=configs/slot_attention.py:test        tiny, for the test suite
 """
@@ -114,8 +114,8 @@ def get_config(arg: str | None = None):
     config.optimizer.warmup_steps = 500
     config.optimizer.decay_steps = 20_000
     config.batch_size = 16
-    # 750 steps: about 45 minutes on 2 idle cores, estimated from XLA's FLOP
-    # count (68 GFLOP a step) and the U-Net quick run's rate (docs/slots.md).
+    # 748 steps: about 50 minutes on one idle core (4.0 images/s measured with
+    # two seeds side by side on 2 cores, docs/slots.md).
     config.num_epochs = 4
     config.keep_checkpoints = 100  # every checkpoint, for tools/slot_curve.py
     config.checkpoint_every_steps = 125
