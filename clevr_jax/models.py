@@ -21,6 +21,7 @@ import ml_collections
 
 from clevr_jax import schema
 from clevr_jax import slot_attention
+from clevr_jax import taps as taps_lib
 
 # PyTorch's BatchNorm epsilon (the poster's code); flax's default happens to match.
 _BN_EPSILON = 1e-5
@@ -221,23 +222,15 @@ class UNet(nn.Module):
       (output [batch, height, width, out_channels] float32, {tap name: float32
       activation [batch, h, w, c]} holding only the requested taps).
     """
-    taps = (taps,) if isinstance(taps, str) else tuple(taps)
-    self._check_input(x, taps)
-    wanted = frozenset(taps)
-    out_taps = {}
+    recorder = taps_lib.Recorder(taps)
+    self._check_input(x, recorder.names)
 
     def record(name: str, value: jax.Array) -> None:
-      # float32 at least (bfloat16 taps are widened); a float64 network (the
-      # device-count comparisons) keeps float64.
-      if name in wanted:
-        out_taps[name] = value.astype(jnp.promote_types(value.dtype, jnp.float32))
+      recorder(name, value)
       if self.embedding_dim > 0 and name == self.embedding_tap:
         # Always built (so init creates its parameters); jit drops it when unused.
-        embedding = nn.Conv(self.embedding_dim, (1, 1), dtype=self.dtype,
-                            param_dtype=jnp.float32, name='embedding_head')(value)
-        if 'embedding' in wanted:
-          out_taps['embedding'] = embedding.astype(
-              jnp.promote_types(embedding.dtype, jnp.float32))
+        recorder('embedding', nn.Conv(self.embedding_dim, (1, 1), dtype=self.dtype,
+                                      param_dtype=jnp.float32, name='embedding_head')(value))
 
     record('input', x)
     h = x
@@ -271,7 +264,7 @@ class UNet(nn.Module):
                   dtype=self.dtype, param_dtype=jnp.float32, name='output')(h)
     out = out.astype(jnp.float32)
     record('output', out)
-    return out, out_taps
+    return out, recorder.taps
 
 
 def build_model(config: ml_collections.ConfigDict, *,

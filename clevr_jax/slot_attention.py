@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clevr_jax import taps as taps_lib
+
 TAP_NAMES = ("input", "encoder", "attention", "slot_masks", "output")
 UPDATES = ("gru", "mean")
 # The evaluation's noise (no 'slots' RNG stream given): any fixed key will do.
@@ -227,14 +229,8 @@ class SlotAttentionAutoEncoder(nn.Module):
     `train` changes nothing (no BatchNorm or dropout): it is the U-Net's signature.
     """
     del train
-    taps = (taps,) if isinstance(taps, str) else tuple(taps)
-    self._check_input(x, taps)
-    wanted = frozenset(taps)
-    out_taps = {}
-
-    def record(name: str, value: jax.Array) -> None:
-      if name in wanted:
-        out_taps[name] = value.astype(jnp.promote_types(value.dtype, jnp.float32))
+    record = taps_lib.Recorder(taps)
+    self._check_input(x, record.names)
 
     record("input", x)
     b, height, width, _ = x.shape
@@ -286,4 +282,4 @@ class SlotAttentionAutoEncoder(nn.Module):
     out = jnp.sum(alphas * images, axis=1).astype(jnp.float32)
     record("slot_masks", jnp.moveaxis(alphas[..., 0], 1, -1))
     record("output", out)
-    return out, out_taps
+    return out, record.taps

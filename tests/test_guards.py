@@ -24,7 +24,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # check (it renders scenes with the NumPy renderer in clevr_jax.data; its own
 # no-TensorFlow test is in test_benchmarks.py).
 CORE_MODULES = [
-    "clevr_jax.models", "clevr_jax.slot_attention", "clevr_jax.kmeans", "clevr_jax.metrics", "clevr_jax.losses",
+    "clevr_jax.models", "clevr_jax.slot_attention", "clevr_jax.taps", "clevr_jax.kmeans", "clevr_jax.metrics", "clevr_jax.losses",
     "clevr_jax.state", "clevr_jax.batch", "clevr_jax.train_step", "clevr_jax.schema", "clevr_jax.checkpoints", "clevr_jax.logs",
     "clevr_jax.defaults", "clevr_jax.guards", "clevr_jax.validate", "clevr_jax.console",
     "benchmarks.train_benchmark", "benchmarks.kmeans_benchmark",
