@@ -20,6 +20,7 @@ import pytest
 from clevr_jax import defaults
 from clevr_jax import validate
 from tests.helpers.cli_output import error_line
+from tests.helpers.early_start import selected_in_module
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = os.path.join(REPO_ROOT, "tests", "helpers")
@@ -128,8 +129,7 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir):
 
 @pytest.fixture(scope="module", autouse=True)
 def _start_children(request):
-  if any("_children" in item.fixturenames and item.module is request.module
-         for item in request.session.items):
+  if selected_in_module(request, "_children"):
     request.getfixturevalue("_children")
 
 

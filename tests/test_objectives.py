@@ -16,6 +16,7 @@ import pytest
 from clevr_jax import defaults
 from clevr_jax import objectives
 from clevr_jax import views
+from tests.helpers.early_start import selected_in_module
 
 # XLA:CPU compiles threefry draws slowly (seconds each); 'rbg' keys compile fast.
 _key = functools.partial(jax.random.key, impl="rbg")
@@ -34,8 +35,7 @@ def four_device_child(start_python):
 @pytest.fixture(scope="module", autouse=True)
 def _start_four_device_child(request):
   """Starts the child with the module's first test when its test is selected: it overlaps the others."""
-  if any("four_device_child" in item.fixturenames and item.module is request.module
-         for item in request.session.items):
+  if selected_in_module(request, "four_device_child"):
     request.getfixturevalue("four_device_child")
 
 

@@ -23,6 +23,7 @@ from clevr_jax import state as state_lib
 from clevr_jax import train
 from clevr_jax import train_step
 from clevr_jax.data import pipeline
+from tests.helpers.early_start import selected_in_module
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_PARALLEL = os.path.join(REPO_ROOT, "tests", "helpers", "data_parallel.py")
@@ -45,8 +46,7 @@ def _device_runs(tmp_path_factory, data_dir, start_python):
 
 @pytest.fixture(scope="module", autouse=True)
 def _start_device_runs(request):
-  if any("_device_runs" in item.fixturenames and item.module is request.module
-         for item in request.session.items):
+  if selected_in_module(request, "_device_runs"):
     request.getfixturevalue("_device_runs")
 
 

@@ -21,13 +21,13 @@ from clevr_jax import sharding
 from clevr_jax import state as state_lib
 from clevr_jax import train_step
 from clevr_jax.data import pipeline
+from tests.helpers.early_start import selected_in_module
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _start_data_parallel_runs(request):
   """Starts the children when a selected test needs them: they overlap with the rest."""
-  if any("data_parallel_run" in item.fixturenames and item.module is request.module
-         for item in request.session.items):
+  if selected_in_module(request, "data_parallel_run"):
     start = request.getfixturevalue("data_parallel_run")
     start(1, wait=False, float64=True)
     start(4, wait=False, float64=True)

@@ -29,6 +29,7 @@ from clevr_jax import state as state_lib
 from clevr_jax import train
 from clevr_jax import train_step as train_step_lib
 from tests.helpers.cli_output import error_line
+from tests.helpers.early_start import selected_in_module
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_RUN = os.path.join(REPO_ROOT, "tests", "helpers", "train_run.py")
@@ -163,8 +164,7 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir, data_pa
 
 @pytest.fixture(scope="module", autouse=True)
 def _start_children(request):
-  if any("_children" in item.fixturenames and item.module is request.module
-         for item in request.session.items):
+  if selected_in_module(request, "_children"):
     request.getfixturevalue("_children")
 
 
