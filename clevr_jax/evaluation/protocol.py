@@ -3,10 +3,11 @@
 Per batch, each device takes its own images through the features (a network's
 taps, or the pixels) and the whole segmenter (`segmenters.DevicePrograms`:
 transform, K-Means, post-processing and the contingency tables against the
-truth, which the pipeline put on the devices once). Only the tables (images x 11 x slots counts) and each image's region
-count reach the host; processes exchange tables only. Scores (Hungarian
-matching) follow from the tables on every host alike. Figures are taken after
-the loop from the first batch's label maps, which stayed on the devices.
+truth, which the pipeline put on the devices once). Only the tables (images x
+11 x slots counts) and each image's region count reach the host; processes
+exchange tables only. Scores (Hungarian matching) follow from the tables on
+every host alike. Figures are taken after the loop from the first batch's
+label maps, which stayed on the devices.
 
 Padding examples are scored as invalid and each image's K-Means key is folded
 from its index, so the figures equal a single device's however many devices
