@@ -159,19 +159,23 @@ def base_config() -> ml_collections.ConfigDict:
       pixel_transforms="lab", tap_transforms="standardize", metric="euclidean",
       k="predict", num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
       merge_threshold=0.2)
-  # The hybrid (issue 18): pixels draw the boundaries (Lab K0-Means, majority
-  # filter, components, intersected with the tap's own K0 clusters so that two
-  # touching objects of one colour can come apart), the learned tap decides
-  # what belongs together (adjacent regions merged by the tap's region means,
-  # on the unit sphere). Learned taps only: on the pixels it is split_merge
-  # with K0 clusters. tap_merge_threshold: the discriminative margins' midpoint
-  # (objectives.discriminative.delta_d; configs/unet_objects.py says why).
+  # The hybrid (issue 18): pixels draw the boundaries (Lab K0-Means, K0 = 11,
+  # majority filter, components), the learned tap decides what belongs together
+  # (adjacent regions merged by the tap's region means, on the unit sphere).
+  # Learned taps only: on the pixels it is split_merge with K0 clusters. The
+  # pixels' own split, not intersected with the tap's clusters: a tap's object
+  # code runs a few pixels past the object's colour edge, and every cut of that
+  # halo swells the object (split_source='pixels_and_tap' with tap_cut_min_width
+  # undoes thin cuts; on held-out scenes it scores as the plain split, no better:
+  # docs/object_features.md). tap_merge_threshold: calibrated on held-out scenes
+  # (0.6 = 2 * delta_d - 2 * delta_v, the least distance the discriminative
+  # margins put between two instances' means).
   hybrid = dict(pixel_transforms="lab", tap_transforms="l2", metric="euclidean",
                 num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
-                split_source="pixels_and_tap", merge_source="tap")
+                split_source="pixels", merge_source="tap", tap_cut_min_width=5)
   ev.segmenters.hybrid = segmenter(**hybrid)
   ev.segmenters.hybrid_predict_k = segmenter(**hybrid, k="predict", merge_threshold=0.2,
-                                             tap_merge_threshold=0.5)
+                                             tap_merge_threshold=0.6)
   ev.segmenter_names = ("kmeans", "kmeans_fixed_k", "split_merge", "split_merge_predict_k")
   # R: region slots per image after absorbing specks, the static size of the
   # device merge (an R x R distance matrix). An image with more regions has its
@@ -239,6 +243,10 @@ def segmenter(**overrides) -> ml_collections.ConfigDict:
       # means merge them: 'tap' or 'pixels' (the hybrid: 'pixels*' and 'tap')
       "split_source": "tap",
       "merge_source": "tap",
+      # 'pixels_and_tap': a piece the tap's clusters cut off a pixel region is kept
+      # only if it holds a window this wide (pixels of the image); thinner ones (a
+      # halo of the tap past the object's edge) rejoin their pixel region. 0 = all
+      "tap_cut_min_width": 0,
   })
   for key, value in overrides.items():
     if key not in spec:

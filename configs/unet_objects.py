@@ -12,9 +12,10 @@ other images' (most likely it coded which image a pixel lies in). Turn it on wit
 --config.objectives.view_infonce.weight=0.5; docs/object_features.md.
 
 The hybrid segmenters ('hybrid' with the oracle K, 'hybrid_predict_k'
-without) are scored beside the others: the image's clusters draw the regions
-(intersected with the tap's own), the learned tap's region means merge them,
-under the same derived threshold. Self-training rounds:
+without) are scored beside the others: the image's clusters draw the regions,
+the learned tap's region means merge them (without the oracle, while closer
+than 2*delta_d - 2*delta_v = 0.6, the threshold held-out scenes pick). They
+are the recipe's best no-oracle pipeline. Self-training rounds:
 --config.objectives.self_training_rounds=2 trains round 1 in <workdir>/round1
 on the hybrid's masks of this run's network, then round 2 on round 1's.
 
@@ -56,10 +57,15 @@ def get_config(arg: str | None = None):
   # one instance then have means within 2 * delta_v, of two instances at least
   # 2 * delta_d - 2 * delta_v apart; delta_d lies midway (0.4 | 0.5 | 0.6).
   # Raw pixels keep their Lab settings.
-  # The hybrids (pixels split, the learned tap merges) use the same threshold.
-  for name in ("split_merge", "split_merge_predict_k", "hybrid", "hybrid_predict_k"):
+  for name in ("split_merge", "split_merge_predict_k"):
     config.eval.segmenters[name].tap_transforms = "l2"
     config.eval.segmenters[name].tap_merge_threshold = obj.discriminative.delta_d
+  # The hybrid (pixels split, the learned tap merges) compares the means of
+  # whole colour regions: calibrated on held-out scenes (docs/object_features.md),
+  # its threshold is the margins' bound on two instances, 2*delta_d - 2*delta_v.
+  d = obj.discriminative
+  config.eval.segmenters.hybrid_predict_k.tap_merge_threshold = round(
+      2 * d.delta_d - 2 * d.delta_v, 6)
   config.eval.segmenter_names = tuple(config.eval.segmenter_names) + (
       "hybrid", "hybrid_predict_k")
 

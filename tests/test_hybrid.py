@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import pytest
 
 from clevr_jax import defaults
+from clevr_jax.evaluation import regions
 from clevr_jax.evaluation import segmenters
 
 _H, _W = 16, 16
-_GREY, _RED, _SHADOW = (0.5, 0.5, 0.5), (0.8, 0.1, 0.1), (0.2, 0.2, 0.2)
+_GREY, _RED, _BLUE, _SHADOW = ((0.5, 0.5, 0.5), (0.8, 0.1, 0.1), (0.1, 0.2, 0.8),
+                                (0.2, 0.2, 0.2))
 
 
 def _hybrid(name="hybrid_predict_k", **overrides):
@@ -56,11 +58,13 @@ def test_two_touching_squares_of_one_colour_with_different_codes_come_apart():
   tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
   truth = np.zeros((_H, _W), np.int32)
   truth[4:12, 2:8], truth[4:12, 8:14] = 1, 2
-  for name, k in (("hybrid_predict_k", 3), ("hybrid", 3)):
-    seg, km = _hybrid(name)
-    assert _partition(_run(seg, km, image, tap, k)) == _partition(truth), name
-  # The pixels alone draw one region for both: the tap's clusters cut it.
-  seg, km = _hybrid(split_source="pixels")
+  # Cut by the tap's clusters: both squares are thick enough to keep the cut.
+  for name in ("hybrid_predict_k", "hybrid"):
+    seg, km = _hybrid(name, split_source="pixels_and_tap")
+    assert seg.tap_cut_min_width == 5
+    assert _partition(_run(seg, km, image, tap)) == _partition(truth), name
+  # The pixels alone (the configured split) draw one region for both.
+  seg, km = _hybrid()
   fused = truth.clip(0, 1)
   assert _partition(_run(seg, km, image, tap)) == _partition(fused)
 
@@ -79,6 +83,41 @@ def test_a_shadow_of_another_colour_with_the_objects_code_joins_the_object():
   assert len(np.unique(_run(seg, km, image, tap))) == 3
 
 
+def test_a_halo_of_the_objects_code_past_its_edge_stays_with_the_floor():
+  image = np.full((_H, _W, 3), _GREY, np.float32)
+  image[4:10, 4:10] = _RED
+  tap = _codes(((slice(1, 6), slice(1, 6)), 1))  # the object's code, 2 pixels past it
+  truth = np.zeros((_H, _W), np.int32)
+  truth[4:10, 4:10] = 1
+  # Every cut kept: the 2-pixel ring of floor under the object's code is a
+  # region of its own, and the tap's means merge it into the object.
+  seg, km = _hybrid(split_source="pixels_and_tap", tap_cut_min_width=0)
+  swollen = np.zeros((_H, _W), np.int32)
+  swollen[2:12, 2:12] = 1
+  assert _partition(_run(seg, km, image, tap)) == _partition(swollen)
+  # A cut must leave a width x width window on its side: the ring rejoins the floor.
+  for width in (3, 5):
+    seg, km = _hybrid(split_source="pixels_and_tap", tap_cut_min_width=width)
+    assert _partition(_run(seg, km, image, tap)) == _partition(truth), width
+
+
+def test_tap_cuts_keep_thick_pieces_and_leave_thin_regions_whole():
+  pixels = np.zeros((12, 12), np.int32)
+  pixels[2:10, 1:9] = 1  # an 8x8 square: thick
+  pixels[11, :] = 2  # a line 1 pixel thin along the bottom
+  tap = np.zeros((12, 12), np.int32)
+  tap[2:10, 5:9] = 1  # cuts the square in two 8x4 pieces
+  tap[11, 6:] = 1  # and the line in two
+  tap[:, 9] = 2  # a 1-pixel column of floor under another code
+  cuts = np.asarray(regions.tap_cuts(jnp.asarray(pixels), jnp.asarray(tap), 3, 3))
+  expected = pixels * 3
+  expected[2:10, 5:9] += 1  # both halves of the square hold a 3x3 window
+  np.testing.assert_array_equal(cuts, expected)  # the line and the column: no cut
+  np.testing.assert_array_equal(
+      np.asarray(regions.tap_cuts(jnp.asarray(pixels), jnp.asarray(tap), 3, 0)),
+      pixels * 3 + tap)
+
+
 def test_the_tap_threshold_is_read_from_the_config():
   config = defaults.base_config()
   config.eval.segmenters.hybrid_predict_k.tap_merge_threshold = 1.7
@@ -86,23 +125,27 @@ def test_the_tap_threshold_is_read_from_the_config():
   (seg,) = segmenters.configured(config)
   assert seg.threshold_for("embedding") == 1.7
   assert seg.threshold_for("input") == config.eval.segmenters.hybrid_predict_k.merge_threshold
-  # Codes sqrt(2) apart: merged under 1.7, kept apart under the default 0.5.
+  # A red and a blue square whose codes are sqrt(2) apart: one region under 1.7,
+  # two objects under the default 0.6.
   image = np.full((_H, _W, 3), _GREY, np.float32)
-  image[4:12, 2:14] = _RED
+  image[4:12, 2:8], image[4:12, 8:14] = _RED, _BLUE
   tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
   km = config.eval.kmeans
   assert len(np.unique(_run(dataclasses.replace(seg, num_clusters=4), km, image, tap))) == 1
   default, _ = _hybrid()
-  assert default.tap_merge_threshold == 0.5
+  assert default.tap_merge_threshold == 0.6
   assert len(np.unique(_run(default, km, image, tap))) == 3
 
 
-def test_unet_objects_scores_the_hybrids_under_the_losss_threshold():
+def test_unet_objects_scores_the_hybrids_under_the_margins_bound():
   from configs import unet_objects  # pylint: disable=g-import-not-at-top
   config = unet_objects.get_config("quick")
   found = {s.name: s for s in segmenters.configured(config)}
-  delta_d = config.objectives.discriminative.delta_d
-  assert found["hybrid_predict_k"].threshold_for("embedding") == delta_d
+  d = config.objectives.discriminative
+  assert found["hybrid_predict_k"].threshold_for("embedding") == pytest.approx(
+      2 * d.delta_d - 2 * d.delta_v) == 0.6
+  assert found["hybrid_predict_k"].split_source == "pixels"
+  assert found["split_merge_predict_k"].threshold_for("embedding") == d.delta_d
   assert found["hybrid"].k == "oracle" and found["hybrid"].uses_pixels
 
 
@@ -115,6 +158,9 @@ def test_bad_sources_are_clear_errors():
   spec.split_source, spec.split = "pixels", False
   with pytest.raises(ValueError, match="split=True"):
     segmenters.from_config("hybrid", spec, 11)
+  spec.split, spec.tap_cut_min_width = True, -1
+  with pytest.raises(ValueError, match="tap_cut_min_width"):
+    segmenters.from_config("hybrid", spec, 11)
 
 
 def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
@@ -126,7 +172,7 @@ def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
   from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
   config = defaults.get_config("test")
   config.data.image_height, config.data.image_width = _H, _W
-  seg, _ = _hybrid()
+  seg, _ = _hybrid(split_source="pixels_and_tap")
   image = np.full((_H, _W, 3), _GREY, np.float32)
   image[4:12, 2:14] = _RED
   tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
@@ -146,7 +192,7 @@ def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
 def test_results_name_the_hybrids_sources():
   from clevr_jax.evaluation import results  # pylint: disable=g-import-not-at-top
   seg, _ = _hybrid()
-  assert "regions from pixels and tap, merged by tap means" in results.results_markdown(
+  assert "regions from pixels, merged by tap means" in results.results_markdown(
       {"name": "x", "checkpoint_step": 0, "num_images": 1,
        "segmenters": {seg.name: {"embedding": {"poster_miou": 1.0}}},
        "segmenter_specs": {seg.name: results.spec_dict(seg)}})

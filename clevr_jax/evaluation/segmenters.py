@@ -41,6 +41,10 @@ Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
                     blob) or 'pixels_and_tap' (the pixels' clusters intersected
                     with the tap's, so that two touching objects of one colour
                     with different learned codes come apart)
+  tap_cut_min_width for 'pixels_and_tap': a piece the tap cuts off a pixel region
+                    that holds no window this wide (in image pixels) rejoins its
+                    pixel region (`regions.tap_cuts`): the learned tap's halo
+                    past an object's colour edge is not a boundary
   merge_source      whose region means the merge compares: 'tap' or 'pixels'.
                     With split_source='pixels*' and merge_source='tap' this is
                     the hybrid: pixels draw the boundaries, the learned tap
@@ -100,6 +104,7 @@ class Segmenter:
   tap_merge_threshold: float = 0.0
   split_source: str = "tap"
   merge_source: str = "tap"
+  tap_cut_min_width: int = 0
 
   def scores(self, tap: str) -> bool:
     """Whether it scores `tap` (its `taps`, or every tap)."""
@@ -119,7 +124,8 @@ class Segmenter:
     inputs): segmenters that agree on it share one compiled program."""
     return (self.cluster, self.pixel_transforms, self.tap_transforms, self.pca_dim,
             self.xy_weight, self.metric, self.k_max, self.post_processes, self.modal_size,
-            self.split, self.min_area, self.split_source, self.merge_source)
+            self.split, self.min_area, self.split_source, self.merge_source,
+            self.tap_cut_min_width)
 
   @property
   def uses_pixels(self) -> bool:
@@ -172,6 +178,10 @@ def from_config(name: str, spec: ml_collections.ConfigDict, fixed_k: int) -> Seg
   if segmenter.uses_pixels and not (segmenter.cluster == "kmeans" and segmenter.split):
     raise ValueError(f"eval.segmenters.{name}: split_source/merge_source 'pixels*' need "
                      "cluster='kmeans' and split=True (regions drawn by the image's clusters)")
+  if segmenter.tap_cut_min_width < 0:
+    raise ValueError(f"eval.segmenters.{name}.tap_cut_min_width="
+                     f"{segmenter.tap_cut_min_width}: a width in pixels, 0 or more "
+                     "(0 keeps every cut of the tap)")
   if segmenter.predicts_k and not (segmenter.merge and segmenter.num_clusters > 0):
     raise ValueError(f"eval.segmenters.{name}: k='predict' needs merge=True and "
                      "num_clusters > 0 (the clusters to merge from)")
@@ -330,19 +340,22 @@ def _segment_hybrid(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDi
   _, height, width, _ = pixels.shape
   colour, pixel_labels = transform_and_cluster(segmenter, kmeans_config, pixels,
                                                num_clusters, keys, is_pixels=True)
-  if is_pixels:
-    tap, tap_labels = colour, pixel_labels
-  else:
-    tap, tap_labels = transform_and_cluster(segmenter, kmeans_config, features, num_clusters,
-                                            keys, is_pixels=False)
-    tap = upsample_features(tap, height, width)
-    tap_labels = kmeans.upsample_labels(tap_labels, height, width)
   k = segmenter.k_max
   modal = jax.vmap(functools.partial(regions.modal_filter, num_labels=k,
                                      size=segmenter.modal_size))
   labels, num_labels = modal(pixel_labels), k
+  tap, tap_labels = colour, pixel_labels
+  if not is_pixels:
+    tap = transform(segmenter, features, is_pixels=False)
+    if segmenter.split_source == "pixels_and_tap":  # clustered at the tap's resolution
+      tap_labels = kmeans.upsample_labels(
+          cluster(tap, num_clusters, keys, kmeans_config, k_max=k, metric=segmenter.metric),
+          height, width)
+    tap = upsample_features(tap, height, width)
   if segmenter.split_source == "pixels_and_tap":
-    labels, num_labels = labels * k + modal(tap_labels), k * k
+    cuts = jax.vmap(functools.partial(regions.tap_cuts, num_labels=k,
+                                      min_width=segmenter.tap_cut_min_width))
+    labels, num_labels = cuts(labels, modal(tap_labels)), k * k
   x = tap if segmenter.merge_source == "tap" else colour
   one_image = functools.partial(
       regions.postprocess, num_labels=num_labels, modal_size=0, split=True,
