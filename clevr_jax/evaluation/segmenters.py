@@ -343,19 +343,17 @@ def _segment_hybrid(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDi
   k = segmenter.k_max
   modal = jax.vmap(functools.partial(regions.modal_filter, num_labels=k,
                                      size=segmenter.modal_size))
-  labels, num_labels = modal(pixel_labels), k
-  tap, tap_labels = colour, pixel_labels
-  if not is_pixels:
+  labels, num_labels, tap = modal(pixel_labels), k, colour
+  if not is_pixels:  # on the pixels the tap's clusters are the pixels': nothing to cut
     tap = transform(segmenter, features, is_pixels=False)
     if segmenter.split_source == "pixels_and_tap":  # clustered at the tap's resolution
       tap_labels = kmeans.upsample_labels(
           cluster(tap, num_clusters, keys, kmeans_config, k_max=k, metric=segmenter.metric),
           height, width)
+      cuts = jax.vmap(functools.partial(regions.tap_cuts, num_labels=k,
+                                        min_width=segmenter.tap_cut_min_width))
+      labels, num_labels = cuts(labels, modal(tap_labels)), k * k
     tap = upsample_features(tap, height, width)
-  if segmenter.split_source == "pixels_and_tap":
-    cuts = jax.vmap(functools.partial(regions.tap_cuts, num_labels=k,
-                                      min_width=segmenter.tap_cut_min_width))
-    labels, num_labels = cuts(labels, modal(tap_labels)), k * k
   x = tap if segmenter.merge_source == "tap" else colour
   one_image = functools.partial(
       regions.postprocess, num_labels=num_labels, modal_size=0, split=True,
