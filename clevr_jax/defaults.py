@@ -167,15 +167,20 @@ def base_config() -> ml_collections.ConfigDict:
   # code runs a few pixels past the object's colour edge, and every cut of that
   # halo swells the object (split_source='pixels_and_tap' with tap_cut_min_width
   # undoes thin cuts; on held-out scenes it scores as the plain split, no better:
-  # docs/object_features.md). tap_merge_threshold: calibrated on held-out scenes
-  # (0.6 = 2 * delta_d - 2 * delta_v, the least distance the discriminative
-  # margins put between two instances' means).
+  # docs/object_features.md). Either source may merge ('tap_or_pixels'): the
+  # tap's codes are blurred at object edges, so a shadow's lies between the
+  # object's and the floor's, too far from both for the tap, while its colour
+  # is nearly the floor's. Thresholds, calibrated on held-out scenes: the tap's
+  # 0.6 = 2 * delta_d - 2 * delta_v, the least distance the discriminative
+  # margins put between two instances' means; colour's 0.1 (Lab / 100), half
+  # the pixels' own 0.2, which must also join an object's shading (the tap's
+  # task here). With the oracle K, both scale the distances that order merges.
   hybrid = dict(pixel_transforms="lab", tap_transforms="l2", metric="euclidean",
                 num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
-                split_source="pixels", merge_source="tap", tap_cut_min_width=5)
+                split_source="pixels", merge_source="tap_or_pixels", tap_cut_min_width=5,
+                merge_threshold=0.2, tap_merge_threshold=0.6, colour_merge_threshold=0.1)
   ev.segmenters.hybrid = segmenter(**hybrid)
-  ev.segmenters.hybrid_predict_k = segmenter(**hybrid, k="predict", merge_threshold=0.2,
-                                             tap_merge_threshold=0.6)
+  ev.segmenters.hybrid_predict_k = segmenter(**hybrid, k="predict")
   ev.segmenter_names = ("kmeans", "kmeans_fixed_k", "split_merge", "split_merge_predict_k")
   # R: region slots per image after absorbing specks, the static size of the
   # device merge (an R x R distance matrix). An image with more regions has its
@@ -239,8 +244,11 @@ def segmenter(**overrides) -> ml_collections.ConfigDict:
       "merge": False,          # merge adjacent regions (to K, or under the threshold)
       "merge_threshold": 0.0,  # 'predict': merge while mean distance < this
       "tap_merge_threshold": 0.0,  # the same for learned taps; 0 = merge_threshold
+      # merge_source='tap_or_pixels': colour's own threshold; 0 = merge_threshold
+      "colour_merge_threshold": 0.0,
       # What draws the regions: 'tap', 'pixels' or 'pixels_and_tap'; whose region
-      # means merge them: 'tap' or 'pixels' (the hybrid: 'pixels*' and 'tap')
+      # means merge them: 'tap', 'pixels' or 'tap_or_pixels' (either may merge)
+      # (the hybrid: 'pixels*' and 'tap*')
       "split_source": "tap",
       "merge_source": "tap",
       # 'pixels_and_tap': a piece the tap's clusters cut off a pixel region is kept

@@ -64,8 +64,9 @@ def get_config(arg: str | None = None):
   # whole colour regions: calibrated on held-out scenes (docs/object_features.md),
   # its threshold is the margins' bound on two instances, 2*delta_d - 2*delta_v.
   d = obj.discriminative
-  config.eval.segmenters.hybrid_predict_k.tap_merge_threshold = round(
-      2 * d.delta_d - 2 * d.delta_v, 6)
+  for name in ("hybrid", "hybrid_predict_k"):  # the oracle's scales its distances
+    config.eval.segmenters[name].tap_merge_threshold = round(
+        2 * d.delta_d - 2 * d.delta_v, 6)
   config.eval.segmenter_names = tuple(config.eval.segmenter_names) + (
       "hybrid", "hybrid_predict_k")
 

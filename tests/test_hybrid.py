@@ -2,6 +2,7 @@
 the regions, the learned tap's region means decide which of them merge."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import jax
@@ -15,6 +16,7 @@ from clevr_jax.evaluation import segmenters
 _H, _W = 16, 16
 _GREY, _RED, _BLUE, _SHADOW = ((0.5, 0.5, 0.5), (0.8, 0.1, 0.1), (0.1, 0.2, 0.8),
                                 (0.2, 0.2, 0.2))
+_FAINT_SHADOW = (0.45, 0.45, 0.45)
 
 
 def _hybrid(name="hybrid_predict_k", **overrides):
@@ -60,7 +62,7 @@ def test_two_touching_squares_of_one_colour_with_different_codes_come_apart():
   truth[4:12, 2:8], truth[4:12, 8:14] = 1, 2
   # Cut by the tap's clusters: both squares are thick enough to keep the cut.
   for name in ("hybrid_predict_k", "hybrid"):
-    seg, km = _hybrid(name, split_source="pixels_and_tap")
+    seg, km = _hybrid(name, split_source="pixels_and_tap", merge_source="tap")
     assert seg.tap_cut_min_width == 5
     assert _partition(_run(seg, km, image, tap)) == _partition(truth), name
   # The pixels alone (the configured split) draw one region for both.
@@ -83,6 +85,47 @@ def test_a_shadow_of_another_colour_with_the_objects_code_joins_the_object():
   assert len(np.unique(_run(seg, km, image, tap))) == 3
 
 
+def test_a_shadow_the_colour_of_the_floor_joins_the_floor_when_either_source_merges():
+  image = np.full((_H, _W, 3), _GREY, np.float32)
+  image[4:10, 4:10] = _RED
+  image[10:12, 4:10] = _FAINT_SHADOW  # 0.05 darker in Lab L* than the floor
+  # The shadow's code lies midway between the floor's and the object's: 0.77
+  # from either on the unit sphere, further than the tap's 0.6.
+  tap = _codes(((slice(2, 5), slice(2, 5)), 1))
+  tap[5, 2:5] = (np.eye(4)[0] + np.eye(4)[1]) / np.sqrt(2)
+  object_ = np.zeros((_H, _W), np.int32)
+  object_[4:10, 4:10] = 1
+  shadow_apart = object_.copy()
+  shadow_apart[10:12, 4:10] = 2
+  seg, km = _hybrid(merge_source="tap")  # the tap alone keeps the shadow apart
+  assert _partition(_run(seg, km, image, tap)) == _partition(shadow_apart)
+  seg, km = _hybrid()  # the configured rule: its colour is the floor's
+  assert seg.merge_source == "tap_or_pixels" and seg.colour_threshold < 0.15
+  assert _partition(_run(seg, km, image, tap)) == _partition(object_)
+  # Colour alone merges only under its own threshold: not at 0.04.
+  seg, km = _hybrid(colour_merge_threshold=0.04)
+  assert _partition(_run(seg, km, image, tap)) == _partition(shadow_apart)
+
+
+def test_the_merge_takes_the_nearest_of_several_sources():
+  def merge(labels, sources, threshold=0.5):
+    return np.asarray(regions.merge(
+        jnp.asarray(labels), jnp.int32(labels.max() + 1),
+        [jnp.asarray(np.float32(f)[labels][..., None]) for f in sources], jnp.int32(0),
+        jnp.float32(threshold), max_regions=4, cap=3, metric="euclidean"))
+
+  pair = np.repeat(np.arange(2, dtype=np.int32)[None], 2, axis=0)  # A | B
+  assert merge(pair, [[0.0, 5.0]]).max() == 1  # far in the one source: apart
+  assert merge(pair, [[0.0, 5.0], [0.0, 0.1]]).max() == 0  # near in either: one region
+  assert merge(pair, [[0.0, 0.1], [0.0, 5.0]]).max() == 0
+  # A | B | C: A-B 0.3 apart in the first source, B-C 0.1 in the second. The
+  # nearest pair goes first, and the merged means are then far from A in both.
+  strip = np.repeat(np.arange(3, dtype=np.int32)[None], 2, axis=0)
+  first, second = [0.0, 0.3, 5.0], [0.0, 5.0, 5.1]
+  np.testing.assert_array_equal(merge(strip, [first]), [[0, 0, 1]] * 2)
+  np.testing.assert_array_equal(merge(strip, [first, second]), [[0, 1, 1]] * 2)
+
+
 def test_a_halo_of_the_objects_code_past_its_edge_stays_with_the_floor():
   image = np.full((_H, _W, 3), _GREY, np.float32)
   image[4:10, 4:10] = _RED
@@ -91,13 +134,15 @@ def test_a_halo_of_the_objects_code_past_its_edge_stays_with_the_floor():
   truth[4:10, 4:10] = 1
   # Every cut kept: the 2-pixel ring of floor under the object's code is a
   # region of its own, and the tap's means merge it into the object.
-  seg, km = _hybrid(split_source="pixels_and_tap", tap_cut_min_width=0)
+  seg, km = _hybrid(split_source="pixels_and_tap", merge_source="tap",
+                     tap_cut_min_width=0)
   swollen = np.zeros((_H, _W), np.int32)
   swollen[2:12, 2:12] = 1
   assert _partition(_run(seg, km, image, tap)) == _partition(swollen)
   # A cut must leave a width x width window on its side: the ring rejoins the floor.
   for width in (3, 5):
-    seg, km = _hybrid(split_source="pixels_and_tap", tap_cut_min_width=width)
+    seg, km = _hybrid(split_source="pixels_and_tap", merge_source="tap",
+                       tap_cut_min_width=width)
     assert _partition(_run(seg, km, image, tap)) == _partition(truth), width
 
 
@@ -161,6 +206,13 @@ def test_bad_sources_are_clear_errors():
   spec.split, spec.tap_cut_min_width = True, -1
   with pytest.raises(ValueError, match="tap_cut_min_width"):
     segmenters.from_config("hybrid", spec, 11)
+  spec.tap_cut_min_width, spec.merge_source = 5, "tap_or_pixels"
+  spec.merge_threshold = spec.colour_merge_threshold = 0.0
+  with pytest.raises(ValueError, match="colour_merge_threshold"):
+    segmenters.from_config("hybrid", spec, 11)
+  spec.colour_merge_threshold, spec.split_source = 0.1, "pixels_and_tap"
+  with pytest.raises(ValueError, match="merge_source='tap' with it"):
+    segmenters.from_config("hybrid", spec, 11)
 
 
 def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
@@ -172,7 +224,7 @@ def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
   from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
   config = defaults.get_config("test")
   config.data.image_height, config.data.image_width = _H, _W
-  seg, _ = _hybrid(split_source="pixels_and_tap")
+  seg, _ = _hybrid(split_source="pixels_and_tap", merge_source="tap")
   image = np.full((_H, _W, 3), _GREY, np.float32)
   image[4:12, 2:14] = _RED
   tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
@@ -192,7 +244,7 @@ def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
 def test_results_name_the_hybrids_sources():
   from clevr_jax.evaluation import results  # pylint: disable=g-import-not-at-top
   seg, _ = _hybrid()
-  assert "regions from pixels, merged by tap means" in results.results_markdown(
+  assert "regions from pixels, merged by tap or pixels means" in results.results_markdown(
       {"name": "x", "checkpoint_step": 0, "num_images": 1,
        "segmenters": {seg.name: {"embedding": {"poster_miou": 1.0}}},
        "segmenter_specs": {seg.name: results.spec_dict(seg)}})

@@ -37,6 +37,9 @@ same steps, the tests' oracle.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -229,8 +232,9 @@ def _distances_to(one: jax.Array, means: jax.Array, metric: str) -> jax.Array:
   return jnp.linalg.norm(means - one, axis=1)
 
 
-def merge(regions: jax.Array, count: jax.Array, features: jax.Array, target: jax.Array,
-          threshold: jax.Array, *, max_regions: int, cap: int, metric: str) -> jax.Array:
+def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[jax.Array],
+          target: jax.Array, threshold: jax.Array, *, max_regions: int, cap: int,
+          metric: str) -> jax.Array:
   """Greedy merging of adjacent regions, the closest mean features first.
 
   Goes on while the closest adjacent pair is nearer than `threshold` and more
@@ -243,7 +247,9 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array, target: jax
   Args:
     regions: int [h, w] in 0..count-1 (< max_regions).
     count: the number of regions.
-    features: float [h, w, c] whose region means are compared.
+    features: float [h, w, c] whose region means are compared; or several such
+      maps (sources), and two regions are as near as the nearest source says
+      (each source scaled beforehand so that its threshold is `threshold`).
     target: merge no further than this many regions (0: no target).
     threshold: merge only pairs nearer than this (inf: no threshold).
     max_regions: R, the static number of region slots.
@@ -252,15 +258,21 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array, target: jax
   """
   r = max_regions
   flat = regions.reshape(-1)
-  x = features.reshape(flat.size, -1).astype(jnp.float32)
+  sources = tuple(features) if isinstance(features, (tuple, list)) else (features,)
   area = jax.ops.segment_sum(jnp.ones_like(flat, jnp.float32), flat, r)
-  means = jax.ops.segment_sum(x, flat, r) / jnp.maximum(area, 1.0)[:, None]
+  means = tuple(jax.ops.segment_sum(x.reshape(flat.size, -1).astype(jnp.float32), flat, r)
+                / jnp.maximum(area, 1.0)[:, None] for x in sources)
+
+  def distances_to(one, means):  # [R]: by the source that puts them nearest
+    return functools.reduce(jnp.minimum, [_distances_to(o, m, metric)
+                                          for o, m in zip(one, means)])
+
   pairs_a = jnp.concatenate([regions[:, :-1].reshape(-1), regions[:-1, :].reshape(-1)])
   pairs_b = jnp.concatenate([regions[:, 1:].reshape(-1), regions[1:, :].reshape(-1)])
   adjacent = jnp.zeros((r, r), bool).at[pairs_a, pairs_b].set(True)
   eye = jnp.eye(r, dtype=bool)
   adjacent = (adjacent | adjacent.T) & ~eye
-  dist = jax.lax.map(lambda m: _distances_to(m, means, metric), means)
+  dist = jax.lax.map(lambda one: distances_to(one, means), means)
   dist = jnp.where(adjacent, dist, jnp.inf)
   slots = jnp.arange(r)
 
@@ -273,18 +285,18 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array, target: jax
     stop = (count <= 1) | ~jnp.isfinite(d) | (
         ~over_cap & ((d >= threshold) | (count <= target)))
     # Merge j into i.
-    merged = (means[i] * area[i] + means[j] * area[j]) / (area[i] + area[j])
-    new_means = means.at[i].set(merged)
+    merged = tuple((m[i] * area[i] + m[j] * area[j]) / (area[i] + area[j]) for m in means)
+    new_means = tuple(m.at[i].set(one) for m, one in zip(means, merged))
     new_area = area.at[i].add(area[j])
     new_alive = alive.at[j].set(False)
     row = (adjacent[i] | adjacent[j]) & (slots != i) & (slots != j)
     new_adjacent = adjacent.at[i].set(row).at[:, i].set(row)
     new_adjacent = new_adjacent.at[j].set(False).at[:, j].set(False)
-    drow = jnp.where(row & new_alive, _distances_to(merged, new_means, metric), jnp.inf)
+    drow = jnp.where(row & new_alive, distances_to(merged, new_means), jnp.inf)
     new_dist = dist.at[i].set(drow).at[:, i].set(drow)
     new_dist = new_dist.at[j].set(jnp.inf).at[:, j].set(jnp.inf)
     new_parent = jnp.where(parent == j, i, parent)
-    keep = lambda old, new: jnp.where(stop, old, new)
+    keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(stop, o, n), old, new)
     return (keep(dist, new_dist), keep(adjacent, new_adjacent), keep(means, new_means),
             keep(area, new_area), keep(alive, new_alive), keep(parent, new_parent),
             keep(count, count - 1), stop)
@@ -296,7 +308,7 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array, target: jax
   return new_number[parent][regions].astype(jnp.int32)
 
 
-def postprocess(labels: jax.Array, features: jax.Array, target: jax.Array,
+def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array], target: jax.Array,
                 threshold: jax.Array, *, num_labels: int, modal_size: int, split: bool,
                 min_area: int, max_regions: int, cap: int, metric: str
                 ) -> tuple[jax.Array, jax.Array]:

@@ -51,7 +51,7 @@ def _describe(spec: dict[str, Any] | None) -> str:
     parts.append(f"taps: {spec['tap_transforms']}")
   if spec.get("split_source", "tap") != "tap" or spec.get("merge_source", "tap") != "tap":
     parts.append(f"regions from {spec['split_source'].replace('_', ' ')}, merged by "
-                 f"{spec['merge_source']} means")
+                 f"{spec['merge_source'].replace('_', ' ')} means")
   if spec["modal_size"] > 1:
     parts.append(f"modal filter {spec['modal_size']}")
   if spec["split"]:
@@ -62,8 +62,12 @@ def _describe(spec: dict[str, Any] | None) -> str:
     if spec["k"] != "predict":
       parts.append("merge to K")
     elif spec.get("tap_merge_threshold", 0) > 0:
+      colour = ""
+      if spec.get("merge_source") == "tap_or_pixels":
+        colour = (f", or colour < "
+                  f"{spec.get('colour_merge_threshold') or spec['merge_threshold']:g}")
       parts.append(f"merge while distance < {spec['merge_threshold']:g} "
-                   f"(taps: {spec['tap_merge_threshold']:g})")
+                   f"(taps: {spec['tap_merge_threshold']:g}{colour})")
     else:
       parts.append(f"merge while distance < {spec['merge_threshold']:g}")
   return "; ".join(parts)

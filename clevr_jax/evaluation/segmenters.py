@@ -49,7 +49,17 @@ Fields of a segmenter (see `clevr_jax.defaults.segmenter` for the defaults):
                     With split_source='pixels*' and merge_source='tap' this is
                     the hybrid: pixels draw the boundaries, the learned tap
                     (upsampled nearest to the pixel grid) decides what belongs
-                    together; it runs at the image's resolution
+                    together; it runs at the image's resolution.
+                    'tap_or_pixels': two regions merge when either says they
+                    belong together, the tap under tap_merge_threshold or their
+                    colours under colour_merge_threshold (with a K, the nearer
+                    of the two, each over its threshold, orders the merges): a
+                    shadow whose learned code lies between the object's and
+                    the floor's still joins the floor it is the colour of
+  colour_merge_threshold  for 'tap_or_pixels' on a learned tap: the Lab distance
+                    under which colour alone merges (0: merge_threshold). It can
+                    be stricter than the pixels' own merge, which must also join
+                    an object's shading that the tap joins here
 """
 
 from __future__ import annotations
@@ -76,7 +86,7 @@ from clevr_jax.evaluation import transforms
 K_SOURCES = ("oracle", "fixed", "predict")
 CLUSTERS = ("kmeans", "argmax")
 SPLIT_SOURCES = ("tap", "pixels", "pixels_and_tap")
-MERGE_SOURCES = ("tap", "pixels")
+MERGE_SOURCES = ("tap", "pixels", "tap_or_pixels")
 METRICS = ("cosine", "euclidean")
 # Tap names whose features are the image itself.
 PIXEL_TAPS = ("input", "pixels")
@@ -102,6 +112,7 @@ class Segmenter:
   merge: bool = False
   merge_threshold: float = 0.0
   tap_merge_threshold: float = 0.0
+  colour_merge_threshold: float = 0.0
   split_source: str = "tap"
   merge_source: str = "tap"
   tap_cut_min_width: int = 0
@@ -125,12 +136,12 @@ class Segmenter:
     return (self.cluster, self.pixel_transforms, self.tap_transforms, self.pca_dim,
             self.xy_weight, self.metric, self.k_max, self.post_processes, self.modal_size,
             self.split, self.min_area, self.split_source, self.merge_source,
-            self.tap_cut_min_width)
+            self.tap_cut_min_width, self.colour_scale)
 
   @property
   def uses_pixels(self) -> bool:
     """Whether it reads the image besides the tap (the hybrid's pixel split or merge)."""
-    return self.split_source != "tap" or self.merge_source == "pixels"
+    return self.split_source != "tap" or self.merge_source != "tap"
 
   def transforms_for(self, tap: str) -> tuple[str, ...]:
     return self.pixel_transforms if tap in PIXEL_TAPS else self.tap_transforms
@@ -141,6 +152,19 @@ class Segmenter:
         or self.tap_merge_threshold <= 0):
       return self.merge_threshold
     return self.tap_merge_threshold
+
+  @property
+  def colour_threshold(self) -> float:
+    """The colour distance under which 'tap_or_pixels' merges on a learned tap."""
+    return self.colour_merge_threshold or self.merge_threshold
+
+  @property
+  def colour_scale(self) -> float:
+    """'tap_or_pixels': the factor that puts Lab distances in the tap's units, where
+    a colour distance under its threshold is one under the tap's; else 0."""
+    if self.merge_source != "tap_or_pixels":
+      return 0.0
+    return self.tap_merge_threshold / self.colour_threshold
 
   @property
   def k_max(self) -> int:
@@ -178,6 +202,17 @@ def from_config(name: str, spec: ml_collections.ConfigDict, fixed_k: int) -> Seg
   if segmenter.uses_pixels and not (segmenter.cluster == "kmeans" and segmenter.split):
     raise ValueError(f"eval.segmenters.{name}: split_source/merge_source 'pixels*' need "
                      "cluster='kmeans' and split=True (regions drawn by the image's clusters)")
+  if segmenter.merge_source == "tap_or_pixels" and not (
+      segmenter.colour_threshold > 0 and segmenter.tap_merge_threshold > 0):
+    raise ValueError(f"eval.segmenters.{name}: merge_source='tap_or_pixels' compares "
+                     "colours under colour_merge_threshold (or merge_threshold) and the tap "
+                     f"under tap_merge_threshold (now {segmenter.colour_threshold} and "
+                     f"{segmenter.tap_merge_threshold}): set both above 0")
+  if segmenter.split_source == "pixels_and_tap" and segmenter.merge_source == "tap_or_pixels":
+    raise ValueError(f"eval.segmenters.{name}: split_source='pixels_and_tap' cuts colour "
+                     "regions where the tap's clusters differ, and merge_source="
+                     "'tap_or_pixels' would join the pieces again by their one colour: "
+                     "use merge_source='tap' with it")
   if segmenter.tap_cut_min_width < 0:
     raise ValueError(f"eval.segmenters.{name}.tap_cut_min_width="
                      f"{segmenter.tap_cut_min_width}: a width in pixels, 0 or more "
@@ -354,7 +389,12 @@ def _segment_hybrid(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDi
                                         min_width=segmenter.tap_cut_min_width))
       labels, num_labels = cuts(labels, modal(tap_labels)), k * k
     tap = upsample_features(tap, height, width)
-  x = tap if segmenter.merge_source == "tap" else colour
+  if is_pixels or segmenter.merge_source == "pixels":
+    x = colour
+  elif segmenter.merge_source == "tap":
+    x = tap
+  else:  # colour in the tap's units: under the tap's threshold iff under its own
+    x = (tap, colour * segmenter.colour_scale)
   one_image = functools.partial(
       regions.postprocess, num_labels=num_labels, modal_size=0, split=True,
       min_area=int(round(segmenter.min_area * height * width)), max_regions=max_regions,
