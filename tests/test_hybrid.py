@@ -2,7 +2,6 @@
 the regions, the learned tap's region means decide which of them merge."""
 
 import dataclasses
-import functools
 
 import numpy as np
 import jax

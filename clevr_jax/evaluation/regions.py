@@ -308,9 +308,10 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
   return new_number[parent][regions].astype(jnp.int32)
 
 
-def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array], target: jax.Array,
-                threshold: jax.Array, *, num_labels: int, modal_size: int, split: bool,
-                min_area: int, max_regions: int, cap: int, metric: str
+def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
+                target: jax.Array, threshold: jax.Array, *, num_labels: int,
+                modal_size: int, split: bool, min_area: int, max_regions: int, cap: int,
+                metric: str
                 ) -> tuple[jax.Array, jax.Array]:
   """One image: cluster labels [h, w] (in 0..num_labels-1) and the features
   [h, w, c] they came from -> (region labels [h, w] in 0..cap-1, the number of
