@@ -200,8 +200,9 @@ def from_config(name: str, spec: ml_collections.ConfigDict, fixed_k: int) -> Seg
       raise ValueError(f"eval.segmenters.{name}.{field}={value!r}: choose one of "
                        f"{list(allowed)}")
   if segmenter.uses_pixels and not (segmenter.cluster == "kmeans" and segmenter.split):
-    raise ValueError(f"eval.segmenters.{name}: split_source/merge_source 'pixels*' need "
-                     "cluster='kmeans' and split=True (regions drawn by the image's clusters)")
+    raise ValueError(f"eval.segmenters.{name}: a split or merge by the image (split_source="
+                     f"{segmenter.split_source!r}, merge_source={segmenter.merge_source!r}) "
+                     "needs cluster='kmeans' and split=True (regions drawn by its clusters)")
   if segmenter.merge_source == "tap_or_pixels" and not (
       segmenter.colour_threshold > 0 and segmenter.tap_merge_threshold > 0):
     raise ValueError(f"eval.segmenters.{name}: merge_source='tap_or_pixels' compares "
