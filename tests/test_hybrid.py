@@ -243,7 +243,9 @@ def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
 def test_results_name_the_hybrids_sources():
   from clevr_jax.evaluation import results  # pylint: disable=g-import-not-at-top
   seg, _ = _hybrid()
-  assert "regions from pixels, merged by tap or pixels means" in results.results_markdown(
+  text = results.results_markdown(
       {"name": "x", "checkpoint_step": 0, "num_images": 1,
        "segmenters": {seg.name: {"embedding": {"poster_miou": 1.0}}},
        "segmenter_specs": {seg.name: results.spec_dict(seg)}})
+  assert "regions from pixels, merged by tap or pixels means" in text
+  assert "(taps: 0.6, or colour < 0.1)" in text
