@@ -13,9 +13,11 @@ other images' (most likely it coded which image a pixel lies in). Turn it on wit
 
 The hybrid segmenters ('hybrid' with the oracle K, 'hybrid_predict_k'
 without) are scored beside the others: the image's clusters draw the regions,
-the learned tap's region means merge them (without the oracle, while closer
-than 2*delta_d - 2*delta_v = 0.6, the threshold held-out scenes pick). They
-are the recipe's best no-oracle pipeline. Self-training rounds:
+the learned tap's region means merge them, or their colours where nearly the
+same (a shadow's code lies between the object's and the floor's; without the
+oracle, while closer than 2*delta_d - 2*delta_v = 0.6, or than 0.1 in Lab:
+the thresholds held-out scenes pick). They are the recipe's best no-oracle
+pipeline. Self-training rounds:
 --config.objectives.self_training_rounds=2 trains round 1 in <workdir>/round1
 on the hybrid's masks of this run's network, then round 2 on round 1's.
 
@@ -64,7 +66,7 @@ def get_config(arg: str | None = None):
   # whole colour regions: calibrated on held-out scenes (docs/object_features.md),
   # its threshold is the margins' bound on two instances, 2*delta_d - 2*delta_v.
   d = obj.discriminative
-  for name in ("hybrid", "hybrid_predict_k"):  # the oracle's scales its distances
+  for name in ("hybrid", "hybrid_predict_k"):  # with the oracle: the distances' scale
     config.eval.segmenters[name].tap_merge_threshold = round(
         2 * d.delta_d - 2 * d.delta_v, 6)
   config.eval.segmenter_names = tuple(config.eval.segmenter_names) + (
