@@ -19,7 +19,7 @@ each part, so a run cut short keeps what it measured) and prints it:
      only say that it ran; the input tap's is a real baseline); then the full
      protocol, the four default segmenters (post-processing on the devices
      too; target under 60 s for 1,000 images on one H100);
-  4. Slot Attention: one train step of the paper's model (clevr_jax/slot_attention.py,
+  4. Slot Attention: one train step of the paper's model (clevr_jax/models/slot_attention.py,
      configs/slot_attention.py:paper) at its batch (64) and size (128x128), float32:
      images/s and the compiled step's device memory (arguments, outputs and
      temporaries, from XLA's memory analysis);
@@ -45,14 +45,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from clevr_jax import batch as batch_lib
 from clevr_jax import defaults
-from clevr_jax import kmeans
 from clevr_jax import models
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
-from clevr_jax import train_step
+from clevr_jax.segmentation import kmeans
+from clevr_jax.training import batch as batch_lib
+from clevr_jax.training import state as state_lib
+from clevr_jax.training import train_step
 from benchmarks import samples
 from benchmarks import train_benchmark
 from clevr_jax.data import renderer
@@ -256,7 +256,7 @@ def score_taps(config: ml_collections.ConfigDict, split: ArraySplit,
   """{segmenter: {tap: {metric: mean}}} over the split: the repository's protocol
   (`evaluation.protocol.score_features`), through the configured segmenters."""
   from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
-  from clevr_jax.evaluation import segmenters  # pylint: disable=g-import-not-at-top
+  from clevr_jax.segmentation import segmenters  # pylint: disable=g-import-not-at-top
   taps = tuple(config.eval.taps)
   predict = train_step.make_predict_fn(model, taps)
   table_, _ = protocol.score_features(

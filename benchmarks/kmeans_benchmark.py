@@ -27,7 +27,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 import threadpoolctl
 
-from clevr_jax import kmeans as km
+from clevr_jax.segmentation import kmeans as km
 from benchmarks import samples
 
 _SAMPLES = flags.DEFINE_string(

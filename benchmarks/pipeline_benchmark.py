@@ -42,8 +42,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from clevr_jax import batch as batch_lib
 from clevr_jax import sharding
+from clevr_jax.training import batch as batch_lib
 from benchmarks import train_benchmark
 from clevr_jax.data import pipeline
 

@@ -3,7 +3,7 @@
 `sample_images`: the two real `clevr_with_masks` records in the repository's
 tests/data, mirrored and shifted into as many distinct 240x320 images as a
 batch needs. `random_stored`: a random host batch of stored fields
-(clevr_jax/batch.py), in the form the pipeline sends it.
+(clevr_jax/training/batch.py), in the form the pipeline sends it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from clevr_jax import batch as batch_lib
 from clevr_jax import schema
+from clevr_jax.training import batch as batch_lib
 
 SAMPLES_DIR = os.path.join(os.path.dirname(__file__), "..", "tests", "data",
                            "clevr_with_masks_samples")

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from clevr_jax import defaults
-from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import schema
-from clevr_jax.evaluation import postprocess_reference
-from clevr_jax.evaluation import segmenters as segmenters_lib
+from clevr_jax.segmentation import kmeans
+from tests.oracles import postprocess_reference
+from clevr_jax.segmentation import segmenters as segmenters_lib
 from benchmarks import samples
 
 _SAMPLES = flags.DEFINE_string(

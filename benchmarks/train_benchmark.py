@@ -48,12 +48,12 @@ import ml_collections
 import numpy as np
 
 from benchmarks import samples
-from clevr_jax import batch as batch_lib
 from clevr_jax import defaults
 from clevr_jax import models
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
-from clevr_jax import train_step as train_step_lib
+from clevr_jax.training import batch as batch_lib
+from clevr_jax.training import state as state_lib
+from clevr_jax.training import train_step as train_step_lib
 
 _SIZES = flags.DEFINE_list('sizes', ['240x320'], 'Image sizes as HxW.')
 _BASE_WIDTHS = flags.DEFINE_list(

@@ -119,7 +119,7 @@ def fail(error: Exception | str) -> NoReturn:
 
 def interrupted(workdir: str, mode: str) -> NoReturn:
   """Ctrl-C: one line that says where training resumes, exit status 130."""
-  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   step = checkpoints.newest_step_on_disk(workdir) if workdir else None
   if mode != "train":
     line = f"--mode={mode} stopped before it finished; run the same command again"

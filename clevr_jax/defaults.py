@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.loss = ml_collections.ConfigDict()
   # Gray-vs-colour inverse-frequency weighting (the grayscale runs), computed per
-  # global batch: see clevr_jax/losses.py.
+  # global batch: see clevr_jax/training/losses.py.
   config.loss.weighted = False
 
   config.optimizer = opt = ml_collections.ConfigDict()
@@ -141,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   # K per image: 'oracle' = number of true masks (the poster), and a fixed K
   # (the honest setting). Both are reported.
   km.fixed_k = 11
-  # Segmenters (clevr_jax/evaluation/segmenters.py documents the fields): every
+  # Segmenters (clevr_jax/segmentation/segmenters.py documents the fields): every
   # tap, and the raw pixels in --mode=baselines, is scored through each one
   # named in segmenter_names, in that order. 'kmeans' is the poster's protocol.
   ev.segmenters = ml_collections.ConfigDict()
@@ -200,7 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def slot_attention_config() -> ml_collections.ConfigDict:
-  """Slot Attention's fields (clevr_jax/slot_attention.py): the paper's CLEVR model."""
+  """Slot Attention's fields (clevr_jax/models/slot_attention.py): the paper's CLEVR model."""
   sa = ml_collections.ConfigDict()
   sa.num_slots = 7
   sa.num_iterations = 3
@@ -264,7 +264,7 @@ def segmenter(**overrides) -> ml_collections.ConfigDict:
 
 
 def objectives_config() -> ml_collections.ConfigDict:
-  """Object-aware objectives (clevr_jax/objectives.py), each a term added to the
+  """Object-aware objectives (clevr_jax/objects/objectives.py), each a term added to the
   reconstruction loss with its weight; every weight 0 = off (the poster's runs)."""
   obj = ml_collections.ConfigDict()
   obj.tap = "embedding"  # the tap the terms shape (any tap name of the model)
@@ -301,7 +301,7 @@ def objectives_config() -> ml_collections.ConfigDict:
   v.max_aspect = 4 / 3
   v.flip_prob = 0.5
   # Pseudo-instance masks from a raw-pixel segmenter, computed once per
-  # training image and cached (clevr_jax/pseudo_masks.py).
+  # training image and cached (clevr_jax/objects/pseudo_masks.py).
   obj.pseudo_masks = pm = ml_collections.ConfigDict()
   pm.max_labels = 16  # masks kept per image (largest first); the rest are absorbed
   pm.min_purity = 0.5  # tap pixels whose majority mask covers less are ignored

@@ -78,7 +78,7 @@ def run(config, workdir: str, mode: str) -> None:
   from clevr_jax import evaluation  # pylint: disable=g-import-not-at-top
   if mode == "train":
     import jax  # pylint: disable=g-import-not-at-top
-    from clevr_jax import train  # pylint: disable=g-import-not-at-top
+    from clevr_jax.training import train  # pylint: disable=g-import-not-at-top
     # Round 0, then any self-training rounds, each trained and scored in its workdir.
     for round_config, round_workdir in [(config, workdir)] + train.self_training_rounds(
         config, workdir):

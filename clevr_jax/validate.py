@@ -131,7 +131,7 @@ def check_image_size(config: ml_collections.ConfigDict) -> None:
 def check_region_slots(config: ml_collections.ConfigDict) -> None:
   """R (eval.max_regions) must hold a post-processing segmenter's clusters: with
   fewer slots than clusters, every image would lose regions before the merge."""
-  from clevr_jax.evaluation import segmenters  # pylint: disable=g-import-not-at-top  (JAX)
+  from clevr_jax.segmentation import segmenters  # pylint: disable=g-import-not-at-top  (JAX)
   ev = config.eval
   names = dict.fromkeys(tuple(ev.segmenter_names) + (ev.user_segmenter,))
   for name in (n for n in names if n in ev.segmenters):
@@ -181,7 +181,7 @@ def check_config(config: ml_collections.ConfigDict, mode: str,
   if mode in ("prepare", "train", "evaluate"):  # the network's modes
     check_image_size(config)
   if mode in ("train", "evaluate"):
-    from clevr_jax import objectives  # pylint: disable=g-import-not-at-top  (imports JAX)
+    from clevr_jax.objects import objectives  # pylint: disable=g-import-not-at-top  (imports JAX)
     objectives.check_config(config)
   if mode in ("train", "evaluate", "baselines", "segment"):
     check_region_slots(config)

@@ -186,7 +186,7 @@ def test_config(data_dir):
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, test_config) -> str:
-  from clevr_jax import train  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("trained") / "unet_rgb_test")
   train.train_and_evaluate(test_config("unet_rgb"), workdir)
   return workdir

@@ -15,16 +15,16 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from clevr_jax import batch as batch_lib
+from clevr_jax.training import batch as batch_lib
 
+from clevr_jax import defaults
+from clevr_jax import schema
+from clevr_jax import sharding
 from clevr_jax.data import clevr_with_masks
 from clevr_jax.data import official
 from clevr_jax.data import pipeline
 from clevr_jax.data import renderer
-from clevr_jax import schema
 from clevr_jax.data import synthetic_clevr
-from clevr_jax import defaults
-from clevr_jax import sharding
 
 tfds.disable_progress_bar()
 

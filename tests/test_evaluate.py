@@ -14,15 +14,16 @@ from PIL import Image
 
 from clevr_jax import defaults
 from clevr_jax import evaluation
-from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax import train_step
 from clevr_jax.data import official
 from clevr_jax.data import pipeline
 from clevr_jax.evaluation import results as results_lib
-from clevr_jax.evaluation import segmenters
+from clevr_jax.segmentation import kmeans
+from clevr_jax.segmentation import segmenters
+from clevr_jax.training import checkpoints
+from clevr_jax.training import train_step
 from tools import real_samples
 
 # Two real records, kept in the repository (see their README for licence and source).
@@ -88,7 +89,7 @@ def test_the_posters_figures_equal_an_independent_computation(evaluated):
   resolution with the oracle K and a key folded from the image index, labels upsampled,
   scored by metrics.score_instances on the device's label maps."""
   config, workdir, results = evaluated
-  state, model = evaluation.restore_state(config, workdir, sharding.make_mesh())
+  state, model = checkpoints.restore_model(config, workdir, sharding.make_mesh())
   predict = train_step.make_predict_fn(model, tuple(config.eval.taps))
   km = config.eval.kmeans
   base = jax.random.key(config.seed)
@@ -279,7 +280,7 @@ def test_kmeans_matches_sklearn_on_tap_features_of_a_trained_model(trained_workd
   sklearn_cluster = pytest.importorskip("sklearn.cluster")
   config = test_config("unet_rgb")
   mesh = sharding.make_mesh()
-  state, model = evaluation.restore_state(config, trained_workdir, mesh)
+  state, model = checkpoints.restore_model(config, trained_workdir, mesh)
   rgb = np.load(os.path.join(SAMPLES, "sample_1.npz"))["image"]
   images = np.asarray(Image.fromarray(rgb).resize((64, 48)), np.float32)[None] / 255
   taps = ("enc1", "enc3", "dec4")

@@ -24,13 +24,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # check (it renders scenes with the NumPy renderer in clevr_jax.data; its own
 # no-TensorFlow test is in test_benchmarks.py).
 CORE_MODULES = [
-    "clevr_jax.models", "clevr_jax.slot_attention", "clevr_jax.taps", "clevr_jax.kmeans", "clevr_jax.metrics", "clevr_jax.losses",
-    "clevr_jax.state", "clevr_jax.batch", "clevr_jax.train_step", "clevr_jax.schema", "clevr_jax.checkpoints", "clevr_jax.logs",
+    "clevr_jax.models", "clevr_jax.models.slot_attention", "clevr_jax.models.taps", "clevr_jax.segmentation.kmeans", "clevr_jax.metrics", "clevr_jax.training.losses",
+    "clevr_jax.training.state", "clevr_jax.training.batch", "clevr_jax.training.train_step", "clevr_jax.schema", "clevr_jax.training.checkpoints", "clevr_jax.logs",
     "clevr_jax.defaults", "clevr_jax.guards", "clevr_jax.validate", "clevr_jax.console",
     "benchmarks.train_benchmark", "benchmarks.kmeans_benchmark",
     "benchmarks.torch_reference", "clevr_jax.sharding",
-    "clevr_jax.evaluation.regions", "clevr_jax.evaluation.segmenters",
-    "clevr_jax.evaluation.postprocess_reference", "benchmarks.segmenter_benchmark",
+    "clevr_jax.segmentation.regions", "clevr_jax.segmentation.segmenters",
+    "tests.oracles.postprocess_reference", "benchmarks.segmenter_benchmark",
 ]
 
 _WITHOUT_TENSORFLOW = """

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 from clevr_jax import defaults
-from clevr_jax.evaluation import regions
-from clevr_jax.evaluation import segmenters
+from clevr_jax.segmentation import regions
+from clevr_jax.segmentation import segmenters
 
 _H, _W = 16, 16
 _GREY, _RED, _BLUE, _SHADOW = ((0.5, 0.5, 0.5), (0.8, 0.1, 0.1), (0.1, 0.2, 0.8),
@@ -217,7 +217,7 @@ def test_bad_sources_are_clear_errors():
 def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
   # The sharded program gets the images besides the tap: the two touching
   # squares come apart, so the tables give poster mIoU 1.
-  from clevr_jax import kmeans  # pylint: disable=g-import-not-at-top
+  from clevr_jax.segmentation import kmeans  # pylint: disable=g-import-not-at-top
   from clevr_jax import metrics  # pylint: disable=g-import-not-at-top
   from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
   from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top

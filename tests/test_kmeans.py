@@ -1,4 +1,4 @@
-"""Tests of clevr_jax.kmeans on the pixels of two real CLEVR images.
+"""Tests of clevr_jax.segmentation.kmeans on the pixels of two real CLEVR images.
 
 Compiles dominate the runtime, so tests share a few array shapes: the full
 images (2 x 76,800 points), a 4x-pooled map (4,800 points) and an 8x-pooled
@@ -14,7 +14,7 @@ import pytest
 from sklearn.cluster import KMeans
 import threadpoolctl
 
-from clevr_jax import kmeans as km
+from clevr_jax.segmentation import kmeans as km
 
 # Two real records, kept in the repository (see their README for licence and source).
 _SAMPLES = pathlib.Path(__file__).resolve().parent / 'data' / 'clevr_with_masks_samples'

@@ -1,12 +1,12 @@
-"""Tests of clevr_jax.losses on hand-made images and NumPy references."""
+"""Tests of clevr_jax.training.losses on hand-made images and NumPy references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clevr_jax import losses
 from clevr_jax import schema
+from clevr_jax.training import losses
 
 GRAY = (0.5, 0.5, 0.5)
 RED = (1.0, 0.0, 0.0)

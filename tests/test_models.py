@@ -292,7 +292,7 @@ def test_build_model():
 
 @pytest.mark.slow  # a child interpreter
 def test_no_tensorflow_import():
-  code = ('import sys; import clevr_jax.models, clevr_jax.losses; '
+  code = ('import sys; import clevr_jax.models, clevr_jax.training.losses; '
           'assert "tensorflow" not in sys.modules, "tensorflow imported"')
   subprocess.run([sys.executable, '-c', code], check=True)
 

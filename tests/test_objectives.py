@@ -1,4 +1,4 @@
-"""Tests of clevr_jax.objectives: each loss on hand-made embeddings and masks,
+"""Tests of clevr_jax.objects.objectives: each loss on hand-made embeddings and masks,
 the device split, `objective_terms`, and a short optimisation."""
 
 import functools
@@ -14,8 +14,8 @@ import optax
 import pytest
 
 from clevr_jax import defaults
-from clevr_jax import objectives
-from clevr_jax import views
+from clevr_jax.objects import objectives
+from clevr_jax.objects import views
 from tests.helpers.early_start import selected_in_module
 
 # XLA:CPU compiles threefry draws slowly (seconds each); 'rbg' keys compile fast.
@@ -372,6 +372,6 @@ def test_a_short_training_run_lowers_the_objective_terms(tmp_path, data_dir):
 def test_no_tensorflow_import():
   # The objectives run in the step on a TF-free accelerator machine.
   import subprocess  # pylint: disable=g-import-not-at-top
-  code = ("import sys; import clevr_jax.objectives, clevr_jax.views, clevr_jax.pseudo_masks; "
+  code = ("import sys; import clevr_jax.objects.objectives, clevr_jax.objects.views, clevr_jax.objects.pseudo_masks; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
   subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""Tests of clevr_jax.pseudo_masks: the no-oracle raw-pixel segmenter and the cache."""
+"""Tests of clevr_jax.objects.pseudo_masks: the no-oracle raw-pixel segmenter and the cache."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clevr_jax import defaults
-from clevr_jax import pseudo_masks
+from clevr_jax.objects import pseudo_masks
 
 
 def _scene(noise=0.0, seed=0):

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from clevr_jax.data import renderer
 from clevr_jax import schema
+from clevr_jax.data import renderer
 
 SMALL = renderer.SceneConfig(height=60, width=80)
 SMALL_SEEDS = range(40)

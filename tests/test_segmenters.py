@@ -11,12 +11,12 @@ import ml_collections
 import pytest
 
 from clevr_jax import defaults
-from clevr_jax import kmeans
 from clevr_jax import metrics
-from clevr_jax.evaluation import postprocess_reference
-from clevr_jax.evaluation import regions
-from clevr_jax.evaluation import segmenters
-from clevr_jax.evaluation import transforms
+from clevr_jax.segmentation import kmeans
+from tests.oracles import postprocess_reference
+from clevr_jax.segmentation import regions
+from clevr_jax.segmentation import segmenters
+from clevr_jax.segmentation import transforms
 
 
 

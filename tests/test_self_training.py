@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from clevr_jax import defaults
-from clevr_jax import pseudo_masks
-from clevr_jax import train
+from clevr_jax.objects import pseudo_masks
+from clevr_jax.training import train
 
 
 def _object_and_shadow():

@@ -1,4 +1,4 @@
-"""Slot Attention (clevr_jax/slot_attention.py, configs/slot_attention.py).
+"""Slot Attention (clevr_jax/models/slot_attention.py, configs/slot_attention.py).
 
 Its link to the poster's K-Means (one iteration with identity projections is a
 soft K-Means step; in the hard limit, a step of the project's cosine Lloyd),
@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from clevr_jax import evaluation
-from clevr_jax import kmeans
 from clevr_jax import models
-from clevr_jax import slot_attention
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
-from clevr_jax import train
-from clevr_jax import train_step
 from clevr_jax.data import pipeline
+from clevr_jax.models import slot_attention
+from clevr_jax.segmentation import kmeans
+from clevr_jax.training import state as state_lib
+from clevr_jax.training import train
+from clevr_jax.training import train_step
 from tests.helpers.early_start import selected_in_module
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,7 +272,7 @@ def _load_test_config():
 
 
 def _restore(config, workdir):
-  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   manager = checkpoints.make_manager(workdir, read_only=True)
   return checkpoints.restore(manager, state_lib.abstract_state(
       config, train_step.make_optimizer(config, 1)), sharding.make_mesh())
@@ -356,7 +356,7 @@ def test_the_learning_curve_tool_scores_every_checkpoint(trained_slots, tmp_path
   import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(copy, "curve.json"), encoding="utf-8") as f:
     rows = json.load(f)
-  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   steps = sorted(checkpoints.make_manager(copy, read_only=True).all_steps())
   assert steps[-1] == 6 and len(steps) >= 2
   assert [(r["step"], r["tap"]) for r in rows] == [

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from benchmarks import samples
-from clevr_jax import batch as batch_lib
 from clevr_jax import models
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
-from clevr_jax import train_step
 from clevr_jax.data import pipeline
+from clevr_jax.training import batch as batch_lib
+from clevr_jax.training import state as state_lib
+from clevr_jax.training import train_step
 from tests.helpers.early_start import selected_in_module
 
 

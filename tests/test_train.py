@@ -22,12 +22,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from clevr_jax import checkpoints
 from clevr_jax import guards
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
-from clevr_jax import train
-from clevr_jax import train_step as train_step_lib
+from clevr_jax.training import checkpoints
+from clevr_jax.training import state as state_lib
+from clevr_jax.training import train
+from clevr_jax.training import train_step as train_step_lib
 from tests.helpers.cli_output import error_line
 from tests.helpers.early_start import selected_in_module
 

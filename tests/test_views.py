@@ -1,4 +1,4 @@
-"""Tests of clevr_jax.views: geometric views and their pixel correspondence."""
+"""Tests of clevr_jax.objects.views: geometric views and their pixel correspondence."""
 
 import functools
 
@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from clevr_jax import defaults
-from clevr_jax import views
+from clevr_jax.objects import views
 
 # XLA:CPU compiles threefry draws slowly (seconds each); 'rbg' keys compile fast.
 _key = functools.partial(jax.random.key, impl="rbg")

@@ -10,9 +10,9 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
-from clevr_jax import batch as batch_lib
-from clevr_jax import pseudo_masks
 from clevr_jax.data import pipeline
+from clevr_jax.objects import pseudo_masks
+from clevr_jax.training import batch as batch_lib
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file with ':preset'.")
 flags.DEFINE_string("split", "test", "Split to measure.")

@@ -20,15 +20,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from clevr_jax import checkpoints
 from clevr_jax import metrics
 from clevr_jax import models
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
-from clevr_jax import train_step
 from clevr_jax.evaluation import model_eval
 from clevr_jax.evaluation import protocol
-from clevr_jax.evaluation import segmenters as segmenters_lib
+from clevr_jax.segmentation import segmenters as segmenters_lib
+from clevr_jax.training import checkpoints
+from clevr_jax.training import state as state_lib
+from clevr_jax.training import train_step
 
 config_flags.DEFINE_config_file("config", None, "configs/slot_attention.py with ':preset'.")
 flags.DEFINE_string("workdir", None, "The training run's directory.")

@@ -21,8 +21,8 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from clevr_jax.data import official
 from clevr_jax import schema
+from clevr_jax.data import official
 
 
 def compact_features(height: int, width: int) -> tfds.features.FeaturesDict:

@@ -15,7 +15,7 @@ epoch), on the host or on the devices; a split too large for memory is
 streamed by tf.data (`Split`).
 
 Each host batch is a dict of numpy arrays, this process's slice of a global
-batch ([per-process batch, ...]), holding the stored fields of clevr_jax/batch.py
+batch ([per-process batch, ...]), holding the stored fields of clevr_jax/training/batch.py
 (uint8 image and labels, shape codes, visibility, valid, index), or only those
 asked for (`fields`): the devices derive the model's inputs and targets from
 them inside the jitted steps (`batch.derive`).
@@ -33,9 +33,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from clevr_jax import schema
 from clevr_jax.data import clevr_with_masks
 from clevr_jax.data import official
-from clevr_jax import schema
 from clevr_jax.data import synthetic_clevr
 
 # JAX owns the accelerators: TensorFlow only reads data, on the CPU.

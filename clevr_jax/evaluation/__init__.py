@@ -15,9 +15,8 @@
   results.py      results.json / results.md: one table per segmenter
 """
 
-from clevr_jax.evaluation.pixel_baselines import baselines
 from clevr_jax.evaluation.model_eval import evaluate
-from clevr_jax.evaluation.model_eval import restore_state
+from clevr_jax.evaluation.pixel_baselines import baselines
 from clevr_jax.evaluation.user_images import segment_images
 
-__all__ = ["baselines", "evaluate", "restore_state", "segment_images"]
+__all__ = ["baselines", "evaluate", "segment_images"]

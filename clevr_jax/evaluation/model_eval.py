@@ -8,28 +8,19 @@ from absl import logging
 import jax
 import ml_collections
 
-from clevr_jax import checkpoints
 from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
-from clevr_jax import train_step
 from clevr_jax.evaluation import protocol
 from clevr_jax.evaluation import results as results_lib
-from clevr_jax.evaluation import segmenters as segmenters_lib
 from clevr_jax.evaluation import supervised
-from clevr_jax.evaluation import transforms
+from clevr_jax.segmentation import segmenters as segmenters_lib
+from clevr_jax.segmentation import transforms
+from clevr_jax.training import checkpoints
+from clevr_jax.training import state as state_lib
+from clevr_jax.training import train_step
 
 HYPERCOLUMN_SEP = "+"
-
-
-def restore_state(config: ml_collections.ConfigDict, workdir: str,
-                  mesh: jax.sharding.Mesh) -> tuple[state_lib.TrainState, models.UNet]:
-  """The newest checkpoint of `workdir`, replicated over `mesh`, and its model."""
-  model = models.make_model(config)
-  like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
-  with checkpoints.make_manager(workdir, read_only=True) as manager:
-    return checkpoints.restore(manager, like, mesh), model
 
 
 def scored_taps(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -70,7 +61,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   segmenters = segmenters_lib.configured(config)
   mesh = sharding.make_mesh()
   split = pipeline.Split(config, "test")
-  state, model = restore_state(config, workdir, mesh)
+  state, model = checkpoints.restore_model(config, workdir, mesh)
   step = int(jax.device_get(state.step))
   count = protocol.num_images(config, split)
   logging.info("Evaluating %s at step %d on %d test images", config.name, step, count)

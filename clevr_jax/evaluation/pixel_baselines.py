@@ -14,7 +14,7 @@ from clevr_jax import schema
 from clevr_jax import sharding
 from clevr_jax.evaluation import protocol
 from clevr_jax.evaluation import results as results_lib
-from clevr_jax.evaluation import segmenters as segmenters_lib
+from clevr_jax.segmentation import segmenters as segmenters_lib
 
 RANDOM_K = ("oracle", "fixed")
 

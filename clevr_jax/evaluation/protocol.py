@@ -24,12 +24,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from clevr_jax import batch as batch_lib
-from clevr_jax import kmeans
 from clevr_jax import logs
 from clevr_jax import metrics
 from clevr_jax import sharding
-from clevr_jax.evaluation import segmenters as segmenters_lib
+from clevr_jax.segmentation import kmeans
+from clevr_jax.segmentation import segmenters as segmenters_lib
+from clevr_jax.training import batch as batch_lib
 
 FeaturesFn = Callable[[dict[str, jax.Array]], dict[str, jax.Array]]
 

@@ -12,7 +12,7 @@ from absl import logging
 
 from clevr_jax import metrics
 from clevr_jax import schema
-from clevr_jax.evaluation import segmenters as segmenters_lib
+from clevr_jax.segmentation import segmenters as segmenters_lib
 
 K_ERROR = "k_error"  # mean |predicted K - true K|, for segmenters that predict K
 

@@ -12,8 +12,8 @@ from clevr_jax import logs
 from clevr_jax import metrics
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax import train_step
 from clevr_jax.evaluation import protocol
+from clevr_jax.training import train_step
 
 
 def score(config: ml_collections.ConfigDict, state: Any, model: Any, split: Any,

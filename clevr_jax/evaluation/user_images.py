@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clevr_jax import kmeans
 from clevr_jax import models
 from clevr_jax import plots
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax import train_step
-from clevr_jax.evaluation import segmenters as segmenters_lib
+from clevr_jax.segmentation import kmeans
+from clevr_jax.segmentation import segmenters as segmenters_lib
+from clevr_jax.training import train_step
 
 
 _MAX_LABELS = 255  # labels are written as 8-bit PNGs
@@ -134,8 +134,8 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
   if tap == "input":
     state, predict = None, None  # raw pixels: no checkpoint needed
   else:
-    from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
-    state, model = model_eval.restore_state(config, workdir, mesh)
+    from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+    state, model = checkpoints.restore_model(config, workdir, mesh)
     predict = train_step.make_predict_fn(model, (tap,))  # one jit: images of a size share it
   run = jax.jit(lambda f, key, w: segmenters_lib.segment(
       segmenter, config.eval.kmeans, f, k, key[None], target, threshold,

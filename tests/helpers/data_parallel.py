@@ -62,12 +62,12 @@ def main(argv) -> None:
     return jax.tree.map(
         lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
-  from clevr_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
-  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import batch as batch_lib  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   from clevr_jax import models  # pylint: disable=g-import-not-at-top
   from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
-  from clevr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from clevr_jax import train_step  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import train_step  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   mesh = sharding.make_mesh()

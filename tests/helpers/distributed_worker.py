@@ -64,7 +64,7 @@ def main() -> None:
       raise TimeoutError(f"{wait_for} never appeared")
     time.sleep(0.5)
   results = evaluation.evaluate(config, eval_workdir)
-  state, _ = evaluation.restore_state(config, workdir, sharding.make_mesh())
+  state, _ = checkpoints.restore_model(config, workdir, sharding.make_mesh())
   leaves = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.batch_stats)))
   if jax.process_index() == 0:
     np.savez(out + ".npz", *leaves)

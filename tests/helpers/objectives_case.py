@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from clevr_jax import defaults
-from clevr_jax import objectives
+from clevr_jax.objects import objectives
 
 H, W = 8, 12  # the images; the embeddings are at half this size
 CHANNELS, DIM = 6, 5

@@ -30,11 +30,11 @@ def train_steps_on_devices(num_steps: int = 2) -> float:
   """
   from benchmarks import samples  # pylint: disable=g-import-not-at-top
   from configs import unet_objects  # pylint: disable=g-import-not-at-top
-  from clevr_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import batch as batch_lib  # pylint: disable=g-import-not-at-top
   from clevr_jax import models  # pylint: disable=g-import-not-at-top
   from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
-  from clevr_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from clevr_jax import train_step  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import train_step  # pylint: disable=g-import-not-at-top
 
   devices = jax.device_count()
   config = unet_objects.get_config("test")

@@ -31,8 +31,8 @@ _KILL = flags.DEFINE_bool("kill_after_first_save", False,
 def main(argv) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from clevr_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from clevr_jax import train  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import train  # pylint: disable=g-import-not-at-top
   from clevr_jax import validate  # pylint: disable=g-import-not-at-top
 
   validate.check_config(_CONFIG.value, "train", (jax.process_count(), jax.local_device_count()))

@@ -30,18 +30,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clevr_jax import batch as batch_lib
-from clevr_jax import checkpoints
 from clevr_jax import logs
 from clevr_jax import metrics
 from clevr_jax import models
-from clevr_jax import objectives
 from clevr_jax import plots
-from clevr_jax import pseudo_masks
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
-from clevr_jax import train_step as train_step_lib
 from clevr_jax.data import pipeline
+from clevr_jax.objects import objectives
+from clevr_jax.objects import pseudo_masks
+from clevr_jax.training import batch as batch_lib
+from clevr_jax.training import checkpoints
+from clevr_jax.training import state as state_lib
+from clevr_jax.training import train_step as train_step_lib
 
 
 class TrainingDiverged(ValueError):
@@ -95,8 +95,7 @@ def teacher_tap(config: ml_collections.ConfigDict
                      "round's network: set --config.objectives.pseudo_masks.teacher_workdir "
                      f"to a workdir with a checkpoint (now {pm.teacher_workdir!r}), or chain "
                      "rounds with --config.objectives.self_training_rounds=N")
-  from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
-  state, model = model_eval.restore_state(config, teacher, sharding.make_mesh())
+  state, model = checkpoints.restore_model(config, teacher, sharding.make_mesh())
   tap = config.objectives.tap
   predict = train_step_lib.make_predict_fn(model, (tap,))
   step = int(jax.device_get(state.step))

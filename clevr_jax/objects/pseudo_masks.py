@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clevr_jax import kmeans
-from clevr_jax.evaluation import segmenters as segmenters_lib
+from clevr_jax.segmentation import kmeans
+from clevr_jax.segmentation import segmenters as segmenters_lib
 
 # images float [B, H, W, 3] in [0, 1], their indices [B] -> labels int32 [B, H, W]
 Segmenter = Callable[[np.ndarray, np.ndarray], np.ndarray]

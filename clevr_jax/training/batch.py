@@ -28,10 +28,10 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from clevr_jax import losses
-from clevr_jax import objectives
 from clevr_jax import schema
 from clevr_jax import sharding
+from clevr_jax.objects import objectives
+from clevr_jax.training import losses
 
 # Stored fields, as the host sends them (leading batch axis b):
 #   image       uint8 [b, H, W, 3]   RGB, also for grayscale runs

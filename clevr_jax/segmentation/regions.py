@@ -31,7 +31,7 @@ regions): it then differs from the reference, which keeps them all.
 `postprocess` returns each image's count of regions before that, so that the
 caller can say so and name the field (see `segmenters.check_region_counts`).
 
-`clevr_jax/evaluation/postprocess_reference.py` is the SciPy version of the
+`tests/oracles/postprocess_reference.py` is the SciPy version of the
 same steps, the tests' oracle.
 """
 

@@ -4,7 +4,7 @@ The steps follow the pmap programming model (per-device code, named-axis
 collectives over `AXIS`) but run as `jax.jit` over `jax.shard_map` on a mesh of
 all devices of all processes. Their inputs and outputs are global `jax.Array`s:
 the state is replicated, batches are split along their first axis and hold
-stored fields (uint8 images and labels: clevr_jax/batch.py), which each step
+stored fields (uint8 images and labels: clevr_jax/training/batch.py), which each step
 turns into inputs and targets on the devices (`batch.derive`).
 
 The train and eval steps compute their loss with the same functions
@@ -24,14 +24,14 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import optax
 
-from clevr_jax import batch as batch_lib
-from clevr_jax import losses
 from clevr_jax import metrics
 from clevr_jax import models
-from clevr_jax import objectives
 from clevr_jax import schema
+from clevr_jax.objects import objectives
 from clevr_jax.sharding import AXIS
-from clevr_jax.state import TrainState
+from clevr_jax.training import batch as batch_lib
+from clevr_jax.training import losses
+from clevr_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 Data = dict[str, jax.Array]  # a device-resident split (batch.DeviceData.arrays), or {}

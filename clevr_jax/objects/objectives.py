@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from clevr_jax import views
+from clevr_jax.objects import views
 
 # The three terms, by their config section name.
 TERMS = ("discriminative", "mask_infonce", "view_infonce")

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from clevr_jax import schema
-from clevr_jax import slot_attention
-from clevr_jax import taps as taps_lib
+from clevr_jax.models import slot_attention
+from clevr_jax.models import taps as taps_lib
 
 # PyTorch's BatchNorm epsilon (the poster's code); flax's default happens to match.
 _BN_EPSILON = 1e-5
@@ -272,7 +272,7 @@ def build_model(config: ml_collections.ConfigDict, *,
   """The network described by `config.model`: `architecture` picks it.
 
   'slot_attention' reads `out_channels`, `dtype` and `slot_attention.*`
-  (clevr_jax/slot_attention.py). The U-Net reads `skip`, `base_width`, `depth`, `dropout_rate`, `bn_momentum`, `dtype`
+  (clevr_jax/models/slot_attention.py). The U-Net reads `skip`, `base_width`, `depth`, `dropout_rate`, `bn_momentum`, `dtype`
   ('float32' or 'bfloat16'), `out_channels`, and (absent in old configs: off)
   `attention_blocks`, `attention_heads`, `attention_mlp_ratio`,
   `embedding_tap`, `embedding_dim`. `axis_name` is the

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clevr_jax import taps as taps_lib
+from clevr_jax.models import taps as taps_lib
 
 TAP_NAMES = ("input", "encoder", "attention", "slot_masks", "output")
 UPDATES = ("gru", "mean")

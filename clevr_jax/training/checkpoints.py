@@ -24,8 +24,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from clevr_jax import models
 from clevr_jax import sharding
-from clevr_jax import state as state_lib
+from clevr_jax.training import state as state_lib
+from clevr_jax.training import train_step
 
 
 class ArchitectureMismatch(ValueError):
@@ -214,3 +216,12 @@ def check_architecture(manager: ocp.CheckpointManager, step: int,
       + ". The config does not match the checkpoint (it is not damaged): run with the "
       "settings it was trained with (config.model.*, data.grayscale, task), or use "
       "another --workdir.")
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
+                  ) -> tuple[state_lib.TrainState, models.UNet]:
+  """The newest checkpoint of `workdir`, replicated over `mesh`, and its model."""
+  model = models.make_model(config)
+  like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
+  with make_manager(workdir, read_only=True) as manager:
+    return restore(manager, like, mesh), model

@@ -76,12 +76,12 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from clevr_jax import kmeans
 from clevr_jax import metrics
 from clevr_jax import schema
 from clevr_jax import sharding
-from clevr_jax.evaluation import regions
-from clevr_jax.evaluation import transforms
+from clevr_jax.segmentation import kmeans
+from clevr_jax.segmentation import regions
+from clevr_jax.segmentation import transforms
 
 K_SOURCES = ("oracle", "fixed", "predict")
 CLUSTERS = ("kmeans", "argmax")
