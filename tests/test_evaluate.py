@@ -201,6 +201,20 @@ def test_an_eval_file_of_another_size_is_resized_and_scored(tmp_path, test_confi
   assert batch["image"].shape[1:] == (48, 64, 3)  # enlarged (bilinear)
 
 
+def test_an_explicit_eval_file_size_wins_over_the_configured_one_of_equal_pixels(
+    tmp_path, test_config):
+  # 64x48 has the configured 48x64's pixel count: only the explicit size tells them apart.
+  path = str(tmp_path / "tall.tfrecords")
+  _write_samples(path, indices=(0,), crop=(64, 48))
+  config = test_config("unet_rgb")
+  config.data.eval_file = path
+  config.data.eval_file_height, config.data.eval_file_width = 64, 48
+  assert pipeline.eval_file_size(config) == (64, 48)
+  config.data.eval_file_height, config.data.eval_file_width = 32, 48
+  with pytest.raises(ValueError, match="not the 32x48 of config.data.eval_file_height"):
+    pipeline.eval_file_size(config)
+
+
 def test_resize_compact_drops_objects_that_vanish():
   labels = np.zeros((40, 40), np.uint8)
   labels[0, 0] = 2  # one pixel: gone at 8x8 under nearest sampling

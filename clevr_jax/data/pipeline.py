@@ -153,14 +153,21 @@ def _source_dataset(config: ml_collections.ConfigDict, split: str
 
 
 def eval_file_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """The image size of `data.eval_file`: the configured one when the file's images
-  have that many pixels, else data.eval_file_height/width, else the official 240x320."""
+  """The image size of `data.eval_file`: data.eval_file_height/width when given
+  (the format stores pixels, not a shape: a 64x48 file has as many pixels as a
+  48x64 one), else the configured size when the file's images have that many
+  pixels, else the official 240x320."""
   data = config.data
   pixels = official.first_image_size(data.eval_file) // 3
-  candidates = [(data.image_height, data.image_width),
-                (data.eval_file_height, data.eval_file_width),
-                (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH)]
-  for height, width in candidates:
+  if data.eval_file_height > 0 and data.eval_file_width > 0:
+    if data.eval_file_height * data.eval_file_width == pixels:
+      return data.eval_file_height, data.eval_file_width
+    raise ValueError(
+        f"{data.eval_file}: its images have {pixels} pixels, not the "
+        f"{data.eval_file_height}x{data.eval_file_width} of config.data.eval_file_height/"
+        "width: give the file's own size there (or 0 and 0 for the configured size)")
+  for height, width in [(data.image_height, data.image_width),
+                        (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH)]:
     if height * width == pixels:
       return height, width
   raise ValueError(
