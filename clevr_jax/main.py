@@ -61,7 +61,7 @@ def run(config, workdir: str, mode: str) -> None:
                                       _PROCESS_ID.value, auto_detect=_DISTRIBUTED.value)
   else:
     devices = None
-  validate.check_config(config, mode, devices)
+  validate.check_config(config, mode, devices, workdir)
   output = _OUTPUT_DIR.value or (os.path.join(workdir, "segments") if mode == "segment" else workdir)
   if mode != "prepare":  # a folder that cannot be written fails now, not after the work
     guards.check_writable(*((output, "--output_dir") if _OUTPUT_DIR.value else (workdir,)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 from typing import Sequence
 
@@ -27,7 +28,52 @@ _POSITIVE = ("batch_size", "eval.batch_size", "num_epochs", "log_every_steps",
              "eval.kmeans.num_restarts", "eval.kmeans.max_iter", "eval.kmeans.fixed_k",
              "eval.max_regions")
 _NON_NEGATIVE = ("num_train_steps", "eval.max_images", "eval.num_figure_images", "num_preview_images",
-                 "optimizer.warmup_steps", "data.eval_file_height", "data.eval_file_width")
+                 "optimizer.warmup_steps", "data.eval_file_height", "data.eval_file_width",
+                 "objectives.self_training_rounds", "objectives.pseudo_masks.round")
+# The other numeric settings' ranges, as intervals ('[' and ']' include the end).
+_RANGES = {
+    "data.prefetch_batches": "[0, inf)", "data.synthetic.num_train": "[1, inf)",
+    "data.synthetic.num_test": "[1, inf)", "data.synthetic.height": "[0, inf)",
+    "data.synthetic.width": "[0, inf)",
+    "model.dropout_rate": "[0, 1)", "model.bn_momentum": "[0, 1]",
+    "model.attention_blocks": "[0, inf)", "model.attention_heads": "[1, inf)",
+    "model.attention_mlp_ratio": "(0, inf)", "model.embedding_dim": "[0, inf)",
+    "model.slot_attention.num_slots": "[1, inf)", "model.slot_attention.num_iterations": "[1, inf)",
+    "model.slot_attention.slot_size": "[1, inf)", "model.slot_attention.mlp_hidden": "[1, inf)",
+    "model.slot_attention.epsilon": "(0, inf)", "model.slot_attention.scale": "[0, inf)",
+    "model.slot_attention.encoder_features": "[1, inf)",
+    "model.slot_attention.encoder_kernel": "[1, inf)",
+    "model.slot_attention.decoder_features": "[1, inf)",
+    "model.slot_attention.decoder_upsamplings": "[0, inf)",
+    "model.slot_attention.decoder_kernel": "[1, inf)",
+    "optimizer.learning_rate": "(0, inf)", "optimizer.weight_decay": "[0, inf)",
+    "optimizer.b1": "[0, 1)", "optimizer.b2": "[0, 1)", "optimizer.eps": "(0, inf)",
+    "optimizer.decay_rate": "(0, inf)", "optimizer.decay_steps": "[1, inf)",
+    "eval.kmeans.tol": "[0, inf)", "eval.progress_every_s": "[0, inf)",
+    "objectives.discriminative.delta_v": "[0, inf)",
+    "objectives.discriminative.delta_d": "[0, inf)",
+    "objectives.discriminative.var_weight": "[0, inf)",
+    "objectives.discriminative.dist_weight": "[0, inf)",
+    "objectives.discriminative.reg_weight": "[0, inf)",
+    "objectives.mask_infonce.num_pixel_queries": "[1, inf)",
+    "objectives.view_infonce.num_points": "[1, inf)",
+    "objectives.view_infonce.exclude_radius": "[0, inf)",
+    "objectives.views.min_scale": "(0, 1]", "objectives.views.max_scale": "(0, 1]",
+    "objectives.views.min_aspect": "(0, inf)", "objectives.views.max_aspect": "(0, inf)",
+    "objectives.views.flip_prob": "[0, 1]", "objectives.pseudo_masks.max_labels": "[1, 255]",
+    "objectives.pseudo_masks.min_purity": "[0, 1]",
+}
+# Each segmenter's numeric fields (clevr_jax.segmentation.segmenters documents them).
+_SEGMENTER_RANGES = {
+    "pca_dim": "[1, inf)", "xy_weight": "[0, inf)", "num_clusters": "[0, inf)",
+    "modal_size": "[0, inf)", "min_area": "[0, 1)", "merge_threshold": "[0, inf)",
+    "tap_merge_threshold": "[0, inf)", "colour_merge_threshold": "[0, inf)",
+    "tap_cut_min_width": "[0, inf)",
+}
+# R, the region slots: the merge holds an R x R distance matrix per image on the
+# device (4 MiB of float32 at this bound, and its compile time grows with R). The
+# scenes measured have 24-34 regions after absorbing specks.
+MAX_REGION_SLOTS = 1024
 # The modes that run batches over the devices, and the batches each one runs.
 _BATCHES = {"train": ("batch_size", "eval.batch_size"), "evaluate": ("eval.batch_size",),
             "baselines": ("eval.batch_size",)}
@@ -110,6 +156,97 @@ def _get(config: ml_collections.ConfigDict, path: str):
   return config
 
 
+def _in_interval(value: float, interval: str) -> bool:
+  low, high = (float(v) for v in interval[1:-1].split(","))
+  above = value >= low if interval[0] == "[" else value > low
+  below = value <= high if interval[-1] == "]" else value < high
+  return above and below
+
+
+def _numbers(value) -> list:
+  """The numbers of a setting (a tuple's elements too); booleans are no numbers."""
+  values = value if isinstance(value, (tuple, list)) else (value,)
+  return [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Every numeric setting is finite, and in its range where it has one: NaN
+  compares false with everything, so a NaN threshold would pass any `<` check
+  below it and silently change what runs."""
+  for path in _leaves(config):
+    for number in _numbers(_get(config, path)):
+      if not math.isfinite(number):
+        raise ValueError(f"config.{path}={_get(config, path)} must be a finite number")
+  for path, interval in _RANGES.items():
+    try:
+      value = _get(config, path)
+    except KeyError:  # a config without that part (e.g. no slot_attention)
+      continue
+    if not all(_in_interval(v, interval) for v in _numbers(value)):
+      raise ValueError(f"config.{path}={value} must be in {interval}: set --config.{path}")
+  if (config.data.eval_file_height > 0) != (config.data.eval_file_width > 0):
+    raise ValueError("config.data.eval_file_height and eval_file_width are given together "
+                     f"(now {config.data.eval_file_height} and {config.data.eval_file_width}): "
+                     "set both, or both to 0")
+  if config.eval.max_regions > MAX_REGION_SLOTS:
+    raise ValueError(f"config.eval.max_regions={config.eval.max_regions} is more than "
+                     f"{MAX_REGION_SLOTS}: the merge holds an R x R matrix per image; the "
+                     "scenes measured have 24-34 regions (the default, 128, holds them)")
+
+
+def _segmenter(config: ml_collections.ConfigDict, name: str, field: str):
+  """The segmenter `name` that `field` names, built and checked (names the field if
+  it is not defined)."""
+  from clevr_jax.segmentation import segmenters  # pylint: disable=g-import-not-at-top  (JAX)
+  ev = config.eval
+  if name not in ev.segmenters:
+    raise ValueError(f"config.{field} names {name!r}, which config.eval.segmenters does not "
+                     f"define (defined: {', '.join(sorted(ev.segmenters.keys()))})")
+  spec = ev.segmenters[name]
+  for key, interval in _SEGMENTER_RANGES.items():  # the fields it sets; the rest default
+    value = spec.get(key)
+    if value is not None and not _in_interval(value, interval):
+      raise ValueError(f"config.eval.segmenters.{name}.{key}={value} must be in {interval}: "
+                       f"set --config.eval.segmenters.{name}.{key}")
+  return segmenters.from_config(name, spec, ev.kmeans.fixed_k)
+
+
+def check_names(config: ml_collections.ConfigDict, mode: str) -> None:
+  """Every segmenter and tap a mode runs is defined, before any work: a name the
+  network lacks would otherwise stop the run after training."""
+  ev = config.eval
+  if mode in ("train", "evaluate", "baselines"):
+    if not ev.segmenter_names:
+      raise ValueError("config.eval.segmenter_names is empty: name at least one of "
+                       f"config.eval.segmenters ({', '.join(sorted(ev.segmenters.keys()))}), "
+                       "e.g. --config.eval.segmenter_names=\"('kmeans',)\"")
+    for name in ev.segmenter_names:
+      _segmenter(config, name, "eval.segmenter_names")
+  if mode == "segment":
+    _segmenter(config, ev.user_segmenter, "eval.user_segmenter")
+  if mode not in ("train", "evaluate"):
+    return
+  from clevr_jax import models  # pylint: disable=g-import-not-at-top  (JAX)
+  valid = models.config_tap_names(config)
+  if not ev.taps:
+    raise ValueError(f"config.eval.taps is empty: name at least one tap of this network "
+                     f"({', '.join(valid)})")
+  hypercolumn_taps = [t for spec in ev.hypercolumns for t in spec.split("+")]
+  bad = [t for t in tuple(ev.taps) + tuple(hypercolumn_taps) if t not in valid]
+  if bad:
+    raise ValueError(f"config.eval.taps (or eval.hypercolumns) names {bad}, which this "
+                     f"network does not have: its taps are {', '.join(valid)}")
+  if models.architecture(config) == "slot_attention":
+    slots = config.model.slot_attention.num_slots
+    for name in ev.segmenter_names:
+      segmenter = _segmenter(config, name, "eval.segmenter_names")
+      if segmenter.cluster == "argmax" and slots > segmenter.k_max:
+        raise ValueError(
+            f"config.model.slot_attention.num_slots={slots} is more than the "
+            f"{segmenter.k_max} labels segmenter {name!r} counts: set "
+            f"--config.eval.segmenters.{name}.num_clusters={slots}")
+
+
 def check_image_size(config: ml_collections.ConfigDict) -> None:
   """The image must halve `depth` times (the U-Net; Slot Attention's decoder
   doubles `decoder_upsamplings` times): say so, with the nearest sizes that do."""
@@ -144,6 +281,36 @@ def check_region_slots(config: ml_collections.ConfigDict) -> None:
           "or more (the default, 128, holds the scenes measured: 24-34 regions)")
 
 
+def check_self_training(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+  """The pseudo-mask segmenters and the teacher a training run uses, before it trains:
+  a round that resumed its own teacher's finished checkpoint would train no step
+  and report the teacher's network under its round."""
+  from clevr_jax.objects import objectives  # pylint: disable=g-import-not-at-top  (JAX)
+  from clevr_jax.objects import pseudo_masks  # pylint: disable=g-import-not-at-top  (JAX)
+  if not objectives.needs_pseudo_masks(config):
+    return
+  from clevr_jax import models  # pylint: disable=g-import-not-at-top  (JAX)
+  if config.objectives.tap not in models.config_tap_names(config):
+    raise ValueError(f"config.objectives.tap={config.objectives.tap!r} is not a tap of this "
+                     f"network: choose one of {', '.join(models.config_tap_names(config))}")
+  pm = config.objectives.pseudo_masks
+  rounds = [pm.round] + ([1] if config.objectives.self_training_rounds else [])
+  for n in rounds:
+    with config.unlocked():
+      round_config = config.copy_and_resolve_references()
+      round_config.objectives.pseudo_masks.round = n
+    field = "segmenter" if n == 0 else "round_segmenter"
+    _segmenter(config, pm[field], f"objectives.pseudo_masks.{field}")
+    pseudo_masks.configured_segmenter(round_config)
+  if pm.round > 0 and pm.teacher_workdir and workdir is not None and "://" not in workdir:
+    teacher = os.path.realpath(os.path.expanduser(pm.teacher_workdir))
+    if teacher == os.path.realpath(workdir):
+      raise ValueError(
+          f"config.objectives.pseudo_masks.teacher_workdir={pm.teacher_workdir} is this "
+          f"run's own --workdir: round {pm.round} would resume its teacher's checkpoint "
+          "instead of training; give the round its own --workdir")
+
+
 def check_mode_flags(mode: str, workdirs: Sequence[str], images: Sequence[str]) -> None:
   """The flags a mode cannot run without."""
   if mode == "report" and not workdirs:
@@ -153,7 +320,7 @@ def check_mode_flags(mode: str, workdirs: Sequence[str], images: Sequence[str]) 
 
 
 def check_config(config: ml_collections.ConfigDict, mode: str,
-                 devices: tuple[int, int] | None = None) -> None:
+                 devices: tuple[int, int] | None = None, workdir: str | None = None) -> None:
   """Everything `mode` reads from `config`, checked once, before any work.
 
   Args:
@@ -161,6 +328,7 @@ def check_config(config: ml_collections.ConfigDict, mode: str,
     mode: one of main's modes.
     devices: (process count, local device count) for the modes that run
       batches over the devices; None for those that do not.
+    workdir: the run's --workdir (a self-training round's teacher must be another).
   """
   for path in _POSITIVE:
     if _get(config, path) <= 0:
@@ -169,6 +337,7 @@ def check_config(config: ml_collections.ConfigDict, mode: str,
   for path in _NON_NEGATIVE:
     if _get(config, path) < 0:
       raise ValueError(f"config.{path}={_get(config, path)} must be 0 or more")
+  check_numbers(config)
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: choose one of {TASKS}")
   from clevr_jax import models  # pylint: disable=g-import-not-at-top
@@ -183,7 +352,10 @@ def check_config(config: ml_collections.ConfigDict, mode: str,
   if mode in ("train", "evaluate"):
     from clevr_jax.objects import objectives  # pylint: disable=g-import-not-at-top  (imports JAX)
     objectives.check_config(config)
+  if mode == "train":
+    check_self_training(config, workdir)
   if mode in ("train", "evaluate", "baselines", "segment"):
+    check_names(config, mode)
     check_region_slots(config)
   if devices is not None and mode in _BATCHES:
     from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)

@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -220,6 +221,65 @@ def test_validation_names_the_field_to_fix():
     node[path.split(".")[-1]] = value
     with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
       validate.check_config(bad, "train")
+
+
+def _set(config, path, value):
+  node = config
+  for key in path.split(".")[:-1]:
+    node = node[key]
+  with config.unlocked():
+    node[path.split(".")[-1]] = value
+
+
+@pytest.mark.parametrize("config_name, mode, path, value, expected", [
+    # Thresholds: NaN would merge everything (every `<` is False), a negative one nothing.
+    ("unet_objects", "evaluate", "eval.segmenters.hybrid.merge_threshold", float("nan"),
+     "config.eval.segmenters.hybrid.merge_threshold=nan must be a finite number"),
+    ("unet_objects", "evaluate", "eval.segmenters.hybrid.tap_merge_threshold", -1.0,
+     "config.eval.segmenters.hybrid.tap_merge_threshold=-1.0 must be in [0, inf)"),
+    ("unet_rgb", "train", "optimizer.learning_rate", float("inf"),
+     "config.optimizer.learning_rate=inf must be a finite number"),
+    ("unet_objects", "train", "objectives.self_training_rounds", -1,
+     "config.objectives.self_training_rounds=-1 must be 0 or more"),
+    ("unet_objects", "train", "objectives.pseudo_masks.round", -1,
+     "config.objectives.pseudo_masks.round=-1 must be 0 or more"),
+    ("slot_attention", "train", "model.slot_attention.num_iterations", 0,
+     "config.model.slot_attention.num_iterations=0 must be in [1, inf)"),
+    ("slot_attention", "train", "model.slot_attention.num_slots", 0,
+     "config.model.slot_attention.num_slots=0 must be in [1, inf)"),
+    ("slot_attention", "train", "model.slot_attention.num_slots", 12,
+     "num_slots=12 is more than the 11 labels segmenter 'slot_argmax' counts"),
+    ("unet_rgb", "train", "eval.taps", (), "config.eval.taps is empty"),
+    ("unet_rgb", "train", "eval.taps", ("input", "enc9"),
+     "config.eval.taps (or eval.hypercolumns) names ['enc9'], which this network does not"),
+    ("slot_attention", "evaluate", "eval.taps", ("input", "enc1"), "names ['enc1']"),
+    ("unet_rgb", "train", "eval.max_regions", 100000,
+     "config.eval.max_regions=100000 is more than 1024"),
+    ("unet_rgb", "baselines", "eval.segmenter_names", (), "config.eval.segmenter_names is empty"),
+    ("unet_rgb", "baselines", "eval.segmenter_names", ("kmeans", "hybird"),
+     "config.eval.segmenter_names names 'hybird', which config.eval.segmenters does not"),
+    ("unet_rgb", "baselines", "data.eval_file_height", 64,
+     "eval_file_height and eval_file_width are given together"),
+    ("unet_objects", "train", "objectives.pseudo_masks.round_segmenter", "kmeans",
+     "round_segmenter='kmeans' takes K from the labels"),
+])
+def test_validation_refuses_before_any_work(config_name, mode, path, value, expected):
+  config = validate.load_config_file(f"configs/{config_name}.py:test")
+  validate.check_config(config, mode)
+  _set(config, path, value)
+  if path == "objectives.pseudo_masks.round_segmenter":
+    _set(config, "objectives.self_training_rounds", 1)
+  with pytest.raises(ValueError, match=re.escape(expected)):
+    validate.check_config(config, mode)
+
+
+def test_a_round_whose_teacher_is_its_own_workdir_is_refused(tmp_path):
+  config = validate.load_config_file("configs/unet_objects.py:test")
+  _set(config, "objectives.pseudo_masks.round", 1)
+  _set(config, "objectives.pseudo_masks.teacher_workdir", str(tmp_path / "run"))
+  validate.check_config(config, "train", workdir=str(tmp_path / "round1"))
+  with pytest.raises(ValueError, match="teacher_workdir=.* is this run's own --workdir"):
+    validate.check_config(config, "train", workdir=str(tmp_path / "." / "run"))
 
 
 # --- results and checkpoints -------------------------------------------------------
