@@ -294,6 +294,10 @@ def check_self_training(config: ml_collections.ConfigDict, workdir: str | None) 
     raise ValueError(f"config.objectives.tap={config.objectives.tap!r} is not a tap of this "
                      f"network: choose one of {', '.join(models.config_tap_names(config))}")
   pm = config.objectives.pseudo_masks
+  if pm.cache_dir:  # a file there, or no permission, fails now rather than after the data
+    from clevr_jax import guards  # pylint: disable=g-import-not-at-top
+    guards.check_writable(os.path.expanduser(pm.cache_dir),
+                          "--config.objectives.pseudo_masks.cache_dir")
   rounds = [pm.round] + ([1] if config.objectives.self_training_rounds else [])
   for n in rounds:
     with config.unlocked():

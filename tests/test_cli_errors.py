@@ -282,6 +282,14 @@ def test_a_round_whose_teacher_is_its_own_workdir_is_refused(tmp_path):
     validate.check_config(config, "train", workdir=str(tmp_path / "." / "run"))
 
 
+def test_a_pseudo_mask_cache_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+  config = validate.load_config_file("configs/unet_objects.py:test")
+  (tmp_path / "masks").write_text("")
+  _set(config, "objectives.pseudo_masks.cache_dir", str(tmp_path / "masks"))
+  with pytest.raises(ValueError, match="cache_dir=.*masks is a file, not a directory"):
+    validate.check_config(config, "train", workdir=str(tmp_path / "run"))
+
+
 # --- results and checkpoints -------------------------------------------------------
 
 

@@ -106,6 +106,29 @@ def test_cache_is_computed_once_and_looked_up_by_index(tmp_path):
   assert sum(calls) == 14
 
 
+@pytest.mark.parametrize("damage", ["truncated", "one_byte_flipped", "random_bytes"])
+def test_a_damaged_cache_is_computed_again_with_a_warning_naming_it(tmp_path, caplog, damage):
+  images = np.stack([_scene(0.01, seed) for seed in range(3)])
+  segmenter = lambda x, index: (x[..., 0] > 0.6).astype(np.int32)
+  path = os.path.join(tmp_path, "train.npz")
+  store = pseudo_masks.load_or_compute(path, lambda: _batches(images), segmenter, "k")
+  data = bytearray(open(path, "rb").read())
+  if damage == "truncated":
+    data = data[:len(data) // 2]
+  elif damage == "one_byte_flipped":  # inside the first member's stored bytes
+    data[len(data) // 4] ^= 0xFF
+  else:
+    data = bytearray(np.random.default_rng(0).bytes(len(data)))
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  with caplog.at_level("WARNING"):
+    again = pseudo_masks.load_or_compute(path, lambda: _batches(images), segmenter, "k")
+  assert f"the pseudo-mask cache {path} cannot be read" in caplog.text
+  np.testing.assert_array_equal(again.labels, store.labels)
+  with np.load(path) as stored:  # written again whole
+    np.testing.assert_array_equal(stored["labels"], store.labels)
+
+
 def test_fingerprint_and_paths_follow_the_config(tmp_path):
   config = defaults.get_config("quick")
   key = pseudo_masks.fingerprint(config)

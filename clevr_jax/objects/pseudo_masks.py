@@ -23,7 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 import json
 import os
+import zipfile
+import zlib
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -179,9 +182,14 @@ def load_or_compute(path: str, batches: Callable[[], Iterable[dict[str, np.ndarr
   `fingerprint`); otherwise computes it from `batches()` and writes it
   (atomically: a killed run leaves no half-written cache)."""
   if os.path.exists(path):
-    with np.load(path) as stored:
-      if str(stored["fingerprint"]) == key:
-        return PseudoMaskStore(stored["index"], stored["labels"])
+    try:
+      with np.load(path) as stored:
+        if str(stored["fingerprint"]) == key:
+          return PseudoMaskStore(stored["index"], stored["labels"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+      # Cut short or damaged (a full disk, a bad copy): the masks can simply be made again.
+      logging.warning("the pseudo-mask cache %s cannot be read (%s: %s): computing it again",
+                      path, type(e).__name__, e)
   store = compute(batches(), segmenter, progress)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp.npz"
