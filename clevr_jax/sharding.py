@@ -15,6 +15,7 @@ No TensorFlow here.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from absl import logging
@@ -41,6 +42,16 @@ def join_processes(coordinator_address: str | None = None, num_processes: int | 
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif auto_detect:
     jax.distributed.initialize()
+  try:  # the backend starts here: JAX_PLATFORMS may name one this machine lacks
+    jax.devices()
+  except RuntimeError as e:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    advice = (f"JAX_PLATFORMS={platforms!r} names none this machine has: unset it, or set "
+              "JAX_PLATFORMS=cpu" if platforms else
+              "check JAX's installation for this accelerator, or run on the CPU with "
+              "JAX_PLATFORMS=cpu")
+    raise ValueError(f"JAX cannot start a backend ({str(e).split(' (set JAX_PLATFORMS')[0]}): "
+                     + advice) from None
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   logging.info("JAX %s: %d process(es), %d device(s) (%s)", jax.__version__,

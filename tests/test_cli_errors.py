@@ -99,6 +99,8 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir):
         devices=4)
   children["region_slots_4"] = main("--mode=baselines", "--config.eval.max_regions=4",
                                     f"--workdir={tmp / 'r4'}")
+  children["no_such_platform"] = main("--mode=baselines", f"--workdir={tmp / 'platform'}",
+                                      env={"JAX_PLATFORMS": "gpu"})
   children["dead_key"] = main("--config.eval.kmeans.metric=euclidean", f"--workdir={tmp / 'k'}")
   children["no_config_file_with_override"] = start_python(
       [*MAIN, "--config=configs/unet_rbg.py:test", "--config.batch_size=4"])
@@ -174,6 +176,12 @@ def test_region_slots_fewer_than_a_segmenters_clusters_name_the_field(_children)
   assert ("config.eval.max_regions=4 region slots are fewer than the 11 clusters "
           "segmenter 'split_merge' splits into regions") in line, line
   assert "--config.eval.max_regions=11 or more" in line
+
+
+def test_a_jax_platform_the_machine_lacks_is_named(_children):
+  line = error_line(_children["no_such_platform"].result())
+  assert "JAX cannot start a backend" in line
+  assert "JAX_PLATFORMS='gpu' names none this machine has" in line
 
 
 def test_dead_key_eval_kmeans_metric_is_gone_and_names_the_live_ones(_children):

@@ -431,6 +431,21 @@ def test_split_of_unprepared_dataset_says_to_prepare(tmp_path):
     pipeline.Split(_test_config(tmp_path), "train")
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "read_only"])
+def test_a_data_dir_that_cannot_be_written_is_named_before_the_build(tmp_path, where):
+  config = defaults.get_config("test")
+  if where == "under_a_file":
+    (tmp_path / "file").write_text("")
+    config.data.data_dir = str(tmp_path / "file" / "data")
+  else:
+    (tmp_path / "data").mkdir(mode=0o555)
+    if os.access(tmp_path / "data", os.W_OK):  # root: permissions do not stop it
+      pytest.skip("this user writes in a read-only folder")
+    config.data.data_dir = str(tmp_path / "data")
+  with pytest.raises(ValueError, match="cannot write in --config.data.data_dir="):
+    pipeline.prepare(config)
+
+
 def test_per_device_batch():
   assert pipeline.per_device_batch(8, 2, 2) == 2
   with pytest.raises(ValueError, match="--config.batch_size"):

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from clevr_jax import guards
 from clevr_jax import schema
 from clevr_jax.data import clevr_with_masks
 from clevr_jax.data import official
@@ -86,11 +87,13 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   is removed by the next.
   """
   builder = make_builder(config)
-  manual_dir = config.data.manual_dir or official.default_manual_dir(
-      os.path.dirname(os.path.dirname(os.path.dirname(str(builder.data_dir)))))
+  version_dir = str(builder.data_dir)  # <data_dir>/<name>/<config>/<version>
+  root = os.path.dirname(os.path.dirname(os.path.dirname(version_dir)))
+  manual_dir = config.data.manual_dir or official.default_manual_dir(root)
   if builder.is_prepared():
     return builder
-  version_dir = str(builder.data_dir)  # <data_dir>/<name>/<config>/<version>
+  # The build writes there (downloads, then the records): say so before it starts.
+  guards.check_writable(root, "--config.data.data_dir")
   _remove_incomplete(os.path.dirname(version_dir))
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
