@@ -266,6 +266,30 @@ def test_user_images_every_readable_one_at_its_size_then_the_unreadable_named(
                               tap="input", num_clusters=3, output_dir=str(tmp_path / "x"))
 
 
+def test_user_images_past_the_bomb_limit_or_behind_bad_links_are_listed_the_rest_written(
+    tmp_path, test_config, monkeypatch):
+  folder = tmp_path / "images"
+  folder.mkdir()
+  rgb = np.load(os.path.join(SAMPLES, "sample_0.npz"))["image"][:48, :64]
+  Image.fromarray(rgb).save(folder / "a_small.png")
+  Image.fromarray(np.tile(rgb, (2, 2, 1))).save(folder / "b_large.png")
+  Image.fromarray(rgb).save(folder / "c_after.png")
+  os.symlink(folder / "missing.png", folder / "dangling.png")
+  os.symlink(folder / "loop.png", folder / "loop.png")
+  # b_large (96x128) is over twice this limit: Pillow refuses it as a bomb.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 96 * 128 // 2 - 1)
+  config = test_config("unet_rgb")
+  config.eval.user_segmenter = "kmeans"
+  config.eval.segmenters.kmeans.metric = "euclidean"
+  with pytest.raises(ValueError, match="could not read 3: ") as error:
+    evaluation.segment_images(config, str(tmp_path), [str(folder)], tap="input",
+                              num_clusters=3, output_dir=str(tmp_path / "out"))
+  for name in ("b_large.png (DecompressionBombError", "dangling.png", "loop.png"):
+    assert name in str(error.value), name
+  assert sorted(os.listdir(tmp_path / "out")) == [
+      "a_small_labels.png", "a_small_masks.png", "c_after_labels.png", "c_after_masks.png"]
+
+
 def test_user_images_through_a_post_processing_segmenter(tmp_path, trained_workdir, test_config):
   Image.fromarray(np.load(os.path.join(SAMPLES, "sample_1.npz"))["image"]).save(
       tmp_path / "scene.png")

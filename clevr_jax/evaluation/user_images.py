@@ -35,15 +35,20 @@ def _image_extensions() -> set[str]:
 
 
 def image_files(paths: Iterable[str]) -> list[str]:
-  """Files named, and the image files of folders named (any extension Pillow reads)."""
+  """Files named, and the image files of folders named (any extension Pillow reads).
+
+  A folder's links that lead nowhere (dangling, or a loop) are kept: reading
+  them fails, and they are listed with the other files that cannot be read.
+  """
   paths = list(paths)
   extensions = _image_extensions()
   files = []
   for path in paths:
     if os.path.isdir(path):
-      files += sorted(os.path.join(path, f) for f in os.listdir(path)
-                      if os.path.splitext(f)[1].lower() in extensions
-                      and os.path.isfile(os.path.join(path, f)))
+      names = (f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in extensions)
+      files += sorted(os.path.join(path, f) for f in names
+                      if os.path.isfile(os.path.join(path, f))
+                      or not os.path.exists(os.path.join(path, f)))
     elif os.path.isfile(path):
       files.append(path)
     else:
@@ -148,7 +153,8 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
   for path in files:
     try:
       rgb = load_rgb(path)
-    except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises on bad files
+    # What Pillow raises on bad files, and on images past its decompression-bomb limit.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       unreadable.append(f"{path} ({type(e).__name__}: {e})")
       logging.warning("cannot read %s: %s", path, e)
       continue
