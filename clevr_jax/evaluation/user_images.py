@@ -142,10 +142,10 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
     state, model = checkpoints.restore_model(config, workdir, mesh)
     predict = train_step.make_predict_fn(model, (tap,))  # one jit: images of a size share it
-  run = jax.jit(lambda f, key, w: segmenters_lib.segment(
+  run = jax.jit(lambda f, key, w, pixels: segmenters_lib.segment(
       segmenter, config.eval.kmeans, f, k, key[None], target, threshold,
       is_pixels=tap == "input", max_regions=config.eval.max_regions, cap=_MAX_LABELS,
-      point_weights=w))
+      point_weights=w, pixels=pixels))
   factor, _ = models.size_factor(config)
   os.makedirs(output_dir, exist_ok=True)
   palette = plots.label_colors(256)[1:]
@@ -160,20 +160,22 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
       continue
     height, width = rgb.shape[:2]
     pad = ((0, -height % factor), (0, -width % factor), (0, 0))
-    image = np.pad(rgb, pad, mode="edge")
+    image = padded = np.pad(rgb, pad, mode="edge")
     if config.data.grayscale:
       image = image @ np.asarray(schema.LUMINANCE_WEIGHTS, np.float32)[:, None]
     if predict is None:
       features = jnp.asarray(image[None])
     else:
       features = predict(state, jnp.asarray(image[None]))[1][tap]
-    # Each tap pixel weighs the real (unpadded) image pixels it covers, so the
-    # padding does not pull the clusters.
+    # Each point clustered weighs the real (unpadded) image pixels it covers, so
+    # the padding does not pull the clusters: a tap pixel those of its block, an
+    # image pixel itself (a segmenter that reads the image clusters its pixels).
     real = np.pad(np.ones((height, width), np.float32), pad[:2])
-    _, h, w, _ = features.shape
+    _, h, w, _ = features.shape if not segmenter.uses_pixels else padded[None].shape
     f = image.shape[0] // h
     weights = real.reshape(h, f, w, f).sum((1, 3)).reshape(1, h * w)
-    labels, counts = run(features, jax.random.key(config.seed), jnp.asarray(weights))
+    labels, counts = run(features, jax.random.key(config.seed), jnp.asarray(weights),
+                         jnp.asarray(padded[None]))
     segmenters_lib.check_region_counts(np.asarray(counts), config.eval.max_regions, path)
     labels = np.asarray(kmeans.upsample_labels(labels, image.shape[0], image.shape[1]))[0]
     labels = labels[:height, :width].astype(np.uint8)

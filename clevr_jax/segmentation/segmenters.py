@@ -330,14 +330,16 @@ def segment(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
   image with more regions than R loses its smallest: `check_region_counts`);
   `cap`: the most labels an image may end with. `pixels` [B, H, W, 3] in [0, 1]:
   the image, for segmenters that read it (`uses_pixels`; their labels are then
-  at the image's resolution).
+  at the image's resolution). `point_weights` [B, points]: each point's weight
+  in K-Means, at the resolution it clusters (the tap's; the image's for one
+  that reads the image).
   """
   if max_regions < 1:
     raise ValueError(f"eval.max_regions={max_regions}: the region slots must be at least 1")
   if segmenter.uses_pixels:
     return _segment_hybrid(segmenter, kmeans_config, features, pixels, num_clusters, keys,
                            target, threshold, is_pixels=is_pixels, max_regions=max_regions,
-                           cap=cap)
+                           cap=cap, point_weights=point_weights)
   if segmenter.cluster == "argmax":
     if features.shape[-1] > segmenter.k_max:  # labels past k_max would not be counted
       raise ValueError(
@@ -363,7 +365,8 @@ def upsample_features(x: jax.Array, height: int, width: int) -> jax.Array:
 def _segment_hybrid(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDict,
                     features: jax.Array, pixels: jax.Array | None, num_clusters: jax.Array,
                     keys: jax.Array, target: jax.Array, threshold: jax.Array, *,
-                    is_pixels: bool, max_regions: int, cap: int
+                    is_pixels: bool, max_regions: int, cap: int,
+                    point_weights: jax.Array | None = None
                     ) -> tuple[jax.Array, jax.Array]:
   """`segment` for a segmenter that reads the image: regions from the pixels'
   clusters (intersected with the tap's for 'pixels_and_tap'), each source's
@@ -375,7 +378,8 @@ def _segment_hybrid(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDi
                      "but was given none")
   _, height, width, _ = pixels.shape
   colour, pixel_labels = transform_and_cluster(segmenter, kmeans_config, pixels,
-                                               num_clusters, keys, is_pixels=True)
+                                               num_clusters, keys, is_pixels=True,
+                                               point_weights=point_weights)
   k = segmenter.k_max
   modal = jax.vmap(functools.partial(regions.modal_filter, num_labels=k,
                                      size=segmenter.modal_size))
