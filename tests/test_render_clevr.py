@@ -90,3 +90,32 @@ def test_blender_scene_has_masks_that_partition_the_image(tmp_path):
   render_clevr.run(values)
   assert part.stat().st_mtime_ns == stamp
   assert out.read_bytes() == first
+
+
+def test_scene_stats_read_a_drawn_shadow_and_clean_floor():
+  from tools import compare_renders  # pylint: disable=import-outside-toplevel
+  labels = np.zeros((240, 320), np.uint8)
+  labels[100:140, 100:140] = 1
+  image = np.full((240, 320, 3), 128, np.uint8)
+  image[100:140, 100:140] = (200, 30, 30)
+  image[100:140, 140:150] = 64  # a hard shadow, half the floor's level, right of the object
+  stats = compare_renders.scene_stats(image, labels)
+  assert stats["background"] == pytest.approx(1 - 1600 / 76800)
+  assert stats["object_area"] == [pytest.approx(1600 / 76800)]
+  assert stats["shadow_depth"] == pytest.approx(0.5, abs=0.01)
+  assert stats["penumbra"] == 0.0  # all of it below the core level
+  assert 0.0 < stats["shadow_area"] < 0.5
+  assert stats["noise"] == pytest.approx(0.0, abs=1e-9)
+  assert stats["floor_gradient"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_sweep_varies_one_setting_at_a_time_or_all():
+  from tools import segmenter_sweep  # pylint: disable=import-outside-toplevel
+  vary = segmenter_sweep.parse_vary("min_area=5e-4,1e-3;modal_size=0")
+  assert vary == {"min_area": [5e-4, 1e-3], "modal_size": [0]}
+  base = {"min_area": 1e-3, "modal_size": 3, "merge_threshold": 0.2}
+  one = segmenter_sweep.variants(base, vary, grid=False)
+  assert one == [base, dict(base, min_area=5e-4), dict(base, modal_size=0)]
+  # Every combination, the base's own (1e-3, 3) once.
+  grid = segmenter_sweep.variants(base, dict(vary, modal_size=[0, 3]), grid=True)
+  assert len(grid) == 4 and grid[0] == base

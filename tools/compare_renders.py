@@ -1,12 +1,16 @@
-"""Synthetic scenes beside real CLEVR renders: a figure and a table of numbers.
+"""Synthetic scenes beside real CLEVR renders: a figure and tables of numbers.
 
   python -m tools.compare_renders --renders_dir=DIR --out docs/synthetic_vs_real.png
+  python -m tools.compare_renders --records=FILE.tfrecord[,FILE2...]
 
-The figure puts 8 synthetic scenes (seeds 0-7) beside real CLEVR renders
-(`--renders_dir`: a folder of img*.png, 240x320; the repository does not ship
-them). The table compares the background-pixel fraction and the mean
-background colour of the two real `clevr_with_masks` samples (by default the
-ones in tests/data) with those of `--num_scenes` synthetic scenes.
+The figure (with `--renders_dir`: a folder of img*.png, 240x320; the
+repository does not ship them) puts 8 synthetic scenes (seeds 0-7) beside real
+CLEVR renders. The first table compares the background-pixel fraction and the
+mean background colour of the two real `clevr_with_masks` samples (by default
+the ones in tests/data) with those of `--num_scenes` synthetic scenes. With
+`--records` (official-format files, e.g. tools/render_clevr.py's renders), a
+second table sets the scene statistics of `scene_stats` side by side for the
+synthetic scenes, each file and the real samples.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from clevr_jax import schema
 from clevr_jax.data import renderer
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,6 +38,9 @@ _SAMPLES_DIR = flags.DEFINE_string(
     "A folder of real clevr_with_masks samples (sample_*.npz).")
 _NUM_SCENES = flags.DEFINE_integer(
     "num_scenes", 200, "Synthetic scenes (seeds 0..n-1) behind the statistics.")
+_RECORDS = flags.DEFINE_list(
+    "records", [], "Official-format GZIP TFRecords whose scene statistics join the table.")
+_MAX_RECORDS = flags.DEFINE_integer("max_records", 0, "Scenes read per file (0: all).")
 _PROCESSES = flags.DEFINE_integer(
     "processes", None, "Render workers; default one per CPU.")
 
@@ -72,6 +80,95 @@ def background_stats(image: np.ndarray, background: np.ndarray
                      ) -> tuple[float, np.ndarray]:
   """(background-pixel fraction, mean background RGB) of one image."""
   return float(background.mean()), image[background].mean(axis=0)
+
+
+# Background pixels within this many pixels (at 240 rows) of an object are its
+# surroundings, where its shadow falls; farther ones are open floor.
+_RING = 12
+# A surrounding pixel darker than this fraction of its row's floor level is shadow.
+_SHADOW = 0.9
+# Of the shadow, what is darker than this fraction is its core (the rest penumbra).
+_CORE = 0.6
+
+STAT_NAMES = {
+    "background": "background fraction",
+    "object_area": "median object area (fraction)",
+    "floor_lum": "floor luminance (mean)",
+    "floor_gradient": "floor gradient (bottom - top third)",
+    "floor_rgb": "floor RGB (mean)",
+    "shadow_depth": "shadow depth (1 - p5 / floor)",
+    "shadow_area": "shadow fraction of surroundings",
+    "penumbra": "penumbra share of shadow",
+    "noise": "floor noise (grey levels, 3x3 residual)",
+}
+
+
+def scene_stats(image: np.ndarray, labels: np.ndarray) -> dict[str, object]:
+  """Floor, shadow, size and noise statistics of one scene (image uint8, labels [H, W]).
+
+  Luminance is relative to each row's median floor level, which takes out the
+  floor's gradient; shadows are read in the objects' surroundings.
+  """
+  from scipy import ndimage  # pylint: disable=import-outside-toplevel
+  lum = image.astype(np.float64) @ np.array(schema.LUMINANCE_WEIGHTS) / 255.0
+  height = labels.shape[0]
+  background = labels == 0
+  ring = max(1, round(_RING * height / 240))
+  near = ndimage.binary_dilation(~background, iterations=ring) & background
+  open_floor = background & ~near
+  levels = np.array([np.median(row[mask]) if mask.sum() >= 8 else np.nan
+                     for row, mask in zip(lum, open_floor)])
+  relative = lum / levels[:, None]
+  around = relative[near & np.isfinite(relative)]
+  shadow = around < _SHADOW
+  residual = lum - ndimage.uniform_filter(lum, 3)
+  inner = ndimage.binary_erosion(open_floor, iterations=2)
+  third = height // 3
+  top, bottom = open_floor[:third], open_floor[-third:]
+  areas = [float((labels == k).mean()) for k in np.unique(labels) if k != 0]
+  return {
+      "background": float(background.mean()),
+      "object_area": areas,
+      "floor_lum": float(lum[open_floor].mean()),
+      "floor_gradient": float(lum[-third:][bottom].mean() - lum[:third][top].mean()),
+      "floor_rgb": image[open_floor].mean(axis=0),
+      "shadow_depth": float(1.0 - np.percentile(around, 5)) if around.size else np.nan,
+      "shadow_area": float(shadow.mean()) if around.size else np.nan,
+      "penumbra": float((shadow & (around >= _CORE)).sum() / max(shadow.sum(), 1)),
+      "noise": float(residual[inner].std() * 255.0),
+  }
+
+
+def summarise(stats: Sequence[dict[str, object]]) -> dict[str, str]:
+  """Mean over scenes (the median over all objects for object_area), as text."""
+  out = {}
+  for key in STAT_NAMES:
+    if key == "object_area":
+      out[key] = f"{np.median(np.concatenate([s[key] for s in stats])):.4f}"
+    elif key == "floor_rgb":
+      out[key] = _rgb(np.mean([s[key] for s in stats], axis=0))
+    else:
+      out[key] = f"{np.nanmean([s[key] for s in stats]):.3f}"
+  return out
+
+
+def stats_table(columns: dict[str, Sequence[dict[str, object]]]) -> str:
+  """Markdown: one row per statistic, one column per source (its scene count)."""
+  summaries = {name: summarise(stats) for name, stats in columns.items()}
+  heads = [f"{name} ({len(stats)})" for name, stats in columns.items()]
+  lines = ["| statistic | " + " | ".join(heads) + " |",
+           "|---|" + "---|" * len(heads)]
+  for key, label in STAT_NAMES.items():
+    lines.append(f"| {label} | " + " | ".join(s[key] for s in summaries.values()) + " |")
+  return "\n".join(lines)
+
+
+def record_stats(path: str, limit: int) -> list[dict[str, object]]:
+  from clevr_jax.data import official  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  stats = []
+  for _, example in official.read_records(path, 0, limit or None):
+    stats.append(scene_stats(example["image"], schema.masks_to_labels(example["mask"])))
+  return stats
 
 
 def _rgb(colour: np.ndarray) -> str:
@@ -125,27 +222,42 @@ def _figure(synthetic: Sequence[np.ndarray], real: Sequence[np.ndarray],
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  if not _RENDERS_DIR.value:
-    sys.exit("error: --renders_dir is required: a folder of real CLEVR renders "
-             "(img*.png, 240x320), which the repository does not ship")
+  if not _RENDERS_DIR.value and not _RECORDS.value:
+    sys.exit("error: give --renders_dir (a folder of real CLEVR renders, img*.png, "
+             "240x320, which the repository does not ship) for the figure, or "
+             "--records (official-format TFRecords) for the statistics")
   try:
-    real_renders = load_real_renders(_RENDERS_DIR.value)
+    real_renders = load_real_renders(_RENDERS_DIR.value) if _RENDERS_DIR.value else []
     real_samples = load_real_samples(_SAMPLES_DIR.value)
+    for path in _RECORDS.value:
+      if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"--records: no file {path}")
   except FileNotFoundError as e:
     sys.exit(f"error: {e}")
   count = max(_NUM_SCENES.value, _SHOWN)
   scenes = renderer.render_scenes(range(count), processes=_PROCESSES.value)
-  shown, synthetic_stats = [], []
+  shown, synthetic_stats, synthetic_scene_stats = [], [], []
   for scene in scenes:
     if len(shown) < _SHOWN:
       shown.append(scene["image"])
     synthetic_stats.append(background_stats(scene["image"], scene["labels"] == 0))
+    synthetic_scene_stats.append(scene_stats(scene["image"], scene["labels"]))
   real_stats = [background_stats(image, background)
                 for image, background in real_samples]
-  out = pathlib.Path(_OUT.value)
-  _figure(shown, real_renders[:_SHOWN], out)
   print(_table(real_stats, synthetic_stats))
-  print(f"figure: {out}")
+  if _RECORDS.value:
+    columns = {f"synthetic v{renderer.RENDERER_VERSION}": synthetic_scene_stats}
+    for path in _RECORDS.value:
+      columns[pathlib.Path(path).stem] = record_stats(path, _MAX_RECORDS.value)
+    columns["real clevr_with_masks"] = [
+        scene_stats(image, schema.masks_to_labels(np.load(p)["mask"]))
+        for p, (image, _) in zip(sorted(pathlib.Path(_SAMPLES_DIR.value).glob("sample_*.npz")),
+                                 real_samples)]
+    print(stats_table(columns))
+  if real_renders:
+    out = pathlib.Path(_OUT.value)
+    _figure(shown, real_renders[:_SHOWN], out)
+    print(f"figure: {out}")
 
 
 if __name__ == "__main__":

@@ -41,25 +41,6 @@ from clevr_jax import schema
 _BLENDER_SCRIPT = pathlib.Path(__file__).resolve().with_name("clevr_blender_scene.py")
 _ASSET_FILES = ("base_scene.blend", "properties.json", "shapes", "materials")
 
-_ASSETS_DIR = flags.DEFINE_string(
-    "assets_dir", None, "The CLEVR generator's image_generation/data folder.")
-_OUT = flags.DEFINE_string("out", None, "The GZIP TFRecord to write.")
-_SEED = flags.DEFINE_integer("seed", 0, "Scene i is drawn from a stream seeded by (seed, i).")
-_NUM_SCENES = flags.DEFINE_integer("num_scenes", 300, "Scenes 0..num_scenes-1.")
-_MIN_OBJECTS = flags.DEFINE_integer("min_objects", 3, "Fewest objects in a scene.")
-_MAX_OBJECTS = flags.DEFINE_integer(
-    "max_objects", schema.MAX_OBJECTS, "Most objects in a scene (at most 10: 11 slots).")
-_SAMPLES = flags.DEFINE_integer(
-    "samples", 64, "Cycles samples per pixel (the CLEVR generator's default is 512).")
-_THREADS = flags.DEFINE_integer("threads", 0, "Render threads per Blender process; 0: one per CPU.")
-_PROCESSES = flags.DEFINE_integer("processes", 1, "Blender processes rendering at once.")
-_HEIGHT = flags.DEFINE_integer("height", schema.IMAGE_HEIGHT, "Image height (pixels).")
-_WIDTH = flags.DEFINE_integer("width", schema.IMAGE_WIDTH, "Image width (pixels).")
-_MIN_VISIBLE_PIXELS = flags.DEFINE_integer(
-    "min_visible_pixels", 200,
-    "Every object shows at least this many pixels, or the layout is drawn again "
-    "(the CLEVR generator's rule at 240x320).")
-_BLENDER = flags.DEFINE_string("blender", "blender", "The Blender executable.")
 
 # The CLEVR generator's layout rules and jitters (its defaults).
 LAYOUT = {
@@ -264,6 +245,29 @@ def run(values: dict) -> pathlib.Path:
   return out
 
 
+def define_flags() -> None:
+  """The command line (defined when run, not on import: the tests import this module)."""
+  flags.DEFINE_string(
+      "assets_dir", None, "The CLEVR generator's image_generation/data folder.")
+  flags.DEFINE_string("out", None, "The GZIP TFRecord to write.")
+  flags.DEFINE_integer("seed", 0, "Scene i is drawn from a stream seeded by (seed, i).")
+  flags.DEFINE_integer("num_scenes", 300, "Scenes 0..num_scenes-1.")
+  flags.DEFINE_integer("min_objects", 3, "Fewest objects in a scene.")
+  flags.DEFINE_integer(
+      "max_objects", schema.MAX_OBJECTS, "Most objects in a scene (at most 10: 11 slots).")
+  flags.DEFINE_integer(
+      "samples", 64, "Cycles samples per pixel (the CLEVR generator's default is 512).")
+  flags.DEFINE_integer("threads", 0, "Render threads per Blender process; 0: one per CPU.")
+  flags.DEFINE_integer("processes", 1, "Blender processes rendering at once.")
+  flags.DEFINE_integer("height", schema.IMAGE_HEIGHT, "Image height (pixels).")
+  flags.DEFINE_integer("width", schema.IMAGE_WIDTH, "Image width (pixels).")
+  flags.DEFINE_integer(
+      "min_visible_pixels", 200,
+      "Every object shows at least this many pixels, or the layout is drawn again "
+      "(the CLEVR generator's rule at 240x320).")
+  flags.DEFINE_string("blender", "blender", "The Blender executable.")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   values = {name: flags.FLAGS[name].value for name in (
@@ -276,4 +280,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
