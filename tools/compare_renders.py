@@ -29,21 +29,6 @@ from clevr_jax.data import renderer
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-_OUT = flags.DEFINE_string("out", "docs/synthetic_vs_real.png",
-                           "Where to write the figure (PNG).")
-_RENDERS_DIR = flags.DEFINE_string(
-    "renders_dir", None, "A folder of real CLEVR renders (img*.png, 240x320).")
-_SAMPLES_DIR = flags.DEFINE_string(
-    "samples_dir", str(_REPO_ROOT / "tests" / "data" / "clevr_with_masks_samples"),
-    "A folder of real clevr_with_masks samples (sample_*.npz).")
-_NUM_SCENES = flags.DEFINE_integer(
-    "num_scenes", 200, "Synthetic scenes (seeds 0..n-1) behind the statistics.")
-_RECORDS = flags.DEFINE_list(
-    "records", [], "Official-format GZIP TFRecords whose scene statistics join the table.")
-_MAX_RECORDS = flags.DEFINE_integer("max_records", 0, "Scenes read per file (0: all).")
-_PROCESSES = flags.DEFINE_integer(
-    "processes", None, "Render workers; default one per CPU.")
-
 _SHOWN = 8  # scenes per side of the figure
 
 
@@ -220,22 +205,39 @@ def _figure(synthetic: Sequence[np.ndarray], real: Sequence[np.ndarray],
   plt.close(fig)
 
 
+def define_flags() -> None:
+  """The command line (defined when run, not on import: the tests import this module)."""
+  flags.DEFINE_string("out", "docs/synthetic_vs_real.png", "Where to write the figure (PNG).")
+  flags.DEFINE_string(
+      "renders_dir", None, "A folder of real CLEVR renders (img*.png, 240x320).")
+  flags.DEFINE_string(
+      "samples_dir", str(_REPO_ROOT / "tests" / "data" / "clevr_with_masks_samples"),
+      "A folder of real clevr_with_masks samples (sample_*.npz).")
+  flags.DEFINE_integer(
+      "num_scenes", 200, "Synthetic scenes (seeds 0..n-1) behind the statistics.")
+  flags.DEFINE_list(
+      "records", [], "Official-format GZIP TFRecords whose scene statistics join the table.")
+  flags.DEFINE_integer("max_records", 0, "Scenes read per file (0: all).")
+  flags.DEFINE_integer("processes", None, "Render workers; default one per CPU.")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
-  if not _RENDERS_DIR.value and not _RECORDS.value:
+  if not flags.FLAGS.renders_dir and not flags.FLAGS.records:
     sys.exit("error: give --renders_dir (a folder of real CLEVR renders, img*.png, "
              "240x320, which the repository does not ship) for the figure, or "
              "--records (official-format TFRecords) for the statistics")
   try:
-    real_renders = load_real_renders(_RENDERS_DIR.value) if _RENDERS_DIR.value else []
-    real_samples = load_real_samples(_SAMPLES_DIR.value)
-    for path in _RECORDS.value:
+    real_renders = (load_real_renders(flags.FLAGS.renders_dir)
+                    if flags.FLAGS.renders_dir else [])
+    real_samples = load_real_samples(flags.FLAGS.samples_dir)
+    for path in flags.FLAGS.records:
       if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"--records: no file {path}")
   except FileNotFoundError as e:
     sys.exit(f"error: {e}")
-  count = max(_NUM_SCENES.value, _SHOWN)
-  scenes = renderer.render_scenes(range(count), processes=_PROCESSES.value)
+  count = max(flags.FLAGS.num_scenes, _SHOWN)
+  scenes = renderer.render_scenes(range(count), processes=flags.FLAGS.processes)
   shown, synthetic_stats, synthetic_scene_stats = [], [], []
   for scene in scenes:
     if len(shown) < _SHOWN:
@@ -245,20 +247,21 @@ def main(argv: Sequence[str]) -> None:
   real_stats = [background_stats(image, background)
                 for image, background in real_samples]
   print(_table(real_stats, synthetic_stats))
-  if _RECORDS.value:
+  if flags.FLAGS.records:
     columns = {f"synthetic v{renderer.RENDERER_VERSION}": synthetic_scene_stats}
-    for path in _RECORDS.value:
-      columns[pathlib.Path(path).stem] = record_stats(path, _MAX_RECORDS.value)
+    for path in flags.FLAGS.records:
+      columns[pathlib.Path(path).stem] = record_stats(path, flags.FLAGS.max_records)
+    sample_paths = sorted(pathlib.Path(flags.FLAGS.samples_dir).glob("sample_*.npz"))
     columns["real clevr_with_masks"] = [
         scene_stats(image, schema.masks_to_labels(np.load(p)["mask"]))
-        for p, (image, _) in zip(sorted(pathlib.Path(_SAMPLES_DIR.value).glob("sample_*.npz")),
-                                 real_samples)]
+        for p, (image, _) in zip(sample_paths, real_samples)]
     print(stats_table(columns))
   if real_renders:
-    out = pathlib.Path(_OUT.value)
+    out = pathlib.Path(flags.FLAGS.out)
     _figure(shown, real_renders[:_SHOWN], out)
     print(f"figure: {out}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
