@@ -7,6 +7,10 @@ Modes:
   baselines  raw-pixel K-Means and random masks (no checkpoint needed)
   report     merge several workdirs' results (--workdirs=A,B,...)
   segment    masks for your own images (any format Pillow reads) (--images, --tap, --num_clusters)
+  score_features  any model's per-pixel features of the test images through every
+             segmenter (--features=FOLDER: <index>.npy or .npz shards; a folder per set)
+  score_masks     any method's predicted label maps of the test images, every metric
+             (--masks=FOLDER: <index>.npy or 8/16-bit <index>.png)
 
 Bad input ends with one `error:` line and exit status 2 (CLEVR_JAX_TRACEBACK=1
 shows the traceback); Ctrl-C with one line that says where training resumes,
@@ -25,7 +29,8 @@ from ml_collections import config_flags
 from clevr_jax import console
 from clevr_jax import validate
 
-MODES = ("prepare", "train", "evaluate", "baselines", "report", "segment")
+MODES = ("prepare", "train", "evaluate", "baselines", "report", "segment", "score_features",
+         "score_masks")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally with ':preset' (quick, synthetic, test).",
@@ -38,7 +43,15 @@ _TAP = flags.DEFINE_string("tap", "input", "--mode=segment: the tap to cluster."
 _NUM_CLUSTERS = flags.DEFINE_integer(
     "num_clusters", 0, "--mode=segment: K-Means clusters (K0) of the K-predicting default "
     "segmenter, or K of one that takes K; 0: the segmenter's own.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "--mode=segment/report: where to write.")
+_FEATURES = flags.DEFINE_string(
+    "features", None, "--mode=score_features: a folder of <index>.npy / .npz features per test "
+    "image, or a folder of such folders (one feature set each).")
+_MASKS = flags.DEFINE_string(
+    "masks", None, "--mode=score_masks: a folder of <index>.npy / .png label maps per test "
+    "image, or a folder of such folders.")
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "--mode=segment/report/score_features/score_masks: where to write "
+    "(default: the workdir, or its segments/, score_features/, score_masks/).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "jax.distributed.initialize() auto-detected (Cloud TPU VMs, SLURM).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -54,7 +67,8 @@ def default_workdir(config) -> str:
 def run(config, workdir: str, mode: str) -> None:
   """Validates once, then one call per mode (each imports what it needs: after JAX joins)."""
   from clevr_jax import guards  # pylint: disable=g-import-not-at-top
-  validate.check_mode_flags(mode, _WORKDIRS.value, _IMAGES.value)
+  validate.check_mode_flags(mode, _WORKDIRS.value, _IMAGES.value, _FEATURES.value,
+                            _MASKS.value)
   if mode not in ("prepare", "report"):  # these two start no JAX backend
     from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
     devices = sharding.join_processes(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -62,10 +76,13 @@ def run(config, workdir: str, mode: str) -> None:
   else:
     devices = None
   validate.check_config(config, mode, devices, workdir)
-  output = _OUTPUT_DIR.value or (os.path.join(workdir, "segments") if mode == "segment" else workdir)
+  subfolder = {"segment": "segments", "score_features": "score_features",
+               "score_masks": "score_masks"}.get(mode)
+  output = _OUTPUT_DIR.value or (os.path.join(workdir, subfolder) if subfolder else workdir)
   if mode != "prepare":  # a folder that cannot be written fails now, not after the work
     guards.check_writable(*((output, "--output_dir") if _OUTPUT_DIR.value else (workdir,)))
-  if mode in ("prepare", "train", "evaluate", "baselines"):  # the modes that read data
+  if mode in ("prepare", "train", "evaluate", "baselines", "score_features",
+              "score_masks"):  # the modes that read data
     console.quiet_progress_bars(_LOG_ALL.value)
   if mode == "prepare":  # no JAX backend: runs alone on one worker of a slice
     from clevr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -89,6 +106,10 @@ def run(config, workdir: str, mode: str) -> None:
     evaluation.evaluate(config, workdir)
   elif mode == "baselines":
     evaluation.baselines(config, workdir)
+  elif mode == "score_features":
+    evaluation.score_features(config, _FEATURES.value, output)
+  elif mode == "score_masks":
+    evaluation.score_masks(config, _MASKS.value, output)
   else:
     evaluation.segment_images(config, workdir, _IMAGES.value, tap=_TAP.value,
                               num_clusters=_NUM_CLUSTERS.value, output_dir=output)

@@ -142,7 +142,8 @@ def save_tap_figures(workdir: str, table: dict, first: dict, taps: tuple[str, ..
 
   Args:
     table: {segmenter: {tap: {metric: mean}}}.
-    first: figures of `evaluation.protocol.score_features`.
+    first: figures of `evaluation.protocol.score_features` (without "features":
+      the charts and masks only).
     taps: the feature maps, in order.
   """
   plt = _pyplot()
@@ -193,6 +194,8 @@ def save_tap_figures(workdir: str, table: dict, first: dict, taps: tuple[str, ..
   fig.savefig(os.path.join(workdir, "iou_matrix.png"), dpi=100)
   plt.close(fig)
 
+  if "features" not in first:  # label maps only (scored masks)
+    return
   # What each tap sees: its channels projected to three by PCA, as colour.
   fig, axes = plt.subplots(1, len(taps), figsize=(1.8 * len(taps), 1.8), squeeze=False)
   for j, tap in enumerate(taps):

@@ -76,7 +76,8 @@ _SEGMENTER_RANGES = {
 MAX_REGION_SLOTS = 1024
 # The modes that run batches over the devices, and the batches each one runs.
 _BATCHES = {"train": ("batch_size", "eval.batch_size"), "evaluate": ("eval.batch_size",),
-            "baselines": ("eval.batch_size",)}
+            "baselines": ("eval.batch_size",), "score_features": ("eval.batch_size",),
+            "score_masks": ("eval.batch_size",)}
 
 
 def split_config_argument(value: str) -> tuple[str, str | None]:
@@ -215,7 +216,7 @@ def check_names(config: ml_collections.ConfigDict, mode: str) -> None:
   """Every segmenter and tap a mode runs is defined, before any work: a name the
   network lacks would otherwise stop the run after training."""
   ev = config.eval
-  if mode in ("train", "evaluate", "baselines"):
+  if mode in ("train", "evaluate", "baselines", "score_features"):
     if not ev.segmenter_names:
       raise ValueError("config.eval.segmenter_names is empty: name at least one of "
                        f"config.eval.segmenters ({', '.join(sorted(ev.segmenters.keys()))}), "
@@ -315,12 +316,19 @@ def check_self_training(config: ml_collections.ConfigDict, workdir: str | None) 
           "instead of training; give the round its own --workdir")
 
 
-def check_mode_flags(mode: str, workdirs: Sequence[str], images: Sequence[str]) -> None:
+def check_mode_flags(mode: str, workdirs: Sequence[str], images: Sequence[str],
+                     features: str | None = None, masks: str | None = None) -> None:
   """The flags a mode cannot run without."""
   if mode == "report" and not workdirs:
     raise ValueError("--mode=report needs --workdirs=A,B,...")
   if mode == "segment" and not images:
     raise ValueError("--mode=segment needs --images=FILE_OR_DIR[,...]")
+  if mode == "score_features" and not features:
+    raise ValueError("--mode=score_features needs --features=FOLDER (one <index>.npy per test "
+                     "image, or .npz shards; or a folder of such folders)")
+  if mode == "score_masks" and not masks:
+    raise ValueError("--mode=score_masks needs --masks=FOLDER (one <index>.npy or <index>.png "
+                     "label map per test image)")
 
 
 def check_config(config: ml_collections.ConfigDict, mode: str,
@@ -358,7 +366,7 @@ def check_config(config: ml_collections.ConfigDict, mode: str,
     objectives.check_config(config)
   if mode == "train":
     check_self_training(config, workdir)
-  if mode in ("train", "evaluate", "baselines", "segment"):
+  if mode in ("train", "evaluate", "baselines", "segment", "score_features"):
     check_names(config, mode)
     check_region_slots(config)
   if devices is not None and mode in _BATCHES:

@@ -12,11 +12,15 @@
   pixel_baselines.py  raw pixels through every segmenter, random masks (--mode=baselines)
   supervised.py   the segmentation U-Net's class maps
   user_images.py  masks for the user's own images (--mode=segment)
+  external.py     any method's features (--mode=score_features) and predicted
+                  masks (--mode=score_masks), read batch by batch from files
   results.py      results.json / results.md: one table per segmenter
 """
 
+from clevr_jax.evaluation.external import score_features
+from clevr_jax.evaluation.external import score_masks
 from clevr_jax.evaluation.model_eval import evaluate
 from clevr_jax.evaluation.pixel_baselines import baselines
 from clevr_jax.evaluation.user_images import segment_images
 
-__all__ = ["baselines", "evaluate", "segment_images"]
+__all__ = ["baselines", "evaluate", "score_features", "score_masks", "segment_images"]

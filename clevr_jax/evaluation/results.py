@@ -99,6 +99,13 @@ def results_markdown(results: dict[str, Any]) -> str:
     for tap, row in by_tap.items():
       lines.append(f"| {tap} | " + " | ".join(
           f"{row.get(m, math.nan):.4f}" for m in columns) + " |")
+  if "masks" in results:
+    columns = list(metrics.INSTANCE_METRICS) + [K_ERROR]
+    lines += ["", "## predicted masks (no clustering)", "",
+              "| masks | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in results["masks"].items():
+      lines.append(f"| {name} | " + " | ".join(f"{row.get(m, math.nan):.4f}" for m in columns)
+                   + " |")
   if "random_masks" in results:
     columns = list(metrics.INSTANCE_METRICS)
     lines += ["", "## random masks (i.i.d. uniform labels)", "",
