@@ -30,7 +30,7 @@ CORE_MODULES = [
     "benchmarks.train_benchmark", "benchmarks.kmeans_benchmark",
     "benchmarks.torch_reference", "clevr_jax.sharding",
     "clevr_jax.segmentation.regions", "clevr_jax.segmentation.segmenters",
-    "tests.oracles.postprocess_reference", "benchmarks.segmenter_benchmark",
+    "tests.oracles.postprocess_reference", "benchmarks.segmenter_benchmark", "clevr_jax.api",
 ]
 
 _WITHOUT_TENSORFLOW = """
