@@ -343,7 +343,9 @@ def test_a_short_training_run_lowers_the_objective_terms(tmp_path, data_dir):
   # The real loop (train.py): pseudo-masks computed once and cached, the terms
   # added in the jitted data-parallel step and logged, and they fall.
   from configs import unet_objects  # pylint: disable=g-import-not-at-top
-  from clevr_jax import logs, pseudo_masks, train  # pylint: disable=g-import-not-at-top
+  from clevr_jax import logs  # pylint: disable=g-import-not-at-top
+  from clevr_jax.objects import pseudo_masks  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import train  # pylint: disable=g-import-not-at-top
   config = unet_objects.get_config("test")
   config.data.data_dir = data_dir
   config.num_epochs = 3

@@ -43,7 +43,8 @@ def main() -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id,
                                initialization_timeout=60)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from clevr_jax import evaluation, sharding, train  # pylint: disable=g-import-not-at-top
+  from clevr_jax import evaluation, sharding  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = load_run_file("unet_rgb").get_config("test")
   with config.unlocked():
