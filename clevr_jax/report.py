@@ -28,18 +28,32 @@ def load_results(workdir: str) -> list[dict[str, Any]]:
   for stem in ("results", "baselines"):
     path = os.path.join(workdir, f"{stem}.json")
     if os.path.exists(path):
+      again = (f"run --mode={'evaluate' if stem == 'results' else stem} in {workdir} again "
+               "to rewrite it")
       with open(path, encoding="utf-8") as f:
         try:
-          found.append(json.load(f))
+          result = json.load(f)
         except json.JSONDecodeError as e:  # a run killed while writing it, or edited
           raise ValueError(f"{path} is not valid JSON ({e}): it was cut short or edited; "
-                           f"run --mode={'evaluate' if stem == 'results' else stem} in "
-                           f"{workdir} again to rewrite it") from None
+                           f"{again}") from None
+      if not isinstance(result, dict) or not isinstance(result.get("name"), str):
+        raise ValueError(f"{path} is JSON but not a run's results (an object with its "
+                         f"'name' and scores; this one is a {type(result).__name__}): {again}")
+      found.append(result)
   if not found:
     raise FileNotFoundError(
         f"no results.json or baselines.json in {workdir!r}: run --mode=evaluate "
         "(or --mode=baselines) there first")
   return found
+
+
+def run_labels(runs: list[dict[str, Any]]) -> list[str]:
+  """Each run's name in the table and chart: its config name, with its workdir
+  where several runs share the name (a run and its self-training rounds, two
+  seeds), so that no two rows or chart lines of different runs look alike."""
+  names = [r["name"] for r in runs]
+  return [f"{r['name']} ({os.path.normpath(r['workdir'])})" if names.count(r["name"]) > 1
+          else r["name"] for r in runs]
 
 
 def poster_reference(name: str, segmenter: str, tap: str) -> str:
@@ -68,9 +82,11 @@ def write_report(workdirs: list[str], output_dir: str, metric: str = "poster_mio
   """Writes report.md, report.json and report_miou_per_tap.png; returns the markdown.
 
   The table has every run x segmenter x tap; the chart one line per run for
-  `segmenter` (the poster's K-Means by default).
+  `segmenter` (the poster's K-Means by default). Runs are named by their config
+  name, and by their workdir too where names repeat (`run_labels`).
   """
-  runs = [r for w in workdirs for r in load_results(w)]
+  runs = [dict(r, workdir=w) for w in workdirs for r in load_results(w)]
+  labels = run_labels(runs)
   os.makedirs(output_dir, exist_ok=True)
   lines = ["# Segmentation as clusterization: merged results", "",
            f"Metric: `{metric}`. The poster's column gives its figures (the poster's "
@@ -79,24 +95,24 @@ def write_report(workdirs: list[str], output_dir: str, metric: str = "poster_mio
            "|---|---|---|---|---|---|---|"]
   series: dict[str, dict[str, float]] = {}
   taps_in_order: list[str] = []
-  for run in runs:
+  for run, label in zip(runs, labels):
     if "supervised" in run:
       sup = run["supervised"]
-      lines.append(f"| {run['name']} | (supervised) | | {_fmt(sup['class_hungarian_miou'])} | "
+      lines.append(f"| {label} | (supervised) | | {_fmt(sup['class_hungarian_miou'])} | "
                    f"| | 0.9828 |")
-      lines.append(f"| {run['name']} | pixel accuracy | | {_fmt(sup['pixel_accuracy'])} | | | |")
+      lines.append(f"| {label} | pixel accuracy | | {_fmt(sup['pixel_accuracy'])} | | | |")
       continue
     for seg, by_tap in run.get("segmenters", {}).items():
       for tap, row in by_tap.items():
-        lines.append(f"| {run['name']} | {seg} | {tap} | {_fmt(row.get(metric))} | "
+        lines.append(f"| {label} | {seg} | {tap} | {_fmt(row.get(metric))} | "
                      f"{_fmt(row.get('fg_ari'))} | {_fmt(row.get('mbo'))} | "
                      f"{poster_reference(run['name'], seg, tap)} |")
         if run["name"] != "baselines" and seg == segmenter:
-          series.setdefault(run["name"], {})[tap] = row.get(metric)
+          series.setdefault(label, {})[tap] = row.get(metric)
           if tap not in taps_in_order:
             taps_in_order.append(tap)
     for k, row in run.get("random_masks", {}).items():
-      lines.append(f"| {run['name']} | random masks | K {k} | {_fmt(row.get(metric))} | "
+      lines.append(f"| {label} | random masks | K {k} | {_fmt(row.get(metric))} | "
                    f"{_fmt(row.get('fg_ari'))} | {_fmt(row.get('mbo'))} | "
                    f"{poster_reference(run['name'], 'random masks', '') if k == 'oracle' else ''} |")
   markdown = "\n".join(lines) + "\n"

@@ -15,6 +15,8 @@ from PIL import Image
 from clevr_jax import defaults
 from clevr_jax import evaluation
 from clevr_jax import metrics
+from clevr_jax import plots
+from clevr_jax import report
 from clevr_jax import schema
 from clevr_jax import sharding
 from clevr_jax.data import official
@@ -213,6 +215,38 @@ def test_an_explicit_eval_file_size_wins_over_the_configured_one_of_equal_pixels
   config.data.eval_file_height, config.data.eval_file_width = 32, 48
   with pytest.raises(ValueError, match="not the 32x48 of config.data.eval_file_height"):
     pipeline.eval_file_size(config)
+
+
+def _results(path, name, miou):
+  os.makedirs(path, exist_ok=True)
+  row = {"poster_miou": miou, "fg_ari": 0.5, "mbo": 0.5}
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump({"name": name, "segmenters": {"kmeans": {"input": row, "enc1": row}}}, f)
+
+
+def test_report_tells_runs_of_one_config_apart_in_rows_and_chart(tmp_path, monkeypatch):
+  run, round1, other = (str(tmp_path / p) for p in ("run", "run/round1", "other"))
+  _results(run, "unet_objects", 0.25)
+  _results(round1, "unet_objects", 0.75)
+  _results(other, "unet_rgb", 0.5)
+  charts = []
+  monkeypatch.setattr(plots, "tap_mean_iou_chart", lambda *args, **kw: charts.append(args))
+  markdown = report.write_report([run, round1, other], str(tmp_path / "report"))
+  rows = [line for line in markdown.splitlines() if "| input |" in line]
+  assert rows == [f"| unet_objects ({run}) | kmeans | input | 0.2500 | 0.5000 | 0.5000 |  |",
+                  f"| unet_objects ({round1}) | kmeans | input | 0.7500 | 0.5000 | 0.5000 |  |",
+                  "| unet_rgb | kmeans | input | 0.5000 | 0.5000 | 0.5000 | 0.55 |"]
+  series = charts[0][1]
+  assert series == {f"unet_objects ({run})": {"input": 0.25, "enc1": 0.25},
+                    f"unet_objects ({round1})": {"input": 0.75, "enc1": 0.75},
+                    "unet_rgb": {"input": 0.5, "enc1": 0.5}}
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "\"results\"", "{\"segmenters\": {}}"])
+def test_report_over_a_results_json_that_is_no_run_names_the_file(tmp_path, content):
+  (tmp_path / "results.json").write_text(content)
+  with pytest.raises(ValueError, match="results.json is JSON but not a run's results"):
+    report.load_results(str(tmp_path))
 
 
 def test_resize_compact_drops_objects_that_vanish():
