@@ -64,6 +64,23 @@ def default_workdir(config) -> str:
   return os.path.join("runs", config.name + (f"_{config.preset}" if config.preset else ""))
 
 
+def train_rounds(config, workdir: str) -> None:
+  """Round 0, then any self-training rounds, each trained and scored in its workdir;
+  Ctrl-C ends with the line that names the round's own workdir and step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from clevr_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from clevr_jax import guards  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import train  # pylint: disable=g-import-not-at-top
+  for round_config, round_workdir in [(config, workdir)] + train.self_training_rounds(
+      config, workdir):
+    try:
+      with guards.lock(round_workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        train.train_and_evaluate(round_config, round_workdir)  # locked through the evaluation
+        evaluation.evaluate(round_config, round_workdir)
+    except KeyboardInterrupt:  # the lock is released: the same command resumes this round
+      console.interrupted(round_workdir, "train")
+
+
 def run(config, workdir: str, mode: str) -> None:
   """Validates once, then one call per mode (each imports what it needs: after JAX joins)."""
   from clevr_jax import guards  # pylint: disable=g-import-not-at-top
@@ -94,14 +111,7 @@ def run(config, workdir: str, mode: str) -> None:
     return
   from clevr_jax import evaluation  # pylint: disable=g-import-not-at-top
   if mode == "train":
-    import jax  # pylint: disable=g-import-not-at-top
-    from clevr_jax.training import train  # pylint: disable=g-import-not-at-top
-    # Round 0, then any self-training rounds, each trained and scored in its workdir.
-    for round_config, round_workdir in [(config, workdir)] + train.self_training_rounds(
-        config, workdir):
-      with guards.lock(round_workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-        train.train_and_evaluate(round_config, round_workdir)  # locked through the evaluation
-        evaluation.evaluate(round_config, round_workdir)
+    train_rounds(config, workdir)
   elif mode == "evaluate":
     evaluation.evaluate(config, workdir)
   elif mode == "baselines":

@@ -105,3 +105,39 @@ def test_a_round_without_a_teacher_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="teacher_workdir"):
     train.teacher_tap(_config(1, str(tmp_path)))
   assert train.teacher_tap(_config()) == (None, "")
+
+
+
+# Round 1 of a chained run is interrupted after saving step 4 (round 0 finished at 16);
+# the training and evaluation are stand-ins, the rest is main's own round loop. In a
+# child: importing clevr_jax.main defines absl flags another test module defines too.
+_INTERRUPTED_ROUND = """
+import os, sys
+from clevr_jax import console, defaults, evaluation, main
+from clevr_jax.training import train
+workdir = sys.argv[1]
+config = defaults.get_config("test")
+config.objectives.discriminative.weight = 1.0
+config.objectives.self_training_rounds = 2
+os.makedirs(os.path.join(workdir, "checkpoints", "16"))
+
+def train_and_evaluate(round_config, round_workdir):
+  if round_config.objectives.pseudo_masks.round == 1:
+    os.makedirs(os.path.join(round_workdir, "checkpoints", "4"))
+    raise KeyboardInterrupt
+
+train.train_and_evaluate = train_and_evaluate
+evaluation.evaluate = lambda *args: None
+main.train_rounds(config, workdir)
+"""
+
+
+def test_ctrl_c_in_a_round_names_that_rounds_workdir_and_step(tmp_path, run_python):
+  workdir = str(tmp_path / "run")
+  result = run_python(["-c", _INTERRUPTED_ROUND, workdir])
+  assert result.returncode == 130, result.stderr[-3000:]
+  round1 = os.path.join(workdir, "round1")
+  assert result.stderr.rstrip().splitlines()[-1] == (
+      "interrupted: run the same command again to resume training from step 4 "
+      f"(its checkpoint is in {round1})")
+  assert not os.path.exists(os.path.join(round1, ".lock"))  # released for the rerun
