@@ -108,6 +108,22 @@ def test_a_round_without_a_teacher_checkpoint_is_a_clear_error(tmp_path):
 
 
 
+
+def test_a_teacher_of_another_network_is_named_as_the_teacher(trained_workdir, test_config):
+  config = test_config("unet_rgb")
+  config.model.base_width = 16  # the teacher has 8
+  config.objectives.tap = "enc1"
+  config.objectives.pseudo_masks.round = 1
+  config.objectives.pseudo_masks.teacher_workdir = trained_workdir
+  with pytest.raises(ValueError) as error:
+    train.teacher_tap(config)
+  message = str(error.value)
+  assert message.startswith("the teacher of round 1, config.objectives.pseudo_masks."
+                            f"teacher_workdir={trained_workdir}, holds another network")
+  assert "params/bottleneck/conv1/kernel is (3, 3, 64, 128) there, (3, 3, 128, 256) here" \
+      in message
+  assert "--workdir" not in message  # the run's own workdir is not what is wrong
+
 # Round 1 of a chained run is interrupted after saving step 4 (round 0 finished at 16);
 # the training and evaluation are stand-ins, the rest is main's own round loop. In a
 # child: importing clevr_jax.main defines absl flags another test module defines too.

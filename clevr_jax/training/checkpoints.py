@@ -31,7 +31,12 @@ from clevr_jax.training import train_step
 
 
 class ArchitectureMismatch(ValueError):
-  """The checkpoint holds another network than the config builds (not damage)."""
+  """The checkpoint holds another network than the config builds (not damage);
+  `differences` lists the parameters that differ, for callers that give their own advice."""
+
+  def __init__(self, message: str, differences: str = "") -> None:
+    super().__init__(message)
+    self.differences = differences
 
 
 class CheckpointWriteError(ValueError):
@@ -209,13 +214,13 @@ def check_architecture(manager: ocp.CheckpointManager, step: int,
             for k in wanted if k in saved and saved[k] != wanted[k]]
   differ += [f"{k} is missing there" for k in wanted if k not in saved]
   differ += [f"{k} is not in this network" for k in saved if k not in wanted]
+  differences = "; ".join(differ[:3]) + (f" (and {len(differ) - 3} more)"
+                                          if len(differ) > 3 else "")
   raise ArchitectureMismatch(
       f"the checkpoint of step {step} in {manager.directory} holds another network than "
-      f"the config builds: {'; '.join(differ[:3])}"
-      + (f" (and {len(differ) - 3} more)" if len(differ) > 3 else "")
-      + ". The config does not match the checkpoint (it is not damaged): run with the "
-      "settings it was trained with (config.model.*, data.grayscale, task), or use "
-      "another --workdir.")
+      f"the config builds: {differences}. The config does not match the checkpoint (it is "
+      "not damaged): run with the settings it was trained with (config.model.*, "
+      "data.grayscale, task), or use another --workdir.", differences)
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh

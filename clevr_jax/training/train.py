@@ -95,7 +95,15 @@ def teacher_tap(config: ml_collections.ConfigDict
                      "round's network: set --config.objectives.pseudo_masks.teacher_workdir "
                      f"to a workdir with a checkpoint (now {pm.teacher_workdir!r}), or chain "
                      "rounds with --config.objectives.self_training_rounds=N")
-  state, model = checkpoints.restore_model(config, teacher, sharding.make_mesh())
+  try:
+    state, model = checkpoints.restore_model(config, teacher, sharding.make_mesh())
+  except checkpoints.ArchitectureMismatch as e:
+    raise ValueError(
+        f"the teacher of round {pm.round}, config.objectives.pseudo_masks.teacher_workdir="
+        f"{pm.teacher_workdir}, holds another network than this round builds: "
+        f"{e.differences}. A round's teacher is the previous round's network, of the same "
+        "config.model.*: set teacher_workdir to such a run, or run the model settings the "
+        "teacher was trained with") from None
   tap = config.objectives.tap
   predict = train_step_lib.make_predict_fn(model, (tap,))
   step = int(jax.device_get(state.step))
