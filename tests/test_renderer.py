@@ -1,5 +1,6 @@
 """Tests of clevr_jax.data.renderer: record, geometry, determinism, look."""
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -53,6 +54,26 @@ def test_same_seed_same_scene_other_seed_other_scene():
   other = renderer.render_scene(8, SMALL)
   assert not np.array_equal(first["image"], other["image"])
   assert not np.array_equal(first["x"], other["x"])
+
+
+def test_toy_scenes_have_distinct_colours_and_no_metal():
+  # Eight colours, at most eight objects: with the default draws nearly every
+  # scene of 5-8 objects repeats a colour (1 - 8!/(3! 8^5) ~ 0.79 at five).
+  toy = renderer.SceneConfig(height=60, width=80, min_objects=5, max_objects=8,
+                             distinct_colors=True, metal=False)
+  clevr = dataclasses.replace(toy, distinct_colors=False, metal=True)
+  repeats = 0
+  for seed in range(12):
+    scene = renderer.render_scene(seed, toy)
+    objects = slice(1, _objects(scene) + 1)
+    colours = scene["color"][objects].tolist()
+    assert len(set(colours)) == len(colours), seed
+    assert set(scene["material"][objects].tolist()) == {renderer.RUBBER}, seed
+    plain = renderer.render_scene(seed, clevr)["color"]
+    repeats += len(set(plain[plain > 0].tolist())) < int((plain > 0).sum())
+  assert repeats >= 6  # the default scenes do repeat colours: the switch did the work
+  with pytest.raises(ValueError, match="distinct colours"):
+    renderer.SceneConfig(max_objects=len(schema.COLORS) + 1, distinct_colors=True)
 
 
 @pytest.mark.parametrize("seed", SMALL_SEEDS)

@@ -62,7 +62,9 @@ def make_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
             seed=s.seed, num_train=s.num_train, num_test=s.num_test,
             height=s.get("height", 0) or data.image_height,
             width=s.get("width", 0) or data.image_width,
-            min_objects=s.min_objects, max_objects=s.max_objects))
+            min_objects=s.min_objects, max_objects=s.max_objects,
+            distinct_colors=bool(s.get("distinct_colors", False)),
+            metal=bool(s.get("metal", True))))
   if data.dataset == "clevr_with_masks":
     if ((data.image_height, data.image_width) != (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH)
         and not data.get("crop")):

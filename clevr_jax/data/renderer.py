@@ -94,6 +94,11 @@ class SceneConfig:
   min_gap: float = 0.25
   min_axis_margin: float = 0.4
   max_placement_tries: int = 50
+  # Toy scenes: no two objects of a scene share a colour (at most
+  # len(schema.COLORS) objects), and every object is rubber (no mirror
+  # reflections), so that colour alone tells the objects apart.
+  distinct_colors: bool = False
+  metal: bool = True
   # Camera: CLEVR's base scene, a 35 mm lens on a 32 mm sensor, looking at
   # the origin from about 28 degrees above the floor.
   camera_position: tuple[float, float, float] = (7.48113, -6.50764, 5.34367)
@@ -123,6 +128,9 @@ class SceneConfig:
     if self.min_visible_pixels is not None and self.min_visible_pixels < 1:
       # Every object must be visible: only visible objects may own a slot.
       raise ValueError("min_visible_pixels must be >= 1")
+    if self.distinct_colors and self.max_objects > len(schema.COLORS):
+      raise ValueError(f"distinct colours allow at most {len(schema.COLORS)} objects, "
+                       f"got max_objects={self.max_objects}")
     if not self.lights or self.shadow_samples < 1:
       raise ValueError("need at least one light and one shadow sample")
 
@@ -245,8 +253,15 @@ def _place_objects(rng: np.random.Generator, count: int, config: SceneConfig,
     else:
       return None
     color = int(rng.integers(1, len(schema.COLORS) + 1))
+    used = {a[3] for a in attributes}
+    if config.distinct_colors and color in used:
+      # Drawn again from the unused colours only: the default scenes' draws
+      # (distinct_colors off) stay as they are.
+      color = int(rng.choice([c for c in range(1, len(schema.COLORS) + 1) if c not in used]))
     rotation = float(rng.uniform(0.0, 360.0))
     material = int(rng.integers(1, len(schema.MATERIALS) + 1))
+    if not config.metal:
+      material = RUBBER
     placed.append((x, y, footprint))
     attributes.append((shape, size, material, color, rotation))
   shape, size, material, color, rotation = (np.array(a) for a in zip(*attributes))
