@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The rendered size when it differs from the model's (data.crop set); 0 = image_height/width.
   data.synthetic.height = 0
   data.synthetic.width = 0
+  # Toy scenes (configs/slot_attention.py:toy): no colour twice in a scene, no metal.
+  data.synthetic.distinct_colors = False
+  data.synthetic.metal = True
 
   config.model = model = ml_collections.ConfigDict()
   # 'unet' (the poster's U-Net / Auto-Encoder, the fields below) or
@@ -109,6 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
   # linear warm-up over warmup_steps times decay_rate**(step / decay_steps)).
   opt.schedule = "constant"
   opt.warmup_steps = 0
+  # Clip the gradient to this global norm before the update; 0 = no clipping.
+  opt.grad_clip_norm = 0.0
   opt.decay_rate = 0.5
   opt.decay_steps = 100_000
 
@@ -213,6 +218,15 @@ def slot_attention_config() -> ml_collections.ConfigDict:
   sa.update_rule = "gru"
   sa.mlp = True
   sa.layer_norm = True
+  # The initial slots: 'gaussian' (the paper's, a learned mean and spread),
+  # 'learned' (BO-QSA's queries, one per slot, straight through to the last
+  # iteration) or 'kmeans' (centroids of a K-Means of the values after
+  # kmeans_iterations Lloyd steps from far-apart points; no gradient).
+  sa.init = "gaussian"
+  sa.kmeans_iterations = 5
+  # Stop the gradient before the last iteration (implicit differentiation,
+  # Chang et al., 2022); 'learned' initial slots always do.
+  sa.implicit_grad = False
   sa.encoder_features = (64, 64, 64, 64)
   sa.encoder_kernel = 5
   sa.decoder_features = 64

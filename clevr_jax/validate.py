@@ -46,6 +46,8 @@ _RANGES = {
     "model.slot_attention.decoder_features": "[1, inf)",
     "model.slot_attention.decoder_upsamplings": "[0, inf)",
     "model.slot_attention.decoder_kernel": "[1, inf)",
+    "model.slot_attention.kmeans_iterations": "[1, inf)",
+    "optimizer.grad_clip_norm": "[0, inf)",
     "optimizer.learning_rate": "(0, inf)", "optimizer.weight_decay": "[0, inf)",
     "optimizer.b1": "[0, 1)", "optimizer.b2": "[0, 1)", "optimizer.eps": "(0, inf)",
     "optimizer.decay_rate": "(0, inf)", "optimizer.decay_steps": "[1, inf)",
@@ -63,6 +65,9 @@ _RANGES = {
     "objectives.views.flip_prob": "[0, 1]", "objectives.pseudo_masks.max_labels": "[1, 255]",
     "objectives.pseudo_masks.min_purity": "[0, 1]",
 }
+# Settings that name one of a few choices: the attribute of clevr_jax.models.slot_attention
+# that lists them.
+_CHOICES = {"model.slot_attention.update_rule": "UPDATES", "model.slot_attention.init": "INITS"}
 # Each segmenter's numeric fields (clevr_jax.segmentation.segmenters documents them).
 _SEGMENTER_RANGES = {
     "pca_dim": "[1, inf)", "xy_weight": "[0, inf)", "num_clusters": "[0, inf)",
@@ -185,6 +190,16 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
       continue
     if not all(_in_interval(v, interval) for v in _numbers(value)):
       raise ValueError(f"config.{path}={value} must be in {interval}: set --config.{path}")
+  from clevr_jax.models import slot_attention  # pylint: disable=g-import-not-at-top  (JAX)
+  for path, name in _CHOICES.items():
+    try:
+      value = _get(config, path)
+    except KeyError:
+      continue
+    choices = getattr(slot_attention, name)
+    if value not in choices:
+      raise ValueError(f"config.{path}={value!r} is not one of {', '.join(map(repr, choices))}: "
+                       f"set --config.{path}={choices[0]}")
   if (config.data.eval_file_height > 0) != (config.data.eval_file_width > 0):
     raise ValueError("config.data.eval_file_height and eval_file_width are given together "
                      f"(now {config.data.eval_file_height} and {config.data.eval_file_width}): "

@@ -22,14 +22,19 @@ any other tap.
                                                  (crops of 96x128), a narrower model,
                                                  748 steps: about 50 minutes on one
                                                  idle core (measured: docs/slots.md)
+  --config=configs/slot_attention.py:toy         CPU, toy scenes where binding is cheap to
+                                                 learn: 2-4 rubber objects of distinct
+                                                 colours, 32x32 (the paper's crop of 40x52),
+                                                 5 slots (objects + 1), a narrower model
   --config=configs/slot_attention.py:quick       synthetic, 64x64, minutes on a CPU
   --config=configs/slot_attention.py:test        tiny, for the test suite
 """
 
 from clevr_jax import defaults
 
-PRESETS = defaults.PRESETS + ("paper", "experiment")
+PRESETS = defaults.PRESETS + ("paper", "experiment", "toy")
 _CLEVR6_OBJECTS = (3, 6)
+_TOY_OBJECTS = (2, 4)
 # The paper's CLEVR crop, rows 29-221 and columns 64-256 of 240x320, as fractions
 # of the image (config.data.crop): the same part of a scene rendered at any size.
 _PAPER_CROP = (29 / 240, 221 / 240, 64 / 320, 256 / 320)
@@ -74,7 +79,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown preset {arg!r}; choose one of "
                      f"{', '.join(repr(p) for p in PRESETS if p)} or none "
                      "(e.g. --config=configs/slot_attention.py:quick)")
-  base = {"paper": "", "experiment": "synthetic"}.get(arg, arg)
+  base = {"paper": "", "experiment": "synthetic", "toy": "synthetic"}.get(arg, arg)
   config = defaults.get_config(base)
   config.preset = arg
   config.name = "slot_attention"
@@ -123,6 +128,30 @@ def get_config(arg: str | None = None):
     config.eval.batch_size = 20
     config.eval.kmeans.num_restarts = 5
     config.eval.kmeans.max_iter = 100
+  elif arg == "toy":
+    _cpu_scenes_and_model(config)
+    # Colour alone tells a scene's objects apart; the paper's crop of a 40x52
+    # render is 32x32 pixels (rows 5-37, columns 10-42), so no resampling.
+    data.synthetic.min_objects, data.synthetic.max_objects = _TOY_OBJECTS
+    data.synthetic.distinct_colors, data.synthetic.metal = True, False
+    data.synthetic.height, data.synthetic.width = 40, 52
+    data.image_height = data.image_width = 32
+    sa.encoder_kernel = 3  # 9x9 receptive field after 4 layers: a toy object's size
+    data.synthetic.num_train = 3000
+    data.synthetic.num_test = 200
+    sa.num_slots = _TOY_OBJECTS[1] + 1  # objects + the background
+    config.eval.segmenters.slot_argmax.num_clusters = sa.num_slots
+    config.optimizer.warmup_steps = 100
+    config.optimizer.decay_steps = 20_000
+    config.batch_size = 16
+    config.num_train_steps = 2_000
+    config.keep_checkpoints = 100  # every checkpoint, for tools/slot_curve.py
+    config.checkpoint_every_steps = 100
+    config.log_every_steps = 25
+    config.eval.batch_size = 20
+    # The slot masks are what this preset is for: its evaluation scores them only.
+    config.eval.taps = ("attention", "slot_masks")
+    config.eval.segmenter_names = ("slot_argmax",)
   elif arg == "quick":
     _cpu_scenes_and_model(config)
     config.optimizer.warmup_steps = 50

@@ -12,6 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from clevr_jax import evaluation
@@ -30,17 +31,31 @@ DATA_PARALLEL = os.path.join(REPO_ROOT, "tests", "helpers", "data_parallel.py")
 SAMPLES = os.path.join(REPO_ROOT, "tests", "data", "clevr_with_masks_samples")
 
 
+# The recipe switches, each on in one variant (two per variant keeps the
+# children few): BO-QSA's learned queries with global-norm clipping small
+# enough to act, and the K-Means initialiser with implicit differentiation.
+_SWITCH_VARIANTS = {
+    "paper": (),
+    "learned_clipped": ("--config.model.slot_attention.init=learned",
+                        "--config.optimizer.grad_clip_norm=0.01"),
+    "kmeans_implicit": ("--config.model.slot_attention.init=kmeans",
+                        "--config.model.slot_attention.implicit_grad=True"),
+}
+
+
 @pytest.fixture(scope="module")
 def _device_runs(tmp_path_factory, data_dir, start_python):
-  """slot_attention:test, 3 float64 train steps on 1 and on 4 devices (children)."""
+  """slot_attention:test, 3 float64 train steps on 1 and on 4 devices (children),
+  for each variant of the recipe switches."""
   root = tmp_path_factory.mktemp("slot_devices")
   runs = {}
-  for devices in (1, 4):
-    out = str(root / f"devices{devices}.npz")
-    runs[devices] = (out, start_python(
-        [DATA_PARALLEL, f"--config={REPO_ROOT}/configs/slot_attention.py:test",
-         f"--config.data.data_dir={data_dir}", "--config.optimizer.eps=1.0",
-         "--steps=3", f"--out={out}", "--float64"], devices=devices))
+  for variant, overrides in _SWITCH_VARIANTS.items():
+    for devices in (1, 4):
+      out = str(root / f"{variant}_devices{devices}.npz")
+      runs[variant, devices] = (out, start_python(
+          [DATA_PARALLEL, f"--config={REPO_ROOT}/configs/slot_attention.py:test",
+           f"--config.data.data_dir={data_dir}", "--config.optimizer.eps=1.0", *overrides,
+           "--steps=3", f"--out={out}", "--float64"], devices=devices))
   return runs
 
 
@@ -231,6 +246,74 @@ def test_initial_slots_are_drawn_per_example_from_the_slots_stream(test_config):
   assert np.abs(masks(same, jax.random.key(8))[0] - one[0]).max() > 1e-3
 
 
+def test_kmeans_initial_slots_are_the_centroids_of_well_separated_clusters():
+  # Farthest-point seeding picks one point of each of k clusters whose gaps
+  # exceed their diameters, so one Lloyd step already gives the cluster means.
+  rng = np.random.default_rng(2)
+  centres = 10 * rng.standard_normal((2, 4, 6))
+  labels = rng.integers(0, 4, (2, 60))
+  labels[:, :4] = np.arange(4)  # every cluster has points
+  points = np.take_along_axis(centres, labels[..., None], 1) + 0.1 * rng.standard_normal((2, 60, 6))
+  with jax.enable_x64(True):
+    found = np.asarray(slot_attention.kmeans_centres(jnp.asarray(points), 4, iterations=1))
+  for b in range(2):
+    means = np.stack([points[b][labels[b] == c].mean(0) for c in range(4)])
+    order = [int(np.argmin(np.abs(means - f).sum(1))) for f in found[b]]
+    assert sorted(order) == [0, 1, 2, 3]
+    np.testing.assert_allclose(found[b], means[order], rtol=0, atol=1e-12)
+
+
+def _slot_grads(test_config, **switches):
+  """The test model's parameter gradients of the reconstruction loss, float64."""
+  config = test_config("slot_attention")
+  for key, value in switches.items():
+    config.model.slot_attention[key] = value
+  model = models.make_model(config).clone(dtype=jnp.float64)
+  images = jax.random.uniform(jax.random.key(0), (2, 48, 64, 3), jnp.float64)
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), state_lib.init_variables(
+      model, models.input_shape(config), config.seed)["params"])
+
+  def loss(p):
+    out, _ = model.apply({"params": p}, images, train=True, rngs={"slots": jax.random.key(3)})
+    return jnp.mean((out - images) ** 2)
+  return jax.grad(loss)(params)
+
+
+def test_recipe_switches_route_the_gradient_as_their_papers_say(test_config):
+  with jax.enable_x64(True):
+    plain = _slot_grads(test_config)
+    implicit = _slot_grads(test_config, implicit_grad=True)
+    learned = _slot_grads(test_config, init="learned")
+    kmeans = _slot_grads(test_config, init="kmeans")
+  # The paper: the Gaussian's mean gets a gradient through every iteration.
+  assert np.abs(plain["slots_mu"]).max() > 1e-8
+  # Implicit differentiation: none reaches the initial slots, the rest learns.
+  assert np.abs(implicit["slots_mu"]).max() == 0 == np.abs(implicit["slots_log_sigma"]).max()
+  assert np.abs(implicit["slot_attention"]["project_q"]["kernel"]).max() > 1e-8
+  # BO-QSA: the queries replace the Gaussian and learn straight through.
+  assert "slots_mu" not in learned and np.abs(learned["slots_queries"]).max() > 1e-8
+  # K-Means: no initial-slot parameters; the projection of the values it
+  # clusters still learns (through the iterations' weighted means).
+  assert not {"slots_mu", "slots_queries"} & set(kmeans)
+  assert np.abs(kmeans["slot_attention"]["project_v"]["kernel"]).max() > 1e-8
+
+
+def test_global_norm_clipping_bounds_the_update(test_config):
+  # Adam normalises the update, so with b1 = b2 = 0 and a large eps the update
+  # is lr * g / eps: clipping scales g to norm c, and the update with it.
+  config = test_config("slot_attention")
+  opt = config.optimizer
+  opt.schedule, opt.warmup_steps, opt.learning_rate = "constant", 0, 1.0
+  opt.b1, opt.b2, opt.eps, opt.weight_decay = 0.0, 0.0, 1e6, 0.0
+  grads = {"a": jnp.array([6.0, 0.0]), "b": jnp.array([8.0])}  # global norm 10
+  params = jax.tree.map(jnp.zeros_like, grads)
+  for clip, norm in ((0.0, 10.0), (2.0, 2.0), (50.0, 10.0)):
+    opt.grad_clip_norm = clip
+    tx = train_step.make_optimizer(config, 1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(optax.tree.norm(updates)) * 1e6 == pytest.approx(norm, rel=1e-5), clip
+
+
 def test_warmup_exponential_is_the_papers_schedule(test_config):
   # lr * min(t / warmup, 1) * rate**(t / decay_steps): Adam's first update of a
   # lone parameter with gradient 1 is -lr(t) (b1 = b2 = 0, eps = 0), read at several t.
@@ -294,18 +377,21 @@ _STATE_ATOL = 1e-9
 _LOSS_RTOL = 8 * 48 * 64 * 3 * 2.0**-24
 
 
-def test_four_devices_step_like_one_device_over_the_same_global_batch(_device_runs):
+@pytest.mark.parametrize("variant", list(_SWITCH_VARIANTS))
+def test_four_devices_step_like_one_device_over_the_same_global_batch(_device_runs, variant):
   # The cross-device parts: the pmean'd loss and the initial slots, drawn per
-  # example by its row in the global batch (a per-device draw differs by O(1)).
+  # example by its row in the global batch (a per-device draw differs by O(1));
+  # the K-Means initialiser is per example, clipping reads the global gradient.
   results = {}
-  for devices, (npz, child) in _device_runs.items():
+  for devices in (1, 4):
+    npz, child = _device_runs[variant, devices]
     result = child.result()
     assert result.returncode == 0, f"{devices} device(s):\n{result.stderr[-5000:]}"
     with np.load(npz) as f:
       results[devices] = {k: f[k] for k in f.files}
   one, four = results[1], results[4]
   assert int(four["device_count"]) == 4 and bool(four["replicated"])
-  assert four[".params['slots_mu']"].dtype == np.float64
+  assert four[".params['slot_attention']['project_q']['kernel']"].dtype == np.float64
   np.testing.assert_allclose(four["metrics/loss"], one["metrics/loss"], rtol=_LOSS_RTOL)
   np.testing.assert_allclose(four["metrics/grad_norm"], one["metrics/grad_norm"],
                              rtol=_STATE_ATOL)
@@ -317,7 +403,13 @@ def test_four_devices_step_like_one_device_over_the_same_global_batch(_device_ru
   # The steps moved the parameters (warm-up: the first update is zero).
   config = _load_test_config()
   fresh = state_lib.create_state(config, train_step.make_optimizer(config, 1))
-  assert np.abs(one[".params['slots_mu']"] - fresh.params["slots_mu"]).max() > 0
+  moved = ".params['slot_attention']['project_q']['kernel']"
+  assert np.abs(one[moved] - fresh.params["slot_attention"]["project_q"]["kernel"]).max() > 0
+  if variant == "paper":  # the gradient reaches the initial slots' mean
+    assert np.abs(one[".params['slots_mu']"] - fresh.params["slots_mu"]).max() > 0
+  if variant == "learned_clipped":
+    assert ".params['slots_queries']" in one and ".params['slots_mu']" not in one
+    assert one["metrics/grad_norm"].min() > 0.01  # the clip acted on every step
 
 
 def _load_test_config():
@@ -345,24 +437,42 @@ def trained_slots(tmp_path_factory, test_config):
   return config, workdir
 
 
-@pytest.mark.slow  # trains
-def test_a_step_budget_stops_part_way_and_a_resumed_run_equals_the_straight_one(
-    trained_slots, tmp_path):
-  config, straight = trained_slots
-  assert int(_restore(config, straight).step) == 6
-  resumed = str(tmp_path / "resumed")
+def _resume_and_compare(config, straight, resumed):
+  """Trains `config` to step 3 in `resumed`, resumes it to its budget, and
+  compares the parameters with the straight run's."""
   first = config.copy_and_resolve_references()
   first.num_train_steps = 3
   train.train_and_evaluate(first, resumed)
   assert int(_restore(config, resumed).step) == 3
   train.train_and_evaluate(config, resumed)  # resumes from step 3: skips 3 batches
   a, b = _restore(config, resumed), _restore(config, straight)
-  assert int(a.step) == 6
+  assert int(a.step) == config.num_train_steps
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.params),
                           jax.tree.leaves(b.params)):
     # Equal bit for bit in practice; a wrong batch or a lost update moves ~1e-3.
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow  # trains
+def test_a_step_budget_stops_part_way_and_a_resumed_run_equals_the_straight_one(
+    trained_slots, tmp_path):
+  config, straight = trained_slots
+  assert int(_restore(config, straight).step) == 6
+  _resume_and_compare(config, straight, str(tmp_path / "resumed"))
+
+
+@pytest.mark.slow  # trains
+def test_a_resumed_run_with_the_recipe_switches_equals_the_straight_one(test_config, tmp_path):
+  # Learned queries add parameters, clipping a state to the optimizer's chain:
+  # both must come back from a checkpoint as they were saved.
+  config = test_config("slot_attention")
+  config.num_train_steps = 5
+  config.model.slot_attention.init = "learned"
+  config.optimizer.grad_clip_norm = 0.01
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(config, straight)
+  _resume_and_compare(config, straight, str(tmp_path / "resumed"))
 
 
 def _write_samples(path):

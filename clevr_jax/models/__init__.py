@@ -287,11 +287,17 @@ def build_model(config: ml_collections.ConfigDict, *,
     if sa.update_rule not in slot_attention.UPDATES:
       raise ValueError(f'config.model.slot_attention.update_rule={sa.update_rule!r} is not one of '
                        f'{slot_attention.UPDATES}')
+    if sa.get('init', 'gaussian') not in slot_attention.INITS:
+      raise ValueError(f'config.model.slot_attention.init={sa.init!r} is not one of '
+                       f'{slot_attention.INITS}')
     return slot_attention.SlotAttentionAutoEncoder(
         out_channels=int(m.out_channels), num_slots=int(sa.num_slots),
         num_iterations=int(sa.num_iterations), slot_size=int(sa.slot_size),
         mlp_hidden=int(sa.mlp_hidden), epsilon=float(sa.epsilon), scale=float(sa.scale),
         update=str(sa.update_rule), mlp=bool(sa.mlp), layer_norm=bool(sa.layer_norm),
+        slot_init=str(sa.get('init', 'gaussian')),
+        kmeans_iterations=int(sa.get('kmeans_iterations', 5)),
+        implicit_grad=bool(sa.get('implicit_grad', False)),
         encoder_features=tuple(int(f) for f in sa.encoder_features),
         encoder_kernel=int(sa.encoder_kernel), decoder_features=int(sa.decoder_features),
         decoder_upsamplings=int(sa.decoder_upsamplings),

@@ -14,11 +14,19 @@ reconstruction loss like the U-Net and returns (output, taps) like it:
   slot_masks  the decoder's alpha masks [b, H, W, K] (they sum to 1 per pixel)
   output      the reconstruction
 
-Initial slots are drawn from a learned Gaussian, per example from the key of
-the 'slots' RNG stream folded with the example's row in the global batch, so
-that a data-parallel step draws the same noise on any number of devices.
-Without a 'slots' stream (evaluation) the key is fixed: scores are
-reproducible.
+Initial slots (`slot_init`) are drawn from a learned Gaussian (the paper's), per
+example from the key of the 'slots' RNG stream folded with the example's row
+in the global batch, so that a data-parallel step draws the same noise on any
+number of devices; without a 'slots' stream (evaluation) the key is fixed:
+scores are reproducible. Or they are learned queries, one per slot (BO-QSA,
+Jia et al., 2023), or the centroids of a K-Means of the inputs' values (the
+poster's clustering as the initialiser; no noise, no gradient through it).
+
+Gradients through the iterations (`implicit_grad`): the paper's go through
+every iteration; implicit differentiation (Chang et al., 2022) stops them
+before the last one, which then sees the iterate as a fixed point. Learned
+queries always do (BO-QSA), and pass the last iteration's gradient to the
+queries straight through: its input is sg(slots) + queries - sg(queries).
 
 This module imports neither TensorFlow nor `clevr_jax.data`.
 """
@@ -36,6 +44,9 @@ from clevr_jax.models import taps as taps_lib
 
 TAP_NAMES = ("input", "encoder", "attention", "slot_masks", "output")
 UPDATES = ("gru", "mean")
+# Initial slots: the paper's learned Gaussian, BO-QSA's learned queries, or
+# the centroids of a K-Means of the inputs' values.
+INITS = ("gaussian", "learned", "kmeans")
 # The evaluation's noise (no 'slots' RNG stream given): any fixed key will do.
 _EVAL_NOISE_SEED = 0
 
@@ -95,6 +106,41 @@ def attend(queries: jax.Array, keys: jax.Array, values: jax.Array, *, scale: flo
   return jnp.einsum("bkn,bnd->bkd", weights, values), attention
 
 
+def farthest_point_centres(points: jax.Array, k: int) -> jax.Array:
+  """k of `points` [b, n, d] per example [b, k, d], chosen greedily far apart:
+  the point farthest from the mean, then each time the point farthest from the
+  ones chosen (k-means++'s idea without its sampling: no key, so the same on
+  any device split). Ties go to the first point."""
+  def farthest(sq_dist):
+    return jnp.argmax(sq_dist, axis=-1)
+
+  def sq_dist_to(centre):  # [b, d] -> [b, n]
+    return jnp.sum((points - centre[:, None]) ** 2, axis=-1)
+
+  take = lambda index: jnp.take_along_axis(points, index[:, None, None], axis=1)[:, 0]
+  first = take(farthest(sq_dist_to(jnp.mean(points, axis=1))))
+  centres, nearest = [first], sq_dist_to(first)
+  for _ in range(k - 1):
+    centres.append(take(farthest(nearest)))
+    nearest = jnp.minimum(nearest, sq_dist_to(centres[-1]))
+  return jnp.stack(centres, axis=1)
+
+
+def kmeans_centres(points: jax.Array, k: int, iterations: int) -> jax.Array:
+  """Lloyd's K-Means (squared Euclidean) of `points` [b, n, d] per example from
+  `farthest_point_centres`: the centroids [b, k, d] after `iterations` steps. A
+  centroid that loses all its points keeps its place."""
+  centres = farthest_point_centres(points, k)
+  for _ in range(iterations):
+    sq_dist = (jnp.sum(points**2, -1)[:, :, None] - 2 * jnp.einsum("bnd,bkd->bnk", points, centres)
+               + jnp.sum(centres**2, -1)[:, None, :])
+    member = jax.nn.one_hot(jnp.argmin(sq_dist, axis=-1), k, dtype=points.dtype)  # [b, n, k]
+    count = jnp.sum(member, axis=1)[..., None]  # [b, k, 1]
+    sums = jnp.einsum("bnk,bnd->bkd", member, points)
+    centres = jnp.where(count > 0, sums / jnp.maximum(count, 1), centres)
+  return centres
+
+
 class SlotAttention(nn.Module):
   """Iterative attention of K slots over n inputs (the paper's module).
 
@@ -102,6 +148,12 @@ class SlotAttention(nn.Module):
   softmax over slots and weighted mean: with identity projections, one soft
   K-Means step with dot-product similarity at temperature 1 / scale
   (tests/test_slot_attention.py).
+
+  `slot_init='kmeans'` ignores the given slots and starts from the K-Means
+  centroids of the values (`kmeans_iterations` Lloyd steps), under a stopped
+  gradient. `slot_init='learned'` takes the given slots as queries to learn and
+  passes them straight through to the last iteration (see the module
+  docstring); `implicit_grad` stops the gradient before the last iteration.
   """
   slot_size: int = 64
   mlp_hidden: int = 128
@@ -111,6 +163,9 @@ class SlotAttention(nn.Module):
   update: str = "gru"
   mlp: bool = True
   layer_norm: bool = True
+  slot_init: str = "gaussian"
+  kmeans_iterations: int = 5
+  implicit_grad: bool = False
   dtype: Any = jnp.float32
 
   def _norm(self, name: str):
@@ -123,6 +178,8 @@ class SlotAttention(nn.Module):
     """inputs [b, n, c], initial slots [b, K, slot_size] -> (slots, last attention [b, K, n])."""
     if self.update not in UPDATES:
       raise ValueError(f"slot update {self.update!r} is not one of {UPDATES}")
+    if self.slot_init not in INITS:
+      raise ValueError(f"slot init {self.slot_init!r} is not one of {INITS}")
     dense = lambda name: nn.Dense(self.slot_size, use_bias=False, dtype=self.dtype,
                                   param_dtype=jnp.float32, name=name)
     inputs = self._norm("norm_inputs")(inputs)
@@ -135,8 +192,18 @@ class SlotAttention(nn.Module):
     mlp_out = nn.Dense(self.slot_size, dtype=self.dtype, param_dtype=jnp.float32,
                        name="mlp2")
     scale = self.scale or self.slot_size**-0.5
+    if self.slot_init == "kmeans":
+      slots = jax.lax.stop_gradient(
+          kmeans_centres(values, slots.shape[1], self.kmeans_iterations)).astype(slots.dtype)
+    queries = slots
     attention = None
-    for _ in range(self.num_iterations):
+    for i in range(self.num_iterations):
+      if i == self.num_iterations - 1:
+        if self.slot_init == "learned":
+          slots = (jax.lax.stop_gradient(slots) + queries
+                   - jax.lax.stop_gradient(queries))
+        elif self.implicit_grad:
+          slots = jax.lax.stop_gradient(slots)
       updates, attention = attend(project_q(norm_slots(slots)), keys, values, scale=scale,
                                   epsilon=self.epsilon)
       if self.update == "gru":
@@ -154,7 +221,9 @@ class SlotAttentionAutoEncoder(nn.Module):
   Attributes:
     out_channels: channels of each slot's image (3 for RGB, 1 for grayscale).
     num_slots, num_iterations, slot_size, mlp_hidden, epsilon, scale, update,
-      mlp, layer_norm: of the slot-attention module.
+      mlp, layer_norm, slot_init, kmeans_iterations, implicit_grad: of the
+      slot-attention module ('gaussian' and 'learned' initial slots are made
+      here: the slot-attention module takes them as its input).
     encoder_features: channels of the encoder's convolutions (stride 1, ReLU).
     encoder_kernel: their kernel size.
     decoder_features: channels of the decoder's transposed convolutions.
@@ -175,6 +244,9 @@ class SlotAttentionAutoEncoder(nn.Module):
   update: str = "gru"
   mlp: bool = True
   layer_norm: bool = True
+  slot_init: str = "gaussian"
+  kmeans_iterations: int = 5
+  implicit_grad: bool = False
   encoder_features: Sequence[int] = (64, 64, 64, 64)
   encoder_kernel: int = 5
   decoder_features: int = 64
@@ -196,7 +268,18 @@ class SlotAttentionAutoEncoder(nn.Module):
           f"got {x.shape[1]}x{x.shape[2]}")
 
   def _initial_slots(self, batch: int) -> jax.Array:
-    """mu + sigma * noise [b, K, slot_size], the noise keyed by each example's global row."""
+    """The initial slots [b, K, slot_size]: `slot_init`'s (the module docstring).
+
+    'gaussian': mu + sigma * noise, the noise keyed by each example's global
+    row; 'learned': one learned query per slot; 'kmeans': zeros, a placeholder
+    of the slots' shape (the slot-attention module computes them).
+    """
+    if self.slot_init == "learned":
+      queries = self.param("slots_queries", nn.initializers.xavier_uniform(),
+                           (1, self.num_slots, self.slot_size), jnp.float32)
+      return jnp.broadcast_to(queries, (batch, self.num_slots, self.slot_size)).astype(self.dtype)
+    if self.slot_init == "kmeans":
+      return jnp.zeros((batch, self.num_slots, self.slot_size), self.dtype)
     mu = self.param("slots_mu", nn.initializers.xavier_uniform(), (1, 1, self.slot_size),
                     jnp.float32)
     log_sigma = self.param("slots_log_sigma", nn.initializers.xavier_uniform(),
@@ -253,8 +336,9 @@ class SlotAttentionAutoEncoder(nn.Module):
     slots, attention = SlotAttention(
         slot_size=self.slot_size, mlp_hidden=self.mlp_hidden,
         num_iterations=self.num_iterations, epsilon=self.epsilon, scale=self.scale,
-        update=self.update, mlp=self.mlp, layer_norm=self.layer_norm, dtype=self.dtype,
-        name="slot_attention")(h.reshape(b, fh * fw, -1),
+        update=self.update, mlp=self.mlp, layer_norm=self.layer_norm, slot_init=self.slot_init,
+        kmeans_iterations=self.kmeans_iterations, implicit_grad=self.implicit_grad,
+        dtype=self.dtype, name="slot_attention")(h.reshape(b, fh * fw, -1),
                                self._split_like(self._initial_slots(b), x))
     record("attention", jnp.swapaxes(attention, 1, 2).reshape(b, fh, fw, self.num_slots))
 

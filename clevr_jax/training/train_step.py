@@ -39,7 +39,8 @@ Data = dict[str, jax.Array]  # a device-resident split (batch.DeviceData.arrays)
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
                    ) -> optax.GradientTransformation:
-  """AdamW on the config's schedule (`total_steps`: the length of a cosine one)."""
+  """AdamW on the config's schedule (`total_steps`: the length of a cosine one),
+  after clipping the gradient's global norm (`optimizer.grad_clip_norm` > 0)."""
   opt = config.optimizer
   if opt.schedule == "constant":
     schedule = optax.constant_schedule(opt.learning_rate)
@@ -50,17 +51,18 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
     # step 0 (lr * min(t / warmup, 1) * decay_rate**(t / decay_steps)).
     warmup = optax.linear_schedule(0.0, 1.0, max(opt.warmup_steps, 1))
     decay = optax.exponential_decay(opt.learning_rate, opt.decay_steps, opt.decay_rate)
-    return optax.adamw(lambda count: warmup(count) * decay(count), b1=opt.b1, b2=opt.b2,
-                       eps=opt.eps, weight_decay=opt.weight_decay)
+    schedule = lambda count: warmup(count) * decay(count)
   else:
     raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use 'constant', "
                      "'cosine' or 'warmup_exponential'")
-  if opt.warmup_steps:
+  if opt.warmup_steps and opt.schedule != "warmup_exponential":
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), schedule],
         [opt.warmup_steps])
-  return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                     weight_decay=opt.weight_decay)
+  tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                   weight_decay=opt.weight_decay)
+  clip = float(opt.get("grad_clip_norm", 0.0))
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
 
 def objective_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:
