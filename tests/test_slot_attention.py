@@ -368,6 +368,18 @@ def test_the_paper_preset_is_the_published_recipe():
     slot_config.get_config("papers")
 
 
+def test_the_toy_preset_has_a_slot_per_object_and_crops_without_resampling():
+  import configs.slot_attention as slot_config  # pylint: disable=g-import-not-at-top
+  config = slot_config.get_config("toy")
+  data, sa = config.data, config.model.slot_attention
+  assert data.synthetic.distinct_colors and not data.synthetic.metal
+  assert sa.num_slots == data.synthetic.max_objects + 1  # objects + the background
+  assert config.eval.segmenters.slot_argmax.num_clusters == sa.num_slots
+  top, bottom, left, right = pipeline.crop_pixels(data.crop, data.synthetic.height,
+                                                  data.synthetic.width)
+  assert (bottom - top, right - left) == (data.image_height, data.image_width)
+
+
 # --- the data-parallel step: 4 devices equal 1 ---------------------------------
 
 # As tests/test_steps.py derives them: the state is float64 (rounding ~1e-16,
