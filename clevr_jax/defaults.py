@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from clevr_jax.segmentation import spec
+
 PRESETS = ("", "quick", "synthetic", "test")
 
 
@@ -85,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'; params stay float32
   # Output channels: -1 derives them from the task (3 RGB, 1 gray, 4 classes).
   model.out_channels = -1
-  # Global mixing (issue 10): pre-norm self-attention blocks after the bottleneck
+  # Global mixing: pre-norm self-attention blocks after the bottleneck
   # block, with a fixed 2-D sine-cosine position code (no parameters, any size).
   # 0 = off: the poster's network, parameters unchanged.
   model.attention_blocks = 0
@@ -136,22 +138,19 @@ def base_config() -> ml_collections.ConfigDict:
   ev.hypercolumns = ()
   ev.max_images = 0  # 0: the whole test split
   ev.num_figure_images = 4
-  # K-Means' search settings, shared by every segmenter (each names its own metric:
-  # eval.segmenters.NAME.metric).
+  # K-Means' search settings, shared by every segmenter (each names its own metric
+  # and K: eval.segmenters.NAME).
   ev.kmeans = km = ml_collections.ConfigDict()
   km.init = "k-means++"
   km.num_restarts = 10
   km.max_iter = 300
   km.tol = 1e-4
-  # K per image: 'oracle' = number of true masks (the poster), and a fixed K
-  # (the honest setting). Both are reported.
-  km.fixed_k = 11
-  # Segmenters (clevr_jax/segmentation/segmenters.py documents the fields): every
-  # tap, and the raw pixels in --mode=baselines, is scored through each one
-  # named in segmenter_names, in that order. 'kmeans' is the poster's protocol.
+  # Segmenters (the fields: clevr_jax/segmentation/spec.py): every tap, and the
+  # raw pixels in --mode=baselines, is scored through each one named in
+  # segmenter_names, in that order. 'kmeans' is the poster's protocol.
   ev.segmenters = ml_collections.ConfigDict()
-  ev.segmenters.kmeans = segmenter()  # plain cosine K-Means, oracle K
-  ev.segmenters.kmeans_fixed_k = segmenter(k="fixed")
+  ev.segmenters.kmeans = segmenter()  # plain cosine K-Means, K = the true masks (oracle)
+  ev.segmenters.kmeans_fixed_k = segmenter(k="fixed")  # no oracle: K = its fixed_k
   # Lab colour, K-Means with the oracle K, clusters split into connected
   # components, specks absorbed, adjacent regions merged back to K.
   # Tuned on 200 synthetic 240x320 test scenes (README, "Segmenters").
@@ -164,25 +163,16 @@ def base_config() -> ml_collections.ConfigDict:
       pixel_transforms="lab", tap_transforms="standardize", metric="euclidean",
       k="predict", num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
       merge_threshold=0.2)
-  # The hybrid (issue 18): pixels draw the boundaries (Lab K0-Means, K0 = 11,
-  # majority filter, components), the learned tap decides what belongs together
-  # (adjacent regions merged by the tap's region means, on the unit sphere).
-  # Learned taps only: on the pixels it is split_merge with K0 clusters. The
-  # pixels' own split, not intersected with the tap's clusters: a tap's object
-  # code runs a few pixels past the object's colour edge, and every cut of that
-  # halo swells the object (split_source='pixels_and_tap' with tap_cut_min_width
-  # undoes thin cuts; on held-out scenes it scores as the plain split, no better:
-  # docs/object_features.md). Either source may merge ('tap_or_pixels'): the
-  # tap's codes are blurred at object edges, so a shadow's lies between the
-  # object's and the floor's, too far from both for the tap, while its colour
-  # is nearly the floor's. Thresholds, calibrated on held-out scenes: the tap's
-  # 0.6 = 2 * delta_d - 2 * delta_v, the least distance the discriminative
-  # margins put between two instances' means; colour's 0.1 (Lab / 100), half
-  # the pixels' own 0.2, which must also join an object's shading (the tap's
-  # task here). With the oracle K, both scale the distances that order merges.
+  # The hybrid: pixels draw the boundaries (Lab K0-Means, majority filter,
+  # components), the learned tap decides what belongs together (adjacent regions
+  # merged by the tap's region means on the unit sphere, or by their colour).
+  # The tap's 0.6 = 2 * delta_d - 2 * delta_v, the least distance the
+  # discriminative margins put between two instances' means; colour's 0.1 (Lab
+  # / 100) lets a shadow join the floor it is the colour of. Both chosen on
+  # held-out scenes (docs/object_features.md).
   hybrid = dict(pixel_transforms="lab", tap_transforms="l2", metric="euclidean",
                 num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
-                split_source="pixels", merge_source="tap_or_pixels", tap_cut_min_width=5,
+                split_source="pixels", merge_source="tap_or_pixels",
                 merge_threshold=0.2, tap_merge_threshold=0.6, colour_merge_threshold=0.1)
   ev.segmenters.hybrid = segmenter(**hybrid)
   ev.segmenters.hybrid_predict_k = segmenter(**hybrid, k="predict")
@@ -238,43 +228,10 @@ def slot_attention_config() -> ml_collections.ConfigDict:
 
 
 def segmenter(**overrides) -> ml_collections.ConfigDict:
-  """One segmenter's settings: every field present, so any can be overridden
-  from the command line (--config.eval.segmenters.NAME.FIELD=...)."""
-  spec = ml_collections.ConfigDict({
-      # 'kmeans', or 'argmax': each pixel takes its largest channel (a tap of
-      # per-slot masks, e.g. Slot Attention's 'slot_masks'; no K, no transform)
-      "cluster": "kmeans",
-      "taps": (),  # the taps it scores; () = every tap (and the raw pixels)
-      "pixel_transforms": "",  # e.g. 'lab', 'lab,xy'; '' = the features as they are
-      "tap_transforms": "",    # e.g. 'standardize', 'standardize,pca', 'l2'
-      "pca_dim": 8,
-      "xy_weight": 0.0,
-      "metric": "cosine",      # 'cosine' or 'euclidean'
-      "k": "oracle",           # 'oracle', 'fixed' (eval.kmeans.fixed_k) or 'predict'
-      "num_clusters": 0,       # K-Means clusters; 0 = K; more over-clusters (K0)
-      "modal_size": 0,         # majority filter window; 0 = none
-      "split": False,          # connected components of each cluster
-      "min_area": 0.0,         # absorb regions under this fraction of the image
-      "merge": False,          # merge adjacent regions (to K, or under the threshold)
-      "merge_threshold": 0.0,  # 'predict': merge while mean distance < this
-      "tap_merge_threshold": 0.0,  # the same for learned taps; 0 = merge_threshold
-      # merge_source='tap_or_pixels': colour's own threshold; 0 = merge_threshold
-      "colour_merge_threshold": 0.0,
-      # What draws the regions: 'tap', 'pixels' or 'pixels_and_tap'; whose region
-      # means merge them: 'tap', 'pixels' or 'tap_or_pixels' (either may merge)
-      # (the hybrid: 'pixels*' and 'tap*')
-      "split_source": "tap",
-      "merge_source": "tap",
-      # 'pixels_and_tap': a piece the tap's clusters cut off a pixel region is kept
-      # only if it holds a window this wide (pixels of the image); thinner ones (a
-      # halo of the tap past the object's edge) rejoin their pixel region. 0 = all
-      "tap_cut_min_width": 0,
-  })
-  for key, value in overrides.items():
-    if key not in spec:
-      raise ValueError(f"unknown segmenter field {key!r}")
-    spec[key] = value
-  return spec
+  """One segmenter's config entry: every field of `spec.Segmenter` (which documents
+  them) at its default but `overrides`, so that any can be set from the command
+  line (--config.eval.segmenters.NAME.FIELD=...)."""
+  return spec.to_config(**overrides)
 
 
 def objectives_config() -> ml_collections.ConfigDict:
@@ -323,7 +280,7 @@ def objectives_config() -> ml_collections.ConfigDict:
   # The eval segmenter (config.eval.segmenters) that makes them; it must
   # predict K (no labels): by default the best no-oracle raw-pixel pipeline.
   pm.segmenter = "split_merge_predict_k"
-  # Self-training (issue 18): round n >= 1 trains on masks of the segmenter
+  # Self-training: round n >= 1 trains on masks of the segmenter
   # `round_segmenter` (it must predict K; by default the hybrid: pixels split,
   # the learned tap `objectives.tap` merges) run on round n-1's network, the
   # newest checkpoint of `teacher_workdir`. Cached per round (<split>_round<n>.npz).

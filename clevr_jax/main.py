@@ -70,8 +70,9 @@ def train_rounds(config, workdir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from clevr_jax import evaluation  # pylint: disable=g-import-not-at-top
   from clevr_jax import guards  # pylint: disable=g-import-not-at-top
+  from clevr_jax.objects import self_training  # pylint: disable=g-import-not-at-top
   from clevr_jax.training import train  # pylint: disable=g-import-not-at-top
-  for round_config, round_workdir in [(config, workdir)] + train.self_training_rounds(
+  for round_config, round_workdir in [(config, workdir)] + self_training.rounds(
       config, workdir):
     try:
       with guards.lock(round_workdir) if jax.process_index() == 0 else contextlib.nullcontext():

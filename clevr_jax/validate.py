@@ -21,12 +21,14 @@ from typing import Sequence
 
 import ml_collections
 
+from clevr_jax.segmentation import spec as segmenter_spec
+
 TASKS = ("reconstruction", "segmentation")
+SCHEDULES = ("constant", "cosine", "warmup_exponential")
 # Settings that count something: 0 or less would divide by zero or never happen.
 _POSITIVE = ("batch_size", "eval.batch_size", "num_epochs", "log_every_steps",
              "checkpoint_every_steps", "keep_checkpoints", "model.base_width", "model.depth",
-             "eval.kmeans.num_restarts", "eval.kmeans.max_iter", "eval.kmeans.fixed_k",
-             "eval.max_regions")
+             "eval.kmeans.num_restarts", "eval.kmeans.max_iter", "eval.max_regions")
 _NON_NEGATIVE = ("num_train_steps", "eval.max_images", "eval.num_figure_images", "num_preview_images",
                  "optimizer.warmup_steps", "data.eval_file_height", "data.eval_file_width",
                  "objectives.self_training_rounds", "objectives.pseudo_masks.round")
@@ -68,13 +70,6 @@ _RANGES = {
 # Settings that name one of a few choices: the attribute of clevr_jax.models.slot_attention
 # that lists them.
 _CHOICES = {"model.slot_attention.update_rule": "UPDATES", "model.slot_attention.init": "INITS"}
-# Each segmenter's numeric fields (clevr_jax.segmentation.segmenters documents them).
-_SEGMENTER_RANGES = {
-    "pca_dim": "[1, inf)", "xy_weight": "[0, inf)", "num_clusters": "[0, inf)",
-    "modal_size": "[0, inf)", "min_area": "[0, 1)", "merge_threshold": "[0, inf)",
-    "tap_merge_threshold": "[0, inf)", "colour_merge_threshold": "[0, inf)",
-    "tap_cut_min_width": "[0, inf)",
-}
 # R, the region slots: the merge holds an R x R distance matrix per image on the
 # device (4 MiB of float32 at this bound, and its compile time grows with R). The
 # scenes measured have 24-34 regions after absorbing specks.
@@ -162,13 +157,6 @@ def _get(config: ml_collections.ConfigDict, path: str):
   return config
 
 
-def _in_interval(value: float, interval: str) -> bool:
-  low, high = (float(v) for v in interval[1:-1].split(","))
-  above = value >= low if interval[0] == "[" else value > low
-  below = value <= high if interval[-1] == "]" else value < high
-  return above and below
-
-
 def _numbers(value) -> list:
   """The numbers of a setting (a tuple's elements too); booleans are no numbers."""
   values = value if isinstance(value, (tuple, list)) else (value,)
@@ -188,7 +176,7 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
       value = _get(config, path)
     except KeyError:  # a config without that part (e.g. no slot_attention)
       continue
-    if not all(_in_interval(v, interval) for v in _numbers(value)):
+    if not all(segmenter_spec.in_interval(v, interval) for v in _numbers(value)):
       raise ValueError(f"config.{path}={value} must be in {interval}: set --config.{path}")
   from clevr_jax.models import slot_attention  # pylint: disable=g-import-not-at-top  (JAX)
   for path, name in _CHOICES.items():
@@ -210,21 +198,17 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
                      "scenes measured have 24-34 regions (the default, 128, holds them)")
 
 
-def _segmenter(config: ml_collections.ConfigDict, name: str, field: str):
-  """The segmenter `name` that `field` names, built and checked (names the field if
-  it is not defined)."""
-  from clevr_jax.segmentation import segmenters  # pylint: disable=g-import-not-at-top  (JAX)
+def _segmenter(config: ml_collections.ConfigDict, name: str, field: str
+               ) -> segmenter_spec.Segmenter:
+  """The segmenter `name` that `field` names, built and checked by its schema
+  (`segmenter_spec.Segmenter.check`; names the field if it is not defined)."""
   ev = config.eval
   if name not in ev.segmenters:
     raise ValueError(f"config.{field} names {name!r}, which config.eval.segmenters does not "
                      f"define (defined: {', '.join(sorted(ev.segmenters.keys()))})")
-  spec = ev.segmenters[name]
-  for key, interval in _SEGMENTER_RANGES.items():  # the fields it sets; the rest default
-    value = spec.get(key)
-    if value is not None and not _in_interval(value, interval):
-      raise ValueError(f"config.eval.segmenters.{name}.{key}={value} must be in {interval}: "
-                       f"set --config.eval.segmenters.{name}.{key}")
-  return segmenters.from_config(name, spec, ev.kmeans.fixed_k)
+  segmenter = segmenter_spec.from_config(name, ev.segmenters[name])
+  segmenter.check()
+  return segmenter
 
 
 def check_names(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -284,11 +268,10 @@ def check_image_size(config: ml_collections.ConfigDict) -> None:
 def check_region_slots(config: ml_collections.ConfigDict) -> None:
   """R (eval.max_regions) must hold a post-processing segmenter's clusters: with
   fewer slots than clusters, every image would lose regions before the merge."""
-  from clevr_jax.segmentation import segmenters  # pylint: disable=g-import-not-at-top  (JAX)
   ev = config.eval
   names = dict.fromkeys(tuple(ev.segmenter_names) + (ev.user_segmenter,))
   for name in (n for n in names if n in ev.segmenters):
-    segmenter = segmenters.from_config(name, ev.segmenters[name], ev.kmeans.fixed_k)
+    segmenter = segmenter_spec.from_config(name, ev.segmenters[name])
     if segmenter.post_processes and ev.max_regions < segmenter.k_max:
       raise ValueError(
           f"config.eval.max_regions={ev.max_regions} region slots are fewer than the "
@@ -298,37 +281,56 @@ def check_region_slots(config: ml_collections.ConfigDict) -> None:
 
 
 def check_self_training(config: ml_collections.ConfigDict, workdir: str | None) -> None:
-  """The pseudo-mask segmenters and the teacher a training run uses, before it trains:
-  a round that resumed its own teacher's finished checkpoint would train no step
-  and report the teacher's network under its round."""
+  """The pseudo-masks and self-training rounds a training run uses, before it
+  trains: the segmenter that makes the masks predicts K (training images have no
+  labels), a round's segmenter reads the image, and a round's teacher has a
+  checkpoint and is not the run's own workdir (resuming its teacher's finished
+  checkpoint, the round would train no step and report the teacher's network)."""
   from clevr_jax.objects import objectives  # pylint: disable=g-import-not-at-top  (JAX)
-  from clevr_jax.objects import pseudo_masks  # pylint: disable=g-import-not-at-top  (JAX)
+  obj = config.objectives
+  pm, rounds = obj.pseudo_masks, obj.self_training_rounds
+  if rounds and not objectives.needs_pseudo_masks(config):
+    raise ValueError(f"config.objectives.self_training_rounds={rounds}: no objective uses "
+                     "pseudo-masks (e.g. --config.objectives.discriminative.weight=1)")
   if not objectives.needs_pseudo_masks(config):
     return
   from clevr_jax import models  # pylint: disable=g-import-not-at-top  (JAX)
-  if config.objectives.tap not in models.config_tap_names(config):
-    raise ValueError(f"config.objectives.tap={config.objectives.tap!r} is not a tap of this "
-                     f"network: choose one of {', '.join(models.config_tap_names(config))}")
-  pm = config.objectives.pseudo_masks
+  if obj.tap not in models.config_tap_names(config):
+    raise ValueError(f"config.objectives.tap={obj.tap!r} is not a tap of this network: "
+                     f"choose one of {', '.join(models.config_tap_names(config))}")
   if pm.cache_dir:  # a file there, or no permission, fails now rather than after the data
     from clevr_jax import guards  # pylint: disable=g-import-not-at-top
     guards.check_writable(os.path.expanduser(pm.cache_dir),
                           "--config.objectives.pseudo_masks.cache_dir")
-  rounds = [pm.round] + ([1] if config.objectives.self_training_rounds else [])
-  for n in rounds:
-    with config.unlocked():
-      round_config = config.copy_and_resolve_references()
-      round_config.objectives.pseudo_masks.round = n
-    field = "segmenter" if n == 0 else "round_segmenter"
-    _segmenter(config, pm[field], f"objectives.pseudo_masks.{field}")
-    pseudo_masks.configured_segmenter(round_config)
-  if pm.round > 0 and pm.teacher_workdir and workdir is not None and "://" not in workdir:
+  fields = ["segmenter" if pm.round == 0 else "round_segmenter"]
+  if pm.round == 0 and rounds:
+    fields.append("round_segmenter")
+  for field in fields:
+    name = pm[field]
+    segmenter = _segmenter(config, name, f"objectives.pseudo_masks.{field}")
+    if not segmenter.predicts_k:
+      raise ValueError(f"config.objectives.pseudo_masks.{field}={name!r} takes K from the "
+                       "labels (k='oracle' or 'fixed'): pseudo-masks must use none; choose a "
+                       "segmenter with k='predict', e.g. 'split_merge_predict_k'")
+    if field == "round_segmenter" and not segmenter.uses_pixels:
+      raise ValueError(f"config.objectives.pseudo_masks.round_segmenter={name!r} does not "
+                       "read the image: self-training rounds use a hybrid (split_source="
+                       "'pixels'), e.g. 'hybrid_predict_k'")
+  if pm.round == 0:
+    return
+  if workdir is not None and "://" not in workdir:
     teacher = os.path.realpath(os.path.expanduser(pm.teacher_workdir))
     if teacher == os.path.realpath(workdir):
       raise ValueError(
           f"config.objectives.pseudo_masks.teacher_workdir={pm.teacher_workdir} is this "
           f"run's own --workdir: round {pm.round} would resume its teacher's checkpoint "
           "instead of training; give the round its own --workdir")
+  from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top  (JAX)
+  if not checkpoints.has_checkpoint(pm.teacher_workdir):
+    raise ValueError(f"config.objectives.pseudo_masks.round={pm.round} needs the previous "
+                     "round's network: set --config.objectives.pseudo_masks.teacher_workdir "
+                     f"to a workdir with a checkpoint (now {pm.teacher_workdir!r}), or chain "
+                     "rounds with --config.objectives.self_training_rounds=N")
 
 
 def check_mode_flags(mode: str, workdirs: Sequence[str], images: Sequence[str],
@@ -367,6 +369,9 @@ def check_config(config: ml_collections.ConfigDict, mode: str,
   check_numbers(config)
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: choose one of {TASKS}")
+  if config.optimizer.schedule not in SCHEDULES:
+    raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}: use "
+                     "'constant', 'cosine' or 'warmup_exponential'")
   from clevr_jax import models  # pylint: disable=g-import-not-at-top
   if config.task == "segmentation" and models.architecture(config) == "slot_attention":
     raise ValueError("config.model.architecture='slot_attention' is trained by "

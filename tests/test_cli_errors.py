@@ -218,7 +218,8 @@ def test_validation_names_the_field_to_fix():
   validate.check_config(config, "train", (1, 1))
   for path, value, expected in (("num_epochs", 0, "config.num_epochs=0 must be at least 1"),
                                 ("checkpoint_every_steps", -1, "checkpoint_every_steps=-1"),
-                                ("eval.kmeans.fixed_k", 0, "eval.kmeans.fixed_k=0"),
+                                ("eval.segmenters.kmeans_fixed_k.fixed_k", 0,
+                                 "eval.segmenters.kmeans_fixed_k.fixed_k=0 must be"),
                                 ("eval.max_regions", 0, "eval.max_regions=0 must be"),
                                 ("eval.max_regions", 10, "eval.max_regions=10 region slots"),
                                 ("task", "segment", "config.task='segment'")):
@@ -293,7 +294,9 @@ def test_a_round_whose_teacher_is_its_own_workdir_is_refused(tmp_path):
   config = validate.load_config_file("configs/unet_objects.py:test")
   _set(config, "objectives.pseudo_masks.round", 1)
   _set(config, "objectives.pseudo_masks.teacher_workdir", str(tmp_path / "run"))
-  validate.check_config(config, "train", workdir=str(tmp_path / "round1"))
+  # Another workdir passes this check and meets the next: the teacher has no checkpoint.
+  with pytest.raises(ValueError, match="needs the previous round's network"):
+    validate.check_config(config, "train", workdir=str(tmp_path / "round1"))
   with pytest.raises(ValueError, match="teacher_workdir=.* is this run's own --workdir"):
     validate.check_config(config, "train", workdir=str(tmp_path / "." / "run"))
 

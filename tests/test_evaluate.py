@@ -21,6 +21,7 @@ from clevr_jax import schema
 from clevr_jax import sharding
 from clevr_jax.data import official
 from clevr_jax.data import pipeline
+from clevr_jax.evaluation import protocol
 from clevr_jax.evaluation import results as results_lib
 from clevr_jax.segmentation import kmeans
 from clevr_jax.segmentation import segmenters
@@ -87,13 +88,16 @@ def test_oracle_k_segmenters_never_predict_more_masks_than_the_truth(evaluated):
 
 
 def test_the_posters_figures_equal_an_independent_computation(evaluated):
-  """The default segmenter is the old protocol: cosine K-Means on each tap at its own
+  """The default segmenter is the poster's protocol: cosine K-Means on each tap at its own
   resolution with the oracle K and a key folded from the image index, labels upsampled,
   scored by metrics.score_instances on the device's label maps."""
   config, workdir, results = evaluated
   state, model = checkpoints.restore_model(config, workdir, sharding.make_mesh())
   predict = train_step.make_predict_fn(model, tuple(config.eval.taps))
   km = config.eval.kmeans
+  found = segmenters.configured(config)
+  k_max = next(s for s in found if s.name == "kmeans").k_max
+  slots = protocol.num_pred_slots(found)
   base = jax.random.key(config.seed)
   accumulators = {t: metrics.MeanAccumulator() for t in config.eval.taps}
   for stored in pipeline.Split(config, "test").eval_batches():
@@ -107,13 +111,13 @@ def test_the_posters_figures_equal_an_independent_computation(evaluated):
     for tap, features in taps.items():
       b, h, w, c = features.shape
       labels = kmeans.kmeans(features.reshape(b, h * w, c), jnp.asarray(batch["num_masks"]),
-                             keys, k_max=max(schema.MAX_SLOTS, km.fixed_k),
+                             keys, k_max=k_max,
                              num_restarts=km.num_restarts, max_iter=km.max_iter, tol=km.tol,
                              metric="cosine", init=km.init).labels.reshape(b, h, w)
       labels = kmeans.upsample_labels(labels, *batch["image"].shape[1:3])
       accumulators[tap].add(metrics.score_instances(
           batch["instance_labels"], labels, batch["num_masks"], batch["valid"],
-          num_true_slots=schema.MAX_SLOTS, num_pred_slots=max(schema.MAX_SLOTS, km.fixed_k)))
+          num_true_slots=schema.MAX_SLOTS, num_pred_slots=slots))
   for tap, accumulator in accumulators.items():
     expected = accumulator.result()
     for metric, value in results["segmenters"]["kmeans"][tap].items():

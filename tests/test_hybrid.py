@@ -1,4 +1,4 @@
-"""The hybrid segmenter (issue 18) on hand-made maps: the image's clusters draw
+"""The hybrid segmenter on hand-made maps: the image's clusters draw
 the regions, the learned tap's region means decide which of them merge."""
 
 import dataclasses
@@ -21,7 +21,7 @@ _FAINT_SHADOW = (0.45, 0.45, 0.45)
 def _hybrid(name="hybrid_predict_k", **overrides):
   """The configured hybrid, with few K-Means clusters: the maps hold 2-3 colours."""
   config = defaults.base_config()
-  seg = segmenters.from_config(name, config.eval.segmenters[name], config.eval.kmeans.fixed_k)
+  seg = segmenters.from_config(name, config.eval.segmenters[name])
   # No majority filter: on 16x16 maps it would round the squares' corners.
   return (dataclasses.replace(seg, num_clusters=4, modal_size=0, **overrides),
           config.eval.kmeans)
@@ -53,18 +53,13 @@ def _codes(*pairs):
   return tap
 
 
-def test_two_touching_squares_of_one_colour_with_different_codes_come_apart():
+def test_two_touching_squares_of_one_colour_are_one_region_of_the_pixels():
   image = np.full((_H, _W, 3), _GREY, np.float32)
   image[4:12, 2:14] = _RED  # two 8x6 squares side by side, touching at column 7|8
   tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
   truth = np.zeros((_H, _W), np.int32)
   truth[4:12, 2:8], truth[4:12, 8:14] = 1, 2
-  # Cut by the tap's clusters: both squares are thick enough to keep the cut.
-  for name in ("hybrid_predict_k", "hybrid"):
-    seg, km = _hybrid(name, split_source="pixels_and_tap", merge_source="tap")
-    assert seg.tap_cut_min_width == 5
-    assert _partition(_run(seg, km, image, tap)) == _partition(truth), name
-  # The pixels alone (the configured split) draw one region for both.
+  # The pixels draw the regions: the tap's codes merge regions, never cut one.
   seg, km = _hybrid()
   fused = truth.clip(0, 1)
   assert _partition(_run(seg, km, image, tap)) == _partition(fused)
@@ -125,43 +120,6 @@ def test_the_merge_takes_the_nearest_of_several_sources():
   np.testing.assert_array_equal(merge(strip, [first, second]), [[0, 1, 1]] * 2)
 
 
-def test_a_halo_of_the_objects_code_past_its_edge_stays_with_the_floor():
-  image = np.full((_H, _W, 3), _GREY, np.float32)
-  image[4:10, 4:10] = _RED
-  tap = _codes(((slice(1, 6), slice(1, 6)), 1))  # the object's code, 2 pixels past it
-  truth = np.zeros((_H, _W), np.int32)
-  truth[4:10, 4:10] = 1
-  # Every cut kept: the 2-pixel ring of floor under the object's code is a
-  # region of its own, and the tap's means merge it into the object.
-  seg, km = _hybrid(split_source="pixels_and_tap", merge_source="tap",
-                     tap_cut_min_width=0)
-  swollen = np.zeros((_H, _W), np.int32)
-  swollen[2:12, 2:12] = 1
-  assert _partition(_run(seg, km, image, tap)) == _partition(swollen)
-  # A cut must leave a width x width window on its side: the ring rejoins the floor.
-  for width in (3, 5):
-    seg, km = _hybrid(split_source="pixels_and_tap", merge_source="tap",
-                       tap_cut_min_width=width)
-    assert _partition(_run(seg, km, image, tap)) == _partition(truth), width
-
-
-def test_tap_cuts_keep_thick_pieces_and_leave_thin_regions_whole():
-  pixels = np.zeros((12, 12), np.int32)
-  pixels[2:10, 1:9] = 1  # an 8x8 square: thick
-  pixels[11, :] = 2  # a line 1 pixel thin along the bottom
-  tap = np.zeros((12, 12), np.int32)
-  tap[2:10, 5:9] = 1  # cuts the square in two 8x4 pieces
-  tap[11, 6:] = 1  # and the line in two
-  tap[:, 9] = 2  # a 1-pixel column of floor under another code
-  cuts = np.asarray(regions.tap_cuts(jnp.asarray(pixels), jnp.asarray(tap), 3, 3))
-  expected = pixels * 3
-  expected[2:10, 5:9] += 1  # both halves of the square hold a 3x3 window
-  np.testing.assert_array_equal(cuts, expected)  # the line and the column: no cut
-  np.testing.assert_array_equal(
-      np.asarray(regions.tap_cuts(jnp.asarray(pixels), jnp.asarray(tap), 3, 0)),
-      pixels * 3 + tap)
-
-
 def test_the_tap_threshold_is_read_from_the_config():
   config = defaults.base_config()
   config.eval.segmenters.hybrid_predict_k.tap_merge_threshold = 1.7
@@ -170,14 +128,14 @@ def test_the_tap_threshold_is_read_from_the_config():
   assert seg.threshold_for("embedding") == 1.7
   assert seg.threshold_for("input") == config.eval.segmenters.hybrid_predict_k.merge_threshold
   # A red and a blue square whose codes are sqrt(2) apart: one region under 1.7,
-  # two objects under the default 0.6.
+  # two objects under the default threshold.
   image = np.full((_H, _W, 3), _GREY, np.float32)
   image[4:12, 2:8], image[4:12, 8:14] = _RED, _BLUE
   tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
   km = config.eval.kmeans
   assert len(np.unique(_run(dataclasses.replace(seg, num_clusters=4), km, image, tap))) == 1
   default, _ = _hybrid()
-  assert default.tap_merge_threshold == 0.6
+  assert default.tap_merge_threshold < np.sqrt(2)
   assert len(np.unique(_run(default, km, image, tap))) == 3
 
 
@@ -187,45 +145,42 @@ def test_unet_objects_scores_the_hybrids_under_the_margins_bound():
   found = {s.name: s for s in segmenters.configured(config)}
   d = config.objectives.discriminative
   assert found["hybrid_predict_k"].threshold_for("embedding") == pytest.approx(
-      2 * d.delta_d - 2 * d.delta_v) == 0.6
+      2 * d.delta_d - 2 * d.delta_v)
   assert found["hybrid_predict_k"].split_source == "pixels"
   assert found["split_merge_predict_k"].threshold_for("embedding") == d.delta_d
   assert found["hybrid"].k == "oracle" and found["hybrid"].uses_pixels
 
 
 def test_bad_sources_are_clear_errors():
-  config = defaults.base_config()
-  spec = config.eval.segmenters.hybrid
-  spec.split_source = "colour"
-  with pytest.raises(ValueError, match="split_source"):
-    segmenters.from_config("hybrid", spec, 11)
-  spec.split_source, spec.split = "pixels", False
+  def check(entry):
+    segmenters.from_config("hybrid", entry).check()
+
+  entry = defaults.base_config().eval.segmenters.hybrid
+  check(entry)
+  entry.split_source = "colour"
+  with pytest.raises(ValueError, match="split_source='colour': choose one of"):
+    check(entry)
+  entry.split_source, entry.split = "pixels", False
   with pytest.raises(ValueError, match="split=True"):
-    segmenters.from_config("hybrid", spec, 11)
-  spec.split, spec.tap_cut_min_width = True, -1
-  with pytest.raises(ValueError, match="tap_cut_min_width"):
-    segmenters.from_config("hybrid", spec, 11)
-  spec.tap_cut_min_width, spec.merge_source = 5, "tap_or_pixels"
-  spec.merge_threshold = spec.colour_merge_threshold = 0.0
+    check(entry)
+  entry.split, entry.merge_source = True, "tap_or_pixels"
+  entry.merge_threshold = entry.colour_merge_threshold = 0.0
   with pytest.raises(ValueError, match="colour_merge_threshold"):
-    segmenters.from_config("hybrid", spec, 11)
-  spec.colour_merge_threshold, spec.split_source = 0.1, "pixels_and_tap"
-  with pytest.raises(ValueError, match="merge_source='tap' with it"):
-    segmenters.from_config("hybrid", spec, 11)
+    check(entry)
 
 
 def test_the_protocol_scores_a_hybrid_on_a_learned_tap_on_the_devices():
-  # The sharded program gets the images besides the tap: the two touching
-  # squares come apart, so the tables give poster mIoU 1.
+  # The sharded program gets the images besides the tap: a red and a blue
+  # square with codes of their own come apart, so the tables give poster mIoU 1.
   from clevr_jax.segmentation import kmeans  # pylint: disable=g-import-not-at-top
   from clevr_jax import metrics  # pylint: disable=g-import-not-at-top
   from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
   from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
   config = defaults.get_config("test")
   config.data.image_height, config.data.image_width = _H, _W
-  seg, _ = _hybrid(split_source="pixels_and_tap", merge_source="tap")
+  seg, _ = _hybrid()
   image = np.full((_H, _W, 3), _GREY, np.float32)
-  image[4:12, 2:14] = _RED
+  image[4:12, 2:8], image[4:12, 8:14] = _RED, _BLUE
   tap = _codes(((slice(2, 6), slice(1, 4)), 1), ((slice(2, 6), slice(4, 7)), 2))
   truth = np.zeros((_H, _W), np.int32)
   truth[4:12, 2:8], truth[4:12, 8:14] = 1, 2
@@ -248,4 +203,5 @@ def test_results_name_the_hybrids_sources():
        "segmenters": {seg.name: {"embedding": {"poster_miou": 1.0}}},
        "segmenter_specs": {seg.name: results.spec_dict(seg)}})
   assert "regions from pixels, merged by tap or pixels means" in text
-  assert "(taps: 0.6, or colour < 0.1)" in text
+  assert (f"(taps: {seg.tap_merge_threshold:g}, or colour < "
+          f"{seg.colour_merge_threshold:g})") in text

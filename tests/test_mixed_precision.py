@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clevr_jax import evaluation
 from clevr_jax import sharding
 from clevr_jax.training import checkpoints
+from clevr_jax.training import state as state_lib
 from clevr_jax.training import train
+from clevr_jax.training import train_step
 
 # The seed sets the initial network and the order of the batches: runs that
 # differ only in it show how far apart two equally good float32 runs end.
@@ -59,7 +60,9 @@ def test_bfloat16_run_ends_within_float32s_seed_to_seed_spread(tmp_path, test_co
   spread = max(float32) - min(float32)
   assert min(float32) - spread <= bfloat16 <= max(float32) + spread, (bfloat16, float32)
 
-  state, _ = checkpoints.restore_model(config, workdir, sharding.make_mesh())
+  like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
+  with checkpoints.make_manager(workdir, read_only=True) as manager:
+    state = checkpoints.restore(manager, like, sharding.make_mesh())
   dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)}
   assert dtypes == {np.dtype(np.float32)}

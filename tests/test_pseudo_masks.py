@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from clevr_jax import defaults
+from clevr_jax import validate
 from clevr_jax.objects import pseudo_masks
 
 
@@ -47,12 +48,15 @@ def test_max_labels_bounds_the_regions_and_oracle_segmenters_are_refused():
   config.objectives.pseudo_masks.max_labels = 2
   labels = pseudo_masks.make_segmenter(config)(_scene()[None], np.array([0]))[0]
   assert set(np.unique(labels)) == {0, 1}
+  config.objectives.discriminative.weight = 1.0  # an objective that uses them
+  config.objectives.tap = "dec4"  # a tap of this network (it has no embedding head)
+  validate.check_self_training(config, None)
   config.objectives.pseudo_masks.segmenter = "split_merge"  # takes the oracle K
   with pytest.raises(ValueError, match="k='predict'"):
-    pseudo_masks.make_segmenter(config)
+    validate.check_self_training(config, None)
   config.objectives.pseudo_masks.segmenter = "nope"
-  with pytest.raises(ValueError, match="is not one of config.eval.segmenters"):
-    pseudo_masks.make_segmenter(config)
+  with pytest.raises(ValueError, match="names 'nope', which config.eval.segmenters does not"):
+    validate.check_self_training(config, None)
 
 
 def _batches(images, devices=2):
@@ -143,5 +147,6 @@ def test_fingerprint_and_paths_follow_the_config(tmp_path):
   assert pseudo_masks.fingerprint(config) == moved
   assert pseudo_masks.cache_path(config, "/w", "test") == os.path.join(tmp_path, "test.npz")
   config.objectives.pseudo_masks.max_labels = 300
-  with pytest.raises(ValueError, match="max_labels"):
-    pseudo_masks.make_segmenter(config)
+  config.objectives.discriminative.weight = 1.0  # an objective that uses them
+  with pytest.raises(ValueError, match=r"max_labels=300 must be in \[1, 255\]"):
+    validate.check_numbers(config)

@@ -12,10 +12,12 @@ import pytest
 
 from clevr_jax import defaults
 from clevr_jax import metrics
+from clevr_jax import validate
 from clevr_jax.segmentation import kmeans
 from tests.oracles import postprocess_reference
 from clevr_jax.segmentation import regions
 from clevr_jax.segmentation import segmenters
+from clevr_jax.segmentation import spec
 from clevr_jax.segmentation import transforms
 
 
@@ -87,7 +89,7 @@ def test_xy_and_hypercolumn_shapes_and_weights():
 
 def test_unknown_transform_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown feature transform"):
-    transforms.parse("lab,hsv")
+    spec.parse_transforms("lab,hsv")
 
 
 # ---------------------------------------------------------------------------
@@ -237,7 +239,9 @@ def test_modal_filter_removes_an_isolated_pixel(postprocess):
 
 
 def _segmenter(name, **overrides):
-  return segmenters.from_config(name, defaults.segmenter(**overrides), fixed_k=11)
+  segmenter = segmenters.from_config(name, defaults.segmenter(**overrides))
+  segmenter.check()
+  return segmenter
 
 
 def test_split_and_merge_separates_two_same_coloured_objects_that_kmeans_joins():
@@ -279,23 +283,54 @@ def test_split_and_merge_separates_two_same_coloured_objects_that_kmeans_joins()
 
 def test_bad_segmenter_configs_are_clear_errors():
   with pytest.raises(ValueError, match="unknown field"):
-    segmenters.from_config("x", ml_collections.ConfigDict({"metrc": "cosine"}), 11)
+    segmenters.from_config("x", ml_collections.ConfigDict({"metrc": "cosine"}))
   with pytest.raises(ValueError, match="k='predict' needs"):
     _segmenter("x", k="predict")
-  with pytest.raises(ValueError, match="metric"):
+  with pytest.raises(ValueError, match=r"eval\.segmenters\.x\.metric='manhattan': choose one"):
     _segmenter("x", metric="manhattan")
+  with pytest.raises(ValueError, match=r"eval\.segmenters\.x\.fixed_k=0 must be in \[1, inf\)"):
+    _segmenter("x", fixed_k=0)
+  with pytest.raises(ValueError, match=r"min_area=nan must be a finite number"):
+    _segmenter("x", min_area=float("nan"))
   config = defaults.base_config()
   config.eval.segmenter_names = ("kmeans", "nope")
   with pytest.raises(ValueError, match="nope"):
-    segmenters.configured(config)
+    validate.check_names(config, "baselines")
 
 
-def test_default_segmenters_start_with_the_posters_kmeans():
-  found = segmenters.configured(defaults.base_config())
-  assert found[0].name == "kmeans"
-  assert (found[0].metric, found[0].k, found[0].post_processes) == ("cosine", "oracle", False)
-  assert found[0].pixel_transforms == found[0].tap_transforms == ()
-  assert any(s.predicts_k for s in found) and any(s.split for s in found)
+def test_the_config_entry_and_the_dataclass_are_one_schema():
+  # Every field of the dataclass is a config key, at the dataclass's default,
+  # and reading the entry back gives the dataclass's defaults.
+  entry = defaults.segmenter()
+  assert set(entry) == {f.name for f in dataclasses.fields(spec.Segmenter)} - {"name"}
+  assert segmenters.from_config("x", entry) == spec.Segmenter(name="x")
+  assert set(spec.field_docs()) == set(entry) | {"name"}
+  assert all(spec.field_docs().values())
+  with pytest.raises(ValueError, match="unknown segmenter field"):
+    defaults.segmenter(tap_cut_min_width=5)
+
+
+def test_a_field_keys_the_programs_it_shapes_and_no_other():
+  base = _segmenter("a", split=True, merge=True, merge_source="tap")
+  changed = {"cluster": "argmax", "pixel_transforms": ("lab",), "tap_transforms": ("l2",),
+             "pca_dim": 3, "xy_weight": 0.5, "metric": "euclidean", "k": "fixed",
+             "modal_size": 3, "split": False, "min_area": 1e-3, "merge": False,
+             "merge_threshold": 0.2, "tap_merge_threshold": 0.6,
+             "colour_merge_threshold": 0.1, "split_source": "pixels",
+             "merge_source": "pixels", "taps": ("enc1",), "name": "b"}
+  fields = {f.name: f for f in dataclasses.fields(spec.Segmenter)}
+  assert set(changed) == set(fields) - {"fixed_k", "num_clusters"}
+  for name, value in changed.items():
+    other = dataclasses.replace(base, **{name: value})
+    for stage in spec.STAGES:
+      assert (other.program(stage) != base.program(stage)) == (
+          stage in fields[name].metadata["shapes"]), (name, stage)
+  # K and K0 reach the programs only as the label bound k_max.
+  for name in ("fixed_k", "num_clusters"):
+    assert dataclasses.replace(base, **{name: 5}).program("kmeans") == base.program("kmeans")
+    bigger = dataclasses.replace(base, **{name: 16})
+    assert bigger.program("kmeans") != base.program("kmeans")
+    assert all(bigger.program(stage).k_max == 16 for stage in spec.STAGES)
 
 
 def test_host_contingency_equals_the_device_one():
@@ -460,11 +495,6 @@ def test_more_regions_than_slots_absorbs_the_smallest_and_warns(caplog):
   with caplog.at_level("WARNING"):
     segmenters.check_region_counts(np.array([6, 2]), 3, "tap 'input'")
   assert "1 image(s) of tap 'input'" in caplog.text and "eval.max_regions=3" in caplog.text
-  with pytest.raises(ValueError, match=r"eval\.max_regions=0"):
-    segmenters.segment(_segmenter("s", split=True), defaults.base_config().eval.kmeans,
-                       jnp.zeros((1, 8, 8, 3)), jnp.array([2]), jax.random.key(0)[None],
-                       jnp.array([2]), jnp.array([np.inf]), is_pixels=True, max_regions=0,
-                       cap=11)
 
 
 def test_segmenters_that_share_a_program_keep_their_own_k_and_merge_rule():
@@ -476,8 +506,8 @@ def test_segmenters_that_share_a_program_keep_their_own_k_and_merge_rule():
   config = defaults.get_config("test")
   config.data.image_height, config.data.image_width = 24, 32
   found = segmenters.configured(config)
-  assert found[0].device_key == found[1].device_key
-  assert found[2].device_key == found[3].device_key
+  assert len({s.program("kmeans") for s in found}) == 1
+  assert found[2].program("postprocess") == found[3].program("postprocess")
   rng = _rng(8)
   mesh = sharding.make_mesh()
   batch = sharding.to_global({

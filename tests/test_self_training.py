@@ -1,4 +1,4 @@
-"""Self-training rounds (issue 18): round n's pseudo-masks come from the hybrid
+"""Self-training rounds: round n's pseudo-masks come from the hybrid
 on round n-1's network's tap, each round cached under its own file and key."""
 
 import os
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from clevr_jax import defaults
+from clevr_jax import validate
 from clevr_jax.objects import pseudo_masks
-from clevr_jax.training import train
+from clevr_jax.objects import self_training
 
 
 def _object_and_shadow():
@@ -89,7 +90,7 @@ def test_rounds_are_cached_under_their_own_file_and_key(tmp_path):
 def test_a_run_chains_rounds_each_taught_by_the_last(tmp_path):
   config = _config()
   config.objectives.self_training_rounds = 2
-  chain = train.self_training_rounds(config, str(tmp_path))
+  chain = self_training.rounds(config, str(tmp_path))
   assert [c.objectives.pseudo_masks.round for c, _ in chain] == [1, 2]
   assert [w for _, w in chain] == [str(tmp_path / "round1"), str(tmp_path / "round2")]
   assert [c.objectives.pseudo_masks.teacher_workdir for c, _ in chain] == [
@@ -98,15 +99,15 @@ def test_a_run_chains_rounds_each_taught_by_the_last(tmp_path):
   assert config.objectives.pseudo_masks.round == 0  # the run's own config is untouched
   config.objectives.discriminative.weight = 0.0
   with pytest.raises(ValueError, match="no objective uses pseudo-masks"):
-    train.self_training_rounds(config, str(tmp_path))
+    validate.check_self_training(config, None)
 
 
 def test_a_round_without_a_teacher_checkpoint_is_a_clear_error(tmp_path):
+  config = _config(1, str(tmp_path))
+  config.objectives.tap = "dec4"  # a tap of this network (it has no embedding head)
   with pytest.raises(ValueError, match="teacher_workdir"):
-    train.teacher_tap(_config(1, str(tmp_path)))
-  assert train.teacher_tap(_config()) == (None, "")
-
-
+    validate.check_self_training(config, None)
+  assert self_training.teacher_tap(_config()) == (None, "")
 
 
 def test_a_teacher_of_another_network_is_named_as_the_teacher(trained_workdir, test_config):
@@ -116,7 +117,7 @@ def test_a_teacher_of_another_network_is_named_as_the_teacher(trained_workdir, t
   config.objectives.pseudo_masks.round = 1
   config.objectives.pseudo_masks.teacher_workdir = trained_workdir
   with pytest.raises(ValueError) as error:
-    train.teacher_tap(config)
+    self_training.teacher_tap(config)
   message = str(error.value)
   assert message.startswith("the teacher of round 1, config.objectives.pseudo_masks."
                             f"teacher_workdir={trained_workdir}, holds another network")

@@ -235,6 +235,32 @@ def test_interrupted_mid_epoch_then_resumed_equals_training_straight(
   assert [(r["step"], r["train/loss"]) for r in records if "train/loss" in r] == straight
 
 
+def test_the_network_restores_without_an_optimizer(trained_workdir, test_config, monkeypatch):
+  config = test_config("unet_rgb")
+  full = _restore(config, trained_workdir)
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError("restoring the network built an optimizer")
+
+  monkeypatch.setattr(train_step_lib, "make_optimizer", no_optimizer)
+  state, _ = checkpoints.restore_model(config, trained_workdir, sharding.make_mesh())
+  assert state.opt_state is None and full.opt_state is not None
+  _assert_same_state(state.replace(opt_state=None), full.replace(opt_state=None))
+
+
+def test_training_imports_nothing_from_evaluation(run_python):
+  # A child process: here the evaluation may be imported already. With the
+  # package blocked, `import clevr_jax.evaluation` (or any of its modules) fails.
+  code = ("import sys; sys.modules['clevr_jax.evaluation'] = None\n"
+          "import clevr_jax.main, clevr_jax.training.train, clevr_jax.training.checkpoints, "
+          "clevr_jax.objects.self_training, clevr_jax.objects.pseudo_masks\n"
+          "print(sorted(m for m, module in sys.modules.items()\n"
+          "             if m.startswith('clevr_jax.evaluation') and module is not None))")
+  result = run_python(["-c", code])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_device_resident_run_takes_the_host_gathered_runs_steps(tmp_path, trained_workdir,
                                                                  test_config):
   # One training lane: the device-resident split is sent the positions of the

@@ -24,18 +24,6 @@ def spec_dict(segmenter: segmenters_lib.Segmenter) -> dict[str, Any]:
   return spec
 
 
-def best_segmenter(table: dict[str, dict[str, dict[str, float]]],
-                   metric: str = "poster_miou") -> tuple[str, str]:
-  """(segmenter, tap) with the highest `metric`."""
-  best, score = ("", ""), -math.inf
-  for name, by_tap in table.items():
-    for tap, row in by_tap.items():
-      value = row.get(metric, math.nan)
-      if not math.isnan(value) and value > score:
-        best, score = (name, tap), value
-  return best
-
-
 def _describe(spec: dict[str, Any] | None) -> str:
   if not spec:
     return ""

@@ -119,13 +119,9 @@ def segment_images(config: ml_collections.ConfigDict, workdir: str, paths: Itera
     raise ValueError(f"--num_clusters={num_clusters} must be in 1..{_MAX_LABELS} "
                      "(or 0: the segmenter's own)")
   name = config.eval.user_segmenter
-  if name not in config.eval.segmenters:
-    raise ValueError(f"eval.user_segmenter={name!r} is not in eval.segmenters "
-                     f"({sorted(config.eval.segmenters.keys())})")
-  with config.unlocked():
-    spec = config.eval.segmenters[name].copy_and_resolve_references()
-  segmenter = segmenters_lib.from_config(name, spec,
-                                         fixed_k=num_clusters or config.eval.kmeans.fixed_k)
+  segmenter = segmenters_lib.from_config(name, config.eval.segmenters[name])
+  if num_clusters:
+    segmenter = dataclasses.replace(segmenter, fixed_k=num_clusters)
   if segmenter.k == "oracle":  # no truth here: --num_clusters is K
     segmenter = dataclasses.replace(segmenter, k="fixed")
   if segmenter.predicts_k and num_clusters:

@@ -9,7 +9,7 @@ pipeline of the evaluation, `split_merge_predict_k` (Lab colour, K0-Means,
 connected components, specks absorbed, neighbours of close colour merged), so
 the masks a run trains on are exactly what its raw-pixel baseline predicts.
 
-Self-training (issue 18): from round 1 on (`pseudo_masks.round`), the masks
+Self-training: from round 1 on (`pseudo_masks.round`), the masks
 come from `pseudo_masks.round_segmenter`, a hybrid that splits by the image and
 merges by the previous round's network's tap; each round has its own cache
 file, and its fingerprint names the teacher.
@@ -40,27 +40,11 @@ Segmenter = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def configured_segmenter(config: ml_collections.ConfigDict) -> segmenters_lib.Segmenter:
-  """The evaluation segmenter the pseudo-masks come from; ValueError if it needs labels."""
+  """The evaluation segmenter the pseudo-masks come from: `segmenter` in round 0,
+  `round_segmenter` after (both checked by `validate.check_self_training`)."""
   pm = config.objectives.pseudo_masks
-  if not 1 <= pm.max_labels <= 255:
-    raise ValueError(f"config.objectives.pseudo_masks.max_labels={pm.max_labels} must be "
-                     "in 1..255")
-  field = "segmenter" if pm.round == 0 else "round_segmenter"
-  name = pm[field]
-  if name not in config.eval.segmenters:
-    raise ValueError(f"config.objectives.pseudo_masks.{field}={name!r} is not one of "
-                     f"config.eval.segmenters ({sorted(config.eval.segmenters.keys())})")
-  segmenter = segmenters_lib.from_config(name, config.eval.segmenters[name],
-                                         config.eval.kmeans.fixed_k)
-  if not segmenter.predicts_k:
-    raise ValueError(f"config.objectives.pseudo_masks.{field}={name!r} takes K from the "
-                     "labels (k='oracle' or 'fixed'): pseudo-masks must use none; choose a "
-                     "segmenter with k='predict', e.g. 'split_merge_predict_k'")
-  if pm.round > 0 and not segmenter.uses_pixels:
-    raise ValueError(f"config.objectives.pseudo_masks.round_segmenter={name!r} does not read "
-                     "the image: self-training rounds use a hybrid (split_source='pixels' or "
-                     "'pixels_and_tap'), e.g. 'hybrid_predict_k'")
-  return segmenter
+  name = pm.segmenter if pm.round == 0 else pm.round_segmenter
+  return segmenters_lib.from_config(name, config.eval.segmenters[name])
 
 
 def make_segmenter(config: ml_collections.ConfigDict,

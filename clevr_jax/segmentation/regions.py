@@ -7,8 +7,6 @@ batch runs as one jitted program (`postprocess` is vmapped over images):
 
   modal_filter   optional majority vote in a size x size window (one-hot,
                  box sums, argmax; ties go to the smaller cluster)
-  tap_cuts       (the hybrid) the image's clusters cut by a learned tap's, where
-                 both sides of the cut are thick
   root_map       each pixel -> the first (raster order) pixel of its region: of
                  its 4-connected component of a cluster (label propagation with
                  pointer jumping in a while_loop) or of its whole cluster
@@ -113,53 +111,6 @@ def root_map(labels: jax.Array, num_labels: int, split: bool) -> jax.Array:
   index = jnp.arange(flat.size, dtype=jnp.int32)
   first = jnp.full((num_labels,), flat.size, jnp.int32).at[flat].min(index)
   return first[flat]
-
-
-def _thick(root: jax.Array, shape: tuple[int, int], width: int) -> jax.Array:
-  """[h, w] bool: whether each pixel's region (`root`, flat) holds a width x width
-  window of its own pixels somewhere (the window may reach past the image edge)."""
-  h, w = shape
-  grid = root.reshape(h, w)
-  before = (width - 1) // 2
-  padded = jnp.pad(grid, ((before, width - 1 - before),) * 2, mode="edge")
-  inside = jnp.ones((h, w), bool)
-  for dy in range(width):
-    for dx in range(width):
-      inside &= padded[dy:dy + h, dx:dx + w] == grid
-  holds = jnp.zeros(h * w, bool).at[root].max(inside.reshape(-1))
-  return holds[root].reshape(h, w)
-
-
-def tap_cuts(pixel_labels: jax.Array, tap_labels: jax.Array, num_labels: int,
-             min_width: int) -> jax.Array:
-  """The pixels' clusters cut by the tap's, only where both sides are thick:
-  [h, w] labels in 0..num_labels**2-1 (pixel cluster * num_labels + tap cluster).
-
-  A piece that the tap's clusters cut off a pixel region and that holds no
-  min_width x min_width window (a halo: the learned tap's object code running a
-  few pixels past the object's colour edge) takes the tap cluster of the thick
-  part of its pixel cluster next to it, spreading pixel by pixel; pieces with no
-  thick neighbour of their cluster take tap cluster 0, so that their pixel
-  region stays whole. min_width <= 1 keeps every cut (the plain intersection).
-  """
-  labels = pixel_labels * num_labels + tap_labels
-  if min_width <= 1:
-    return labels
-  settled = _thick(components(labels), labels.shape, min_width)
-
-  def spread(carry):
-    tap, settled, _ = carry
-    taken = jnp.zeros_like(settled)
-    for dy, dx in _NEIGHBOURS:
-      ok = (~settled & ~taken & _shift(settled, dy, dx, False)
-            & (_shift(pixel_labels, dy, dx, -1) == pixel_labels))
-      tap = jnp.where(ok, _shift(tap, dy, dx, 0), tap)
-      taken |= ok
-    return tap, settled | taken, jnp.any(taken)
-
-  tap, settled, _ = jax.lax.while_loop(lambda c: c[2], spread,
-                                       (tap_labels, settled, jnp.bool_(True)))
-  return pixel_labels * num_labels + jnp.where(settled, tap, 0)
 
 
 def _rank_in_cluster_order(selected: jax.Array, cluster: jax.Array, num_labels: int

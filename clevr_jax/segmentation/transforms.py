@@ -12,9 +12,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-# Names accepted in a segmenter's `pixel_transforms` / `tap_transforms`.
-TRANSFORMS = ("l2", "standardize", "pca", "lab", "xy")
-
 # sRGB (D65) -> XYZ, and the D65 white point (CIE 1931 2 degree observer).
 _RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375),
                (0.2126729, 0.7151522, 0.0721750),
@@ -102,18 +99,10 @@ def hypercolumn(taps: Sequence[jax.Array]) -> jax.Array:
   return jnp.concatenate(parts, axis=-1)
 
 
-def parse(spec: str) -> tuple[str, ...]:
-  """'lab,xy' -> ('lab', 'xy'); raises ValueError naming an unknown transform."""
-  names = tuple(s.strip() for s in spec.split(",") if s.strip())
-  unknown = [n for n in names if n not in TRANSFORMS]
-  if unknown:
-    raise ValueError(f"unknown feature transform(s) {unknown}: choose from {list(TRANSFORMS)}")
-  return names
-
-
 def apply(x: jax.Array, names: Sequence[str], *, is_rgb: bool, pca_dim: int,
           xy_weight: float) -> jax.Array:
-  """Applies the named transforms in order. 'lab' applies to RGB images only."""
+  """Applies the named transforms (`spec.TRANSFORMS`) in order. 'lab' applies to
+  RGB images only."""
   for name in names:
     if name == "l2":
       x = l2_normalize(x)

@@ -27,7 +27,6 @@ import orbax.checkpoint as ocp
 from clevr_jax import models
 from clevr_jax import sharding
 from clevr_jax.training import state as state_lib
-from clevr_jax.training import train_step
 
 
 class ArchitectureMismatch(ValueError):
@@ -56,6 +55,15 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None,
   # The handler named: the manager can then read a checkpoint's metadata (shapes).
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` ('' = none) holds a committed checkpoint."""
+  workdir = os.path.expanduser(workdir)
+  if not workdir or not os.path.isdir(checkpoint_dir(workdir)):
+    return False
+  with make_manager(workdir, read_only=True) as manager:
+    return manager.latest_step() is not None
 
 
 def newest_step_on_disk(workdir: str) -> int | None:
@@ -104,8 +112,27 @@ def close(manager: ocp.CheckpointManager) -> None:
     manager.close()
 
 
+# The folder of a step's state inside its checkpoint (the manager's one item).
+_ITEM = "default"
+
+
 def _restore_step(manager: ocp.CheckpointManager, abstract, step: int) -> state_lib.TrainState:
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  if abstract.opt_state is not None:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  # The network's part alone (`state_lib.abstract_state` without an optimizer):
+  # a partial restore, which reads no optimizer state.
+  tree = {"step": abstract.step, "params": abstract.params,
+          "batch_stats": abstract.batch_stats, "rng": abstract.rng}
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    restored = checkpointer.restore(
+        os.path.join(str(manager.directory), str(step), _ITEM),
+        args=ocp.args.PyTreeRestore(
+            item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+            partial_restore=True))
+  finally:
+    checkpointer.close()
+  return state_lib.TrainState(opt_state=None, **restored)
 
 
 def _reason(error: Exception) -> str:
@@ -225,8 +252,9 @@ def check_architecture(manager: ocp.CheckpointManager, step: int,
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
                   ) -> tuple[state_lib.TrainState, models.UNet]:
-  """The newest checkpoint of `workdir`, replicated over `mesh`, and its model."""
+  """The network's state (step, parameters, BatchNorm statistics; no optimizer
+  state) of the newest checkpoint of `workdir`, replicated over `mesh`, and its model."""
   model = models.make_model(config)
-  like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
+  like = state_lib.abstract_state(config)
   with make_manager(workdir, read_only=True) as manager:
     return restore(manager, like, mesh), model

@@ -2,8 +2,9 @@
 
 Training, evaluation and the benchmarks all build their state here:
 `create_state` (fresh, from the config's seed: flax's own initialisers) or
-`abstract_state` (shapes only, the target of a checkpoint restore). The
-optimizer lives with the step (train_step.make_optimizer).
+`abstract_state` (shapes only, the target of a checkpoint restore; without an
+optimizer, the network's part only). The optimizer lives with the step
+(train_step.make_optimizer).
 
 Where the state lives (the mesh, replicated over it) is clevr_jax/sharding.py.
 
@@ -69,12 +70,14 @@ def create_state(config: ml_collections.ConfigDict, tx: optax.GradientTransforma
                     opt_state=jax.device_get(tx.init(params)), rng=_dropout_key(config.seed))
 
 
-def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
-                   ) -> TrainState:
+def abstract_state(config: ml_collections.ConfigDict,
+                   tx: optax.GradientTransformation | None = None) -> TrainState:
   """The state's shapes and dtypes, what a checkpoint restore fills: traced, not compiled.
 
-  The optimizer state's shapes do not depend on the schedule's length, so any
-  `train_step.make_optimizer(config, n)` will do.
+  Without `tx`, the network's state only (no optimizer state: `opt_state` is
+  None), what a restore for prediction fills. The optimizer state's shapes do
+  not depend on the schedule's length, so any `train_step.make_optimizer(config,
+  n)` will do.
   """
   model = models.make_model(config)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
@@ -83,5 +86,5 @@ def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   params = variables["params"]
   return TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
-                    opt_state=jax.eval_shape(tx.init, params),
+                    opt_state=None if tx is None else jax.eval_shape(tx.init, params),
                     rng=jax.ShapeDtypeStruct((2,), np.uint32))

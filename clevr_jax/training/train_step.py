@@ -46,15 +46,12 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
     schedule = optax.constant_schedule(opt.learning_rate)
   elif opt.schedule == "cosine":
     schedule = optax.cosine_decay_schedule(opt.learning_rate, max(total_steps, 1))
-  elif opt.schedule == "warmup_exponential":
+  else:  # 'warmup_exponential' (validate.SCHEDULES)
     # Slot Attention's: a linear warm-up times an exponential decay that runs from
     # step 0 (lr * min(t / warmup, 1) * decay_rate**(t / decay_steps)).
     warmup = optax.linear_schedule(0.0, 1.0, max(opt.warmup_steps, 1))
     decay = optax.exponential_decay(opt.learning_rate, opt.decay_steps, opt.decay_rate)
     schedule = lambda count: warmup(count) * decay(count)
-  else:
-    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use 'constant', "
-                     "'cosine' or 'warmup_exponential'")
   if opt.warmup_steps and opt.schedule != "warmup_exponential":
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), schedule],

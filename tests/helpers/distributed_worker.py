@@ -44,7 +44,7 @@ def main() -> None:
                                initialization_timeout=60)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clevr_jax import evaluation, sharding  # pylint: disable=g-import-not-at-top
-  from clevr_jax.training import train  # pylint: disable=g-import-not-at-top
+  from clevr_jax.training import checkpoints, train  # pylint: disable=g-import-not-at-top
 
   config = load_run_file("unet_rgb").get_config("test")
   with config.unlocked():
