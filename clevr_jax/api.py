@@ -44,10 +44,9 @@ def segmenters(config: ml_collections.ConfigDict | None = None) -> dict[str, Seg
   """The segmenter registry: every segmenter `config.eval.segmenters` defines
   (default: the package's defaults), by name. Each is a frozen `Segmenter`
   dataclass: `dataclasses.fields(Segmenter)` lists the fields and their
-  defaults, and `clevr_jax.segmentation.segmenters` documents them."""
+  defaults, and `clevr_jax.segmentation.spec.field_docs()` documents them."""
   ev = _config(config).eval
-  return {name: segmenters_lib.from_config(name, spec, ev.kmeans.fixed_k)
-          for name, spec in ev.segmenters.items()}
+  return {name: segmenters_lib.from_config(name, spec) for name, spec in ev.segmenters.items()}
 
 
 def _batched(x: ArrayLike, ndim: int, what: str) -> np.ndarray:

@@ -42,7 +42,7 @@ def _random_labels(config, arrays):
     real = num_masks[start:start + batch]
     ks[:len(real)] = real
     shape = (batch,) + arrays["labels"].shape[1:]
-    for k in (ks, np.full(batch, config.eval.kmeans.fixed_k)):
+    for k in (ks, np.full(batch, config.eval.segmenters.kmeans_fixed_k.fixed_k)):
       labels = (rng.random(shape) * np.maximum(k, 1)[:, None, None]).astype(np.int32)
       if k is ks:
         out.append(labels[:len(real)])
