@@ -153,7 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
   ev.segmenters.kmeans_fixed_k = segmenter(k="fixed")  # no oracle: K = its fixed_k
   # Lab colour, K-Means with the oracle K, clusters split into connected
   # components, specks absorbed, adjacent regions merged back to K.
-  # Tuned on 200 synthetic 240x320 test scenes (README, "Segmenters").
+  # Tuned on 200 synthetic 240x320 test scenes
+  # (docs/reports/2026-12-06-segmenters-on-devices.md).
   ev.segmenters.split_merge = segmenter(
       pixel_transforms="lab", tap_transforms="standardize", metric="euclidean",
       modal_size=3, split=True, min_area=1e-3, merge=True)
@@ -169,7 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The tap's 0.6 = 2 * delta_d - 2 * delta_v, the least distance the
   # discriminative margins put between two instances' means; colour's 0.1 (Lab
   # / 100) lets a shadow join the floor it is the colour of. Both chosen on
-  # held-out scenes (docs/object_features.md).
+  # held-out scenes (docs/reports/2026-12-06-hybrid-segmenter.md).
   hybrid = dict(pixel_transforms="lab", tap_transforms="l2", metric="euclidean",
                 num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
                 split_source="pixels", merge_source="tap_or_pixels",

@@ -111,7 +111,7 @@ def check_eval_file(path: str) -> None:
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(
         f"--config.data.eval_file={path} does not exist: give the path of a GZIP "
-        "TFRecord of official-format records (README: 'The real clevr_with_masks'), "
+        "TFRecord of official-format records (docs/reference/data_and_pipeline.md), "
         "or '' to evaluate on the dataset's test split.")
   if tf.io.gfile.isdir(path):
     raise ValueError(

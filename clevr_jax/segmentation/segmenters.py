@@ -244,8 +244,9 @@ class DevicePrograms:
   metric are inputs), so every such segmenter, and every tap of that shape,
   shares one compile; the post-processing program is shared by the taps of one
   shape. On a short evaluation the compiles, not the runs, are most of the
-  time (docs/benchmarks.md). A segmenter that reads the image too (the hybrid)
-  or takes each pixel's largest channel ('argmax') runs as one program.
+  time (docs/reports/2026-12-06-segmenters-on-devices.md). A segmenter that
+  reads the image too (the hybrid) or takes each pixel's largest channel
+  ('argmax') runs as one program.
 
   Only the tables and region counts need to reach the host; the labels stay on
   the devices unless figures want them.

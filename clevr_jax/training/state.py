@@ -41,9 +41,9 @@ def init_variables(model: flax.linen.Module, shape: tuple[int, ...], seed: int) 
   `jax.jit(model.init)` on one zero image of `shape`. Its random draws use
   threefry outside its partitionable mode: XLA:CPU compiled the poster U-Net's
   draws in 10-14 s that way against about 50 s in the (default) partitionable
-  mode, at load 15-20 (docs/benchmarks.md); the values differ between the two
-  modes, their distribution does not. The image size is no concern: the
-  compile took as long at 16x16 as at 240x320.
+  mode, at load 15-20 (docs/reports/2026-12-06-parameter-initialisation.md); the
+  values differ between the two modes, their distribution does not. The image
+  size is no concern: the compile took as long at 16x16 as at 240x320.
   """
   init = jax.jit(functools.partial(model.init, train=False))
   with jax.threefry_partitionable(False):
