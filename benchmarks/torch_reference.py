@@ -76,20 +76,27 @@ class UNet(nn.Module):
     self.output = nn.Conv2d(channels, out_channels, 3, padding=1)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.taps(x)['output']
+
+  def taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every named activation, as the flax network's taps: 'input', 'enc1'..,
+    'bottleneck', 'dec1'.., 'output' (NCHW)."""
+    taps = {'input': x}
     skips = []
     h = x
     for i in range(1, self.depth + 1):
       if i > 1:
         h = F.max_pool2d(h, 2)
-      h = self.blocks[f'enc{i}'](h)
+      h = taps[f'enc{i}'] = self.blocks[f'enc{i}'](h)
       skips.append(h)
-    h = self.blocks['bottleneck'](F.max_pool2d(h, 2) if self.depth else h)
+    h = taps['bottleneck'] = self.blocks['bottleneck'](F.max_pool2d(h, 2) if self.depth else h)
     for j in range(1, self.depth + 1):
       h = self.ups[f'up{j}'](h)
       if self.skip:
         h = torch.cat([h, skips[-j]], dim=1)
-      h = self.blocks[f'dec{j}'](h)
-    return self.output(h)
+      h = taps[f'dec{j}'] = self.blocks[f'dec{j}'](h)
+    taps['output'] = self.output(h)
+    return taps
 
 
 def count_params(model: nn.Module) -> int:
@@ -150,6 +157,25 @@ def load_flax_variables(model: UNet, params: Any, batch_stats: Any = None) -> No
       up.weight.data.copy_(tensor(params[name]['kernel'], (2, 3, 0, 1), flip=True))
       up.bias.data.copy_(tensor(params[name]['bias']))
     conv(model.output, params['output'])
+
+
+def export_taps(model: UNet, images: np.ndarray, folder: str, taps: tuple[str, ...],
+                batch: int = 16) -> None:
+  """Writes `taps` of `images` [n, H, W, C] (float32 in [0, 1]) as features for
+  `--mode=score_features`: folder/<tap>/<index>.npy, [h, w, c] float32 each
+  (the network in eval mode: BatchNorm's running statistics)."""
+  import os  # pylint: disable=g-import-not-at-top
+  model.eval()
+  for tap in taps:
+    os.makedirs(os.path.join(folder, tap), exist_ok=True)
+  with torch.no_grad():
+    for start in range(0, len(images), batch):
+      x = torch.from_numpy(np.array(images[start:start + batch], np.float32)).permute(0, 3, 1, 2)
+      out = model.taps(x)
+      for tap in taps:
+        maps = out[tap].permute(0, 2, 3, 1).numpy().astype(np.float32)
+        for offset, features in enumerate(maps):
+          np.save(os.path.join(folder, tap, f'{start + offset}.npy'), features)
 
 
 def default_device() -> torch.device:
