@@ -6,6 +6,7 @@ clevr_jax` stays light (no JAX, no TensorFlow until asked):
   score(labels, true_masks) -> {metric: mean}
   Accumulator         the same means over many batches
   segmenters()        the segmenter registry: {name: Segmenter}
+  segmenter_fields()  each field of a segmenter: (default, documentation)
   Segmenter           a segmenter's fields and defaults (a frozen dataclass)
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_API = ("Accumulator", "Segmenter", "score", "score_batch", "segment", "segmenters")
+_API = ("Accumulator", "Segmenter", "score", "score_batch", "segment", "segmenter_fields",
+        "segmenters")
 __all__ = list(_API)
 
 

@@ -18,7 +18,7 @@ segmentation and metrics only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from clevr_jax import metrics
 from clevr_jax import sharding
 from clevr_jax.segmentation import kmeans
 from clevr_jax.segmentation import segmenters as segmenters_lib
+from clevr_jax.segmentation import spec
 
 Segmenter = segmenters_lib.Segmenter
 ArrayLike = np.ndarray | jax.Array
@@ -42,11 +43,17 @@ def _config(config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDi
 
 def segmenters(config: ml_collections.ConfigDict | None = None) -> dict[str, Segmenter]:
   """The segmenter registry: every segmenter `config.eval.segmenters` defines
-  (default: the package's defaults), by name. Each is a frozen `Segmenter`
-  dataclass: `dataclasses.fields(Segmenter)` lists the fields and their
-  defaults, and `clevr_jax.segmentation.spec.field_docs()` documents them."""
+  (default: the package's defaults), by name, each a frozen `Segmenter`
+  (`segmenter_fields()` documents the fields)."""
   ev = _config(config).eval
-  return {name: segmenters_lib.from_config(name, spec) for name, spec in ev.segmenters.items()}
+  return {name: segmenters_lib.from_config(name, entry) for name, entry in ev.segmenters.items()}
+
+
+def segmenter_fields() -> dict[str, tuple[Any, str]]:
+  """Each field of a `Segmenter`: (its default, its documentation), by name."""
+  docs = spec.field_docs()
+  return {f.name: (f.default, docs[f.name]) for f in dataclasses.fields(Segmenter)
+          if f.name != "name"}
 
 
 def _batched(x: ArrayLike, ndim: int, what: str) -> np.ndarray:

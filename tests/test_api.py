@@ -43,8 +43,10 @@ def test_the_registry_is_the_configured_segmenters_with_their_fields():
   assert sorted(registry) == sorted(config.eval.segmenters)
   kmeans = registry["kmeans"]
   assert isinstance(kmeans, clevr_jax.Segmenter) and kmeans.k == "oracle"
-  names = {f.name for f in dataclasses.fields(clevr_jax.Segmenter)}
-  assert {"metric", "k", "num_clusters", "merge_threshold"} <= names
+  fields = clevr_jax.segmenter_fields()
+  assert set(fields) == {f.name for f in dataclasses.fields(clevr_jax.Segmenter)} - {"name"}
+  default, doc = fields["metric"]
+  assert default == "cosine" and "euclidean" in doc
 
 
 def test_true_masks_score_one_under_any_label_values_and_shuffled_labels_less():
