@@ -27,6 +27,7 @@ from clevr_jax.segmentation import kmeans
 from clevr_jax.segmentation import segmenters
 from clevr_jax.training import checkpoints
 from clevr_jax.training import train_step
+from tests.helpers import near_ties
 from tools import real_samples
 
 # Two real records, kept in the repository (see their README for licence and source).
@@ -87,43 +88,83 @@ def test_oracle_k_segmenters_never_predict_more_masks_than_the_truth(evaluated):
       assert row["clevrtex_miou"] == pytest.approx(row["poster_miou"], abs=1e-6), (seg.name, tap)
 
 
+def _spherical_means(points, labels, k):
+  """[k, D]: the unit mean direction of each label's points (cosine K-Means' centroids)."""
+  unit = points / np.maximum(np.linalg.norm(points, axis=-1, keepdims=True), 1e-30)
+  sums = np.stack([unit[labels == j].sum(0) for j in range(k)])
+  return sums / np.maximum(np.linalg.norm(sums, axis=-1, keepdims=True), 1e-30)
+
+
 def test_the_posters_figures_equal_an_independent_computation(evaluated):
   """The default segmenter is the poster's protocol: cosine K-Means on each tap at its own
   resolution with the oracle K and a key folded from the image index, labels upsampled,
-  scored by metrics.score_instances on the device's label maps."""
+  scored by metrics.score_instances on the device's label maps.
+
+  The protocol's K-Means is one sharded program for both metrics (the metric is an
+  input); the independent call compiles its own. Their labels are compared point by
+  point, equal but at near-ties (tests/helpers/near_ties.py says why the margin holds
+  on any CPU), and the figures must be those of the protocol's own labels.
+  """
   config, workdir, results = evaluated
-  state, model = checkpoints.restore_model(config, workdir, sharding.make_mesh())
+  mesh = sharding.make_mesh()
+  state, model = checkpoints.restore_model(config, workdir, mesh)
   predict = train_step.make_predict_fn(model, tuple(config.eval.taps))
+  runner = protocol.Runner(config, mesh, segmenters.configured(config))
+  poster = next(s for s in runner.segmenters if s.name == "kmeans")
   km = config.eval.kmeans
-  found = segmenters.configured(config)
-  k_max = next(s for s in found if s.name == "kmeans").k_max
-  slots = protocol.num_pred_slots(found)
+  k_max = poster.k_max
   base = jax.random.key(config.seed)
   accumulators = {t: metrics.MeanAccumulator() for t in config.eval.taps}
-  for stored in pipeline.Split(config, "test").eval_batches():
+  split = pipeline.Split(config, "test")
+  for stored, device_batch in zip(split.eval_batches(),
+                                  protocol.host_batches(config, split, mesh)):
     # The stored uint8 fields, decoded here on the host (independently of batch.derive).
     batch = {"image": stored["image"].astype(np.float32) / 255,
              "instance_labels": stored["labels"].astype(np.int32),
              "num_masks": stored["visibility"].astype(np.int32).sum(-1),
              "valid": stored["valid"], "index": stored["index"]}
+    # The protocol's decode on the devices: the same images to float32 rounding.
+    np.testing.assert_allclose(sharding.to_host(device_batch["image"]), batch["image"],
+                               rtol=0, atol=near_ties.UNIT_ROUNDOFF)
+    np.testing.assert_array_equal(sharding.to_host(device_batch["instance_labels"]),
+                                  batch["instance_labels"])
     keys = jnp.stack([jax.random.fold_in(base, int(i)) for i in batch["index"]])
-    taps = predict(state, jnp.asarray(batch["image"]))[1]
+    # One forward pass for both sides (the network is not under test here).
+    taps = predict(state, device_batch["image"])[1]
     for tap, features in taps.items():
       b, h, w, c = features.shape
-      labels = kmeans.kmeans(features.reshape(b, h * w, c), jnp.asarray(batch["num_masks"]),
-                             keys, k_max=k_max,
-                             num_restarts=km.num_restarts, max_iter=km.max_iter, tol=km.tol,
-                             metric="cosine", init=km.init).labels.reshape(b, h, w)
-      labels = kmeans.upsample_labels(labels, *batch["image"].shape[1:3])
+      host_features = np.asarray(sharding.to_host(features))
+      ours = kmeans.kmeans(host_features.reshape(b, h * w, c),
+                           jnp.asarray(batch["num_masks"]), keys, k_max=k_max,
+                           num_restarts=km.num_restarts, max_iter=km.max_iter, tol=km.tol,
+                           metric="cosine", init=km.init)
+      _, theirs, _ = runner.dispatch(poster, tap, features, device_batch,
+                                     kmeans.image_keys(config.seed, device_batch["index"]))
+      theirs = np.asarray(sharding.to_host(theirs))
+      f = theirs.shape[1] // h  # the protocol's labels are upsampled: one per tap pixel back
+      theirs_small = theirs[:, ::f, ::f].reshape(b, h * w)
+      points = host_features.astype(np.float64).reshape(b, h * w, c)
+      for i in np.flatnonzero(batch["valid"]):
+        k = int(batch["num_masks"][i])
+        mine = np.asarray(ours.labels[i])
+        # The protocol returns labels only: its centroids are taken as its labels'
+        # means, which lie from the centroids it used no farther than ours do from
+        # our labels' means (the same iterations), counted twice as slack.
+        residual = np.linalg.norm(np.asarray(ours.centroids[i, :k], np.float64)
+                                  - _spherical_means(points[i], mine, k), axis=-1).max()
+        near_ties.assert_equal_but_near_ties(
+            points[i], mine, np.asarray(ours.centroids[i, :k]), theirs_small[i],
+            _spherical_means(points[i], theirs_small[i], k), "cosine",
+            centroid_slack=2 * residual, what=f"{tap}, image {batch['index'][i]}")
       accumulators[tap].add(metrics.score_instances(
-          batch["instance_labels"], labels, batch["num_masks"], batch["valid"],
-          num_true_slots=schema.MAX_SLOTS, num_pred_slots=slots))
+          batch["instance_labels"], theirs, batch["num_masks"], batch["valid"],
+          num_true_slots=schema.MAX_SLOTS, num_pred_slots=runner.slots))
   for tap, accumulator in accumulators.items():
     expected = accumulator.result()
     for metric, value in results["segmenters"]["kmeans"][tap].items():
-      # The same float32 programs on the same inputs; only the compiled
-      # program's layout may differ (shard_map), hence a float32-epsilon margin.
-      assert value == pytest.approx(expected[metric], abs=1e-6), (tap, metric)
+      # The same labels, counted into the same integer tables and scored in
+      # float64: equal up to the order of a few float64 sums.
+      assert value == pytest.approx(expected[metric], abs=1e-12), (tap, metric)
 
 
 def test_baselines_on_four_devices_equal_one_device(tmp_path, test_config, run_python, data_dir):
