@@ -98,6 +98,7 @@ def scored(exported, test_split, tmp_path_factory):
   return baselines, features, masks, out
 
 
+@pytest.mark.slow  # scores the 12 test images through every segmenter
 def test_the_images_as_a_feature_set_reproduce_the_baselines_digit_for_digit(scored):
   baselines, features, _, out = scored
   assert features["num_images"] == baselines["num_images"] == 12
@@ -112,6 +113,7 @@ def test_the_images_as_a_feature_set_reproduce_the_baselines_digit_for_digit(sco
   assert "| pooled |" in markdown and "| pixels |" in markdown
 
 
+@pytest.mark.slow  # scores the 12 test images through every segmenter
 def test_true_masks_score_one_and_random_labels_the_random_baseline(scored):
   baselines, _, masks, out = scored
   for name in ("truth", "truth_x2"):
@@ -306,7 +308,7 @@ def test_the_pytorch_twins_taps_score_as_the_checkpoint_evaluates(
   from clevr_jax.training import train_step  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   config, arrays = test_split
-  taps = ("input", "enc1", "bottleneck")  # the image, a full-size tap, the coarsest
+  taps = ("input", "bottleneck")  # the image, and the coarsest tap (labels upsampled)
   config.eval.taps, config.eval.hypercolumns = taps, ()
   workdir = tmp_path / "run"  # a copy: the shared checkpoint's folder stays as it is
   shutil.copytree(os.path.join(trained_workdir, "checkpoints"), workdir / "checkpoints")
