@@ -1,4 +1,4 @@
-r"""One prepared accelerator check: the figures to record whenever a GPU is lent.
+r"""One prepared accelerator check: the train step, K-Means, the protocol and memory on a GPU.
 
   python -m benchmarks.gpu_check --out=gpu_check.md [--reduced]
 
@@ -28,8 +28,8 @@ each part, so a run cut short keeps what it measured) and prints it:
 Planned to take under 8 minutes on one H100/H200 (the Slot Attention step adds
 about a minute: compiling, then 60 steps). `--reduced` runs every part
 at toy sizes on any device, CPU included (about 2 minutes on this loaded 2-core
-host, mostly compiling): the test suite runs it,
-so the script cannot rot between the sessions that have a GPU.
+host, mostly compiling): the test suite runs it, so that the script keeps
+working where no GPU is at hand.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ configured segmenter (clevr_jax.defaults) with the oracle K from its masks:
              first call's extra time is its compile
   reference  the same transform and K-Means jitted on the device, then the
              SciPy post-processing (`postprocess_reference.py`) one image at a
-             time on the host and the tables in NumPy: the pre-issue-17 path
+             time on the host and the tables in NumPy
 
 Wall time per batch, the best of `--repeats` after a warm-up call, as images/s
 (wall, not CPU time: the device program uses every core, the host path one).

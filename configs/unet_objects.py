@@ -1,4 +1,4 @@
-"""U-Net trained to bind objects (issue 10): reconstruction plus object-aware
+"""U-Net trained to bind objects: reconstruction plus object-aware
 terms on a small embedding head, clustered by name as the tap "embedding".
 
 Recipe: a 1x1-conv embedding head (16 dims) off the last decoder block; one
@@ -9,7 +9,7 @@ training image and cached in <workdir>/pseudo_masks. The dense InfoNCE between
 two geometric views is off: it lowered every score in both runs, with
 same-image negatives (it pushed one object's pixels apart) and with only
 other images' (most likely it coded which image a pixel lies in). Turn it on with
---config.objectives.view_infonce.weight=0.5; docs/object_features.md.
+--config.objectives.view_infonce.weight=0.5; docs/reports/2026-12-01-object-aware-objectives.md.
 
 The hybrid segmenters ('hybrid' with the oracle K, 'hybrid_predict_k'
 without) are scored beside the others: the image's clusters draw the regions,
@@ -63,8 +63,9 @@ def get_config(arg: str | None = None):
     config.eval.segmenters[name].tap_transforms = "l2"
     config.eval.segmenters[name].tap_merge_threshold = obj.discriminative.delta_d
   # The hybrid (pixels split, the learned tap merges) compares the means of
-  # whole colour regions: calibrated on held-out scenes (docs/object_features.md),
-  # its threshold is the margins' bound on two instances, 2*delta_d - 2*delta_v.
+  # whole colour regions: its threshold is the margins' bound on two instances,
+  # 2*delta_d - 2*delta_v, calibrated on held-out scenes
+  # (docs/reports/2026-12-06-hybrid-segmenter.md).
   d = obj.discriminative
   for name in ("hybrid", "hybrid_predict_k"):  # with the oracle: the distances' scale
     config.eval.segmenters[name].tap_merge_threshold = round(

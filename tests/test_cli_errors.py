@@ -101,7 +101,7 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir):
                                     f"--workdir={tmp / 'r4'}")
   children["no_such_platform"] = main("--mode=baselines", f"--workdir={tmp / 'platform'}",
                                       env={"JAX_PLATFORMS": "gpu"})
-  children["dead_key"] = main("--config.eval.kmeans.metric=euclidean", f"--workdir={tmp / 'k'}")
+  children["key_elsewhere"] = main("--config.eval.kmeans.metric=euclidean", f"--workdir={tmp / 'k'}")
   children["no_config_file_with_override"] = start_python(
       [*MAIN, "--config=configs/unet_rbg.py:test", "--config.batch_size=4"])
   cut = tmp / "cut_results"
@@ -184,8 +184,8 @@ def test_a_jax_platform_the_machine_lacks_is_named(_children):
   assert "JAX_PLATFORMS='gpu' names none this machine has" in line
 
 
-def test_dead_key_eval_kmeans_metric_is_gone_and_names_the_live_ones(_children):
-  line = error_line(_children["dead_key"].result())
+def test_a_key_of_another_section_names_where_that_key_is(_children):
+  line = error_line(_children["key_elsewhere"].result())
   assert "--config.eval.kmeans.metric: the config has no key 'metric'" in line
   assert "--config.eval.segmenters.kmeans.metric" in line
 

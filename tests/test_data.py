@@ -132,8 +132,8 @@ def _derived(batch, config):
 
 
 def _tf_preprocess(batch, grayscale):
-  """The host-side preprocessing the pipeline did in tf.data before the devices
-  derived the targets (kept verbatim as the reference `batch.derive` must match)."""
+  """The targets derived on the host in tf.data, written independently of
+  `batch.derive`: the reference it must match."""
   batch = {k: tf.constant(v) for k, v in batch.items()}
   rgb = batch["image"]
   spread = tf.reduce_max(rgb, -1) - tf.reduce_min(rgb, -1)  # exact on uint8
@@ -495,7 +495,7 @@ def test_batches_shapes_dtypes_and_targets(synthetic, stored):
 
 
 @pytest.mark.parametrize("grayscale", [False, True])
-def test_device_derivation_equals_the_old_tf_data_preprocessing(synthetic, grayscale):
+def test_device_derivation_equals_a_tf_data_preprocessing(synthetic, grayscale):
   config = _test_config(synthetic[0].data.data_dir, grayscale=grayscale)
   split = pipeline.Split(config, "test")
   for batch in split.eval_batches():  # with padding examples

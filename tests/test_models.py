@@ -327,7 +327,7 @@ def test_reconstruction_loss_decreases(small_setup):
   assert losses[-1] < 0.5 * losses[0], losses
 
 
-# --- issue 10 switches: attention at the bottleneck, embedding head ------------
+# --- attention at the bottleneck, embedding head -----------------------------
 
 
 def _attention_params(c, mlp_ratio=2):

@@ -307,9 +307,9 @@ class Split:
     self.split = split
     dataset, self.num_examples = _source_dataset(config, split)
     # No autotuning: deleting an iterator waits for the autotuner's thread to
-    # wake, 10-23 s after an evaluation's slow batches (docs/reports/
-    # 2026-12-06-segmenters-on-devices.md); the
-    # AUTOTUNE maps then run on every core, as fast for these small maps.
+    # wake, 10-23 s after an evaluation's slow batches
+    # (docs/reports/2026-12-06-segmenters-on-devices.md); the AUTOTUNE maps then
+    # run on every core, as fast for these small maps.
     options = tf.data.Options()
     options.autotune.enabled = False
     dataset = dataset.with_options(options)

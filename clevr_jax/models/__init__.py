@@ -44,7 +44,7 @@ ARCHITECTURES = ('unet', 'slot_attention')
 
 
 def architecture(config: ml_collections.ConfigDict) -> str:
-  """config.model.architecture (absent in old configs: the U-Net), checked."""
+  """config.model.architecture (absent: the U-Net), checked."""
   name = config.model.get('architecture', 'unet')
   if name not in ARCHITECTURES:
     raise ValueError(f'config.model.architecture={name!r} is not one of {ARCHITECTURES}')
@@ -273,7 +273,7 @@ def build_model(config: ml_collections.ConfigDict, *,
 
   'slot_attention' reads `out_channels`, `dtype` and `slot_attention.*`
   (clevr_jax/models/slot_attention.py). The U-Net reads `skip`, `base_width`, `depth`, `dropout_rate`, `bn_momentum`, `dtype`
-  ('float32' or 'bfloat16'), `out_channels`, and (absent in old configs: off)
+  ('float32' or 'bfloat16'), `out_channels`, and (absent: off)
   `attention_blocks`, `attention_heads`, `attention_mlp_ratio`,
   `embedding_tap`, `embedding_dim`. `axis_name` is the
   data-parallel axis of the train step, if any (not a config field: it

@@ -1,4 +1,4 @@
-"""Object-aware objectives on per-pixel embeddings (issue 10), added to the
+"""Object-aware objectives on per-pixel embeddings, added to the
 reconstruction loss with weights from `config.objectives`.
 
 Reconstruction alone does not make the pixels of one object similar and the

@@ -246,7 +246,8 @@ class DevicePrograms:
   shape. On a short evaluation the compiles, not the runs, are most of the
   time (docs/reports/2026-12-06-segmenters-on-devices.md). A segmenter that
   reads the image too (the hybrid) or takes each pixel's largest channel
-  ('argmax') runs as one program.
+  ('argmax') runs as one program. Each program is built from, and keyed by,
+  `Segmenter.program(stage)`: what shapes it, derived from the fields' metadata.
 
   Only the tables and region counts need to reach the host; the labels stay on
   the devices unless figures want them.
