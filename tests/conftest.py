@@ -116,6 +116,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # (the float64 device-count comparisons still agree to ~1e-15). Children inherit it
 # through the environment. (Adding --xla_cpu_use_fusion_emitters=false cut
 # compiles further but moved those float64 comparisons to ~1e-8: not used.)
+# One end-to-end run (tests/test_train.py) sets XLA_FLAGS='' instead: compiled as users
+# compile it.
 SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
 _xla_flags = os.environ.get("XLA_FLAGS", "").split()
 os.environ["XLA_FLAGS"] = " ".join(

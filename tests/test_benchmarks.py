@@ -76,15 +76,23 @@ def test_compiled_flops_accepts_dict_list_and_none():
   assert tb.compiled_flops(_FakeCompiled({'bytes accessed': 9.0})) is None
 
 
-def test_peak_flops_by_device_kind_and_precision():
-  assert tb.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
-  assert tb.peak_flops('NVIDIA H100 PCIe', 'bfloat16') == 756e12
-  assert tb.peak_flops('NVIDIA H200', 'bfloat16') == 989e12
+def test_peak_flops_follow_the_device_row_and_the_precision():
+  table = dict(tb.PEAK_FLOPS)
+  # The first row whose name the device kind contains: a specific name ('H100
+  # PCIe') must precede a shorter one it contains ('H100'), or it is never reached.
+  names = [name.lower() for name, _ in tb.PEAK_FLOPS]
+  assert not any(names[i] in names[j] for i in range(len(names))
+                 for j in range(i + 1, len(names)))
+  assert tb.peak_flops('NVIDIA H100 PCIe', 'bfloat16') == table['H100 PCIe']['bfloat16']
+  assert tb.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == table['H100']['bfloat16']
+  assert table['H100 PCIe'] != table['H100']
   assert tb.peak_flops('cpu', 'bfloat16') is None
   # XLA's default precision lets float32 convolutions use TF32 tensor cores.
-  assert tb.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == 495e12
+  assert tb.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == table['H100']['tf32']
   with jax.default_matmul_precision('highest'):
-    assert tb.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == 67e12
+    assert tb.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == table['H100']['float32']
+  for _, peaks in tb.PEAK_FLOPS:  # every row: the three precisions, fastest first
+    assert peaks['bfloat16'] > peaks['tf32'] > peaks['float32']
 
 
 # --- timing ------------------------------------------------------------------

@@ -159,6 +159,14 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir, data_pa
                                        f"--config.data.data_dir={tmp / 'empty'}"]),
       "prepare": start_python([*MAIN, "--config=configs/unet_rgb.py:test", "--mode=prepare",
                                f"--config.data.data_dir={data_dir}"]),
+      # Compiled as users compile it: XLA's default flags, not the suite's
+      # (conftest.SUITE_XLA_FLAGS), for the train step, K-Means and post-processing.
+      "default_xla_flags": start_python(
+          [*MAIN, *test_config, f"--workdir={tmp / 'default_xla_flags'}",
+           "--config.num_epochs=1", "--config.eval.taps=('input','output')",
+           "--config.eval.segmenter_names=('kmeans','split_merge_predict_k')"],
+          env={"XLA_FLAGS": ""}),
+      "default_xla_flags_workdir": str(tmp / "default_xla_flags"),
   }
 
 
@@ -233,6 +241,21 @@ def test_interrupted_mid_epoch_then_resumed_equals_training_straight(
   assert [r["step"] for r in records if "test/loss" in r] == [4, 8]
   straight = [(r["step"], r["train/loss"]) for r in _metrics(trained_workdir) if "train/loss" in r]
   assert [(r["step"], r["train/loss"]) for r in records if "train/loss" in r] == straight
+
+
+def test_a_run_compiled_with_default_xla_flags_trains_and_scores(_children):
+  result = _children["default_xla_flags"].result()
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = _children["default_xla_flags_workdir"]
+  losses = [r["train/loss"] for r in _metrics(workdir) if "train/loss" in r]
+  assert losses and all(math.isfinite(v) for v in losses), losses
+  with open(os.path.join(workdir, "results.json")) as f:
+    scores = json.load(f)["segmenters"]
+  assert sorted(scores) == ["kmeans", "split_merge_predict_k"]
+  for name, by_tap in scores.items():
+    assert sorted(by_tap) == ["input", "output"], name
+    for tap, row in by_tap.items():
+      assert 0 < row["poster_miou"] <= 1 and -1 <= row["fg_ari"] <= 1, (name, tap, row)
 
 
 def test_the_network_restores_without_an_optimizer(trained_workdir, test_config, monkeypatch):

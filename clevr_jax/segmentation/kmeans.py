@@ -59,6 +59,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clevr_jax.segmentation import transforms
+
 METRICS = ('euclidean', 'cosine')
 INITS = ('k-means++', 'random')
 
@@ -126,11 +128,6 @@ def _either(cosine, if_cosine, if_euclidean):
   return jax.tree.map(lambda a, b: jnp.where(cosine, a, b), if_cosine(), if_euclidean())
 
 
-def _normalize(v: jax.Array) -> jax.Array:
-  norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
-  return v / jnp.where(norm > 0, norm, 1)  # zero vectors stay zero
-
-
 def _prepare(points, point_weights, metric, tol) -> _Prepared:
   x = jnp.asarray(points)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -140,7 +137,7 @@ def _prepare(points, point_weights, metric, tol) -> _Prepared:
     w = jnp.asarray(point_weights, x.dtype)
   total = jnp.sum(w, axis=1, keepdims=True)
   cosine = _cosine(metric)
-  x = _either(cosine, lambda: _normalize(x), lambda: x)
+  x = _either(cosine, lambda: transforms.l2_normalize(x), lambda: x)
   mean = jnp.einsum('bn,bnd->bd', w, x) / total
   # Centring does not change euclidean k-means but keeps the matmul-form
   # distance ||x||^2 - 2 x.c + ||c||^2 accurate in float32 (sklearn does too).
@@ -358,7 +355,7 @@ def _lloyd_pool(prep, num_clusters, run_image, init, *, max_iter, metric,
     new_c = _either(
         _cosine(metric),
         lambda: jnp.where((jnp.linalg.norm(new_c, axis=-1) > 0)[..., None],
-                          _normalize(new_c), c),
+                          transforms.l2_normalize(new_c), c),
         lambda: new_c)
     new_c = jnp.where(nonempty[..., None], new_c, c)
     empty = valid & ~nonempty
@@ -551,7 +548,7 @@ def _lloyd(points, centroids, num_clusters, tol, point_weights, *, max_iter,
   if metric == 'euclidean':
     init = init - prep.offset[:, None, :]
   else:
-    init = _normalize(init)
+    init = transforms.l2_normalize(init)
   init = jnp.where(_valid_clusters(num_clusters, k_max)[..., None], init, 0)
   cents, _, n_iter = _lloyd_pool(
       prep, num_clusters, jnp.arange(b, dtype=jnp.int32), init,
