@@ -64,10 +64,11 @@ from clevr_jax.segmentation import transforms
 METRICS = ('euclidean', 'cosine')
 INITS = ('k-means++', 'random')
 
-# Bytes of working set (points in both layouts, residuals, scores) of the
-# runs iterated at once. On CPU a run is fastest while its slots stay in cache:
-# in process time, 2-8 MB of slots was best and 16 MB 1.5-2x slower per run
-# (2-core AMD EPYC). Accelerators want every run in flight.
+# Bytes of working set (points in both layouts, residuals, scores) of the runs
+# iterated at once. On CPU a run is fastest while its slots stay in cache: this
+# budget takes 2.6-7.9x less CPU time than every run in flight at the taps' sizes
+# (docs/reports/2026-12-07-house.md). On an accelerator the second budget puts
+# every run of a batch in flight at once.
 _CPU_BYTES = 4 << 20
 _ACCELERATOR_BYTES = 2 << 30
 # Block length of the two-level inverse-CDF sampler (a full-length cumsum over
