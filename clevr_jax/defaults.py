@@ -141,7 +141,6 @@ def base_config() -> ml_collections.ConfigDict:
   # K-Means' search settings, shared by every segmenter (each names its own metric
   # and K: eval.segmenters.NAME).
   ev.kmeans = km = ml_collections.ConfigDict()
-  km.init = "k-means++"
   km.num_restarts = 10
   km.max_iter = 300
   km.tol = 1e-4

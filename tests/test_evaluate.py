@@ -137,7 +137,7 @@ def test_the_posters_figures_equal_an_independent_computation(evaluated):
       ours = kmeans.kmeans(host_features.reshape(b, h * w, c),
                            jnp.asarray(batch["num_masks"]), keys, k_max=k_max,
                            num_restarts=km.num_restarts, max_iter=km.max_iter, tol=km.tol,
-                           metric="cosine", init=km.init)
+                           metric="cosine")
       _, theirs, _ = runner.dispatch(poster, tap, features, device_batch,
                                      kmeans.image_keys(config.seed, device_batch["index"]))
       theirs = np.asarray(sharding.to_host(theirs))

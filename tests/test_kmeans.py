@@ -204,8 +204,7 @@ def test_early_stop_per_image(small_batch):
   np.testing.assert_array_equal(forced.n_iter, 300)
 
 
-@pytest.mark.parametrize('init', ['k-means++', 'random'])
-def test_more_clusters_than_distinct_points(small_batch, init):
+def test_more_clusters_than_distinct_points(small_batch):
   # Three distinct colours in images 0-2, one in image 3, K = 5: some clusters
   # must start or fall empty; each distinct point still gets its own cluster.
   colours = np.array([[0.1, 0.2, 0.3], [0.9, 0.1, 0.1], [0.2, 0.8, 0.2]],
@@ -215,7 +214,7 @@ def test_more_clusters_than_distinct_points(small_batch, init):
   points[3] = colours[0]
   ks = np.full(4, 5, np.int32)
   keys = jax.random.split(jax.random.key(4), 4)
-  result = km.kmeans(points, ks, keys, k_max=5, init=init)
+  result = km.kmeans(points, ks, keys, k_max=5)
   assert np.all(np.isfinite(result.centroids))
   assert np.all(np.isfinite(result.inertia))
   # Zero up to the float32 rounding of the matmul-form distance.
@@ -335,7 +334,5 @@ def test_rejects_bad_arguments(small_batch):
   ks = np.full(4, 2, np.int32)
   with pytest.raises(ValueError):
     km.kmeans(small_batch, ks, jax.random.key(0), k_max=2, metric='manhattan')
-  with pytest.raises(ValueError):
-    km.kmeans(small_batch, ks, jax.random.key(0), k_max=2, init='kmeans||')
   with pytest.raises(ValueError):
     km.kmeans(small_batch[:, :4], ks, jax.random.key(0), k_max=5)

@@ -7,8 +7,8 @@ centroids returned as zeros.
 
 Algorithm (per image, per restart), following scikit-learn's `KMeans`:
   * init: greedy k-means++ (D^2 sampling with 2 + int(log(k_max)) local trials,
-    the candidate that lowers the potential most wins), or `random` (K distinct
-    points). For cosine, D^2 sampling runs on the L2-normalised points.
+    the candidate that lowers the potential most wins). For cosine, D^2
+    sampling runs on the L2-normalised points.
     Zero-weight points, and zero vectors under cosine, are never picked.
   * Lloyd iterations until the total squared centroid shift is <= tol times the
     mean per-feature (weighted) variance of that image's points, or `max_iter`.
@@ -43,9 +43,9 @@ so K-Means on the upsampled map has the same objective as weighted K-Means on
 the small map with equal weights (f^2, or any constant): the same minimisers,
 and Lloyd's iterations are identical step by step (same assignments, same
 means, same variance hence same tolerance) given the same initial centroids.
-Random and k-means++ initialisations pick points, and every low-resolution
-pixel carries the same share of the upsampled map, so restarts drawn from the
-small map are equal in distribution to restarts drawn from the upsampled one.
+k-means++ picks points, and every low-resolution pixel carries the same share
+of the upsampled map, so restarts drawn from the small map are equal in
+distribution to restarts drawn from the upsampled one.
 Hence: cluster the small map, then `upsample_labels`. Unequal weights (counts
 of duplicates) give the same equivalence for any multiplicities.
 """
@@ -62,7 +62,6 @@ import jax.numpy as jnp
 from clevr_jax.segmentation import transforms
 
 METRICS = ('euclidean', 'cosine')
-INITS = ('k-means++', 'random')
 
 # Bytes of working set (points in both layouts, residuals, scores) of the runs
 # iterated at once. On CPU a run is fastest while its slots stay in cache: this
@@ -107,11 +106,9 @@ class _Prepared(NamedTuple):
   tol: jax.Array  # [B] absolute tolerance on the total squared shift
 
 
-def _check(metric: str, init: str | None = None) -> None:
+def _check(metric: str) -> None:
   if metric is not None and metric not in METRICS:
     raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
-  if init is not None and init not in INITS:
-    raise ValueError(f'init must be one of {INITS}, got {init!r}')
 
 
 def _cosine(metric):
@@ -258,15 +255,6 @@ def _kmeans_plusplus_one(xt, sq_norms, w, seed_w, num_clusters, key, k_max):
   return centroids
 
 
-def _random_init_one(x, w, num_clusters, key, k_max):
-  """K distinct points, drawn proportionally to w without replacement."""
-  # Gumbel top-k: the top k of log w + Gumbel noise are a weighted sample
-  # without replacement.
-  g = jnp.log(w) + jax.random.gumbel(key, w.shape, x.dtype)
-  _, ids = jax.lax.top_k(g, k_max)
-  return jnp.where(_valid_clusters(num_clusters, k_max)[:, None], x[ids], 0)
-
-
 def _chunked_vmap(f, xs, chunk):
   """vmap f over the leading axis, `chunk` at a time to bound memory.
 
@@ -282,20 +270,16 @@ def _chunked_vmap(f, xs, chunk):
   return jax.tree_util.tree_map(lambda a: a.reshape((b,) + a.shape[2:]), out)
 
 
-def _init_prepared(prep, num_clusters, keys, k_max, method, image_batch):
-  """Initial centroids [B, R, k_max, D] in prepared space; keys [B, R]."""
+def _init_prepared(prep, num_clusters, keys, k_max, image_batch):
+  """Initial centroids [B, R, k_max, D] in prepared space (k-means++); keys [B, R]."""
   def one_image(args):
-    x, xt, sq, w, seed_w, k, image_keys = args
-    if method == 'k-means++':
-      f = lambda key: _kmeans_plusplus_one(xt, sq, w, seed_w, k, key, k_max)
-    else:
-      f = lambda key: _random_init_one(x, seed_w, k, key, k_max)
+    xt, sq, w, seed_w, k, image_keys = args
+    f = lambda key: _kmeans_plusplus_one(xt, sq, w, seed_w, k, key, k_max)
     return jax.vmap(f)(image_keys)
 
   return _chunked_vmap(
       one_image,
-      (prep.x, prep.xt, prep.sq_norms, prep.weights, prep.seed_weights,
-       num_clusters, keys),
+      (prep.xt, prep.sq_norms, prep.weights, prep.seed_weights, num_clusters, keys),
       image_batch)
 
 
@@ -463,19 +447,19 @@ def _as_tol(tol):
 
 @functools.partial(
     jax.jit, static_argnames=('k_max', 'num_restarts', 'max_iter', 'metric',
-                              'init', 'parallel_runs'))
+                              'parallel_runs'))
 def _kmeans(points, num_clusters, key, tol, point_weights, metric_data, *, k_max,
-            num_restarts, max_iter, metric, init, parallel_runs):
+            num_restarts, max_iter, metric, parallel_runs):
   metric = metric_data if metric is None else metric
   b, n, d = points.shape
   num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
   prep = _prepare(points, point_weights, metric, tol)
   keys = jax.vmap(lambda k: jax.random.split(k, num_restarts))(
       _image_keys(key, b))
-  n_trials = _num_local_trials(k_max) if init == 'k-means++' else 1
+  n_trials = _num_local_trials(k_max)
   # Per image: its points, and each restart's [trials, N] distances.
   init_c = _init_prepared(
-      prep, num_clusters, keys, k_max, init,
+      prep, num_clusters, keys, k_max,
       _slots(4 * n * (2 * d + num_restarts * (n_trials + 2)), b))
   m = b * num_restarts
   run_image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num_restarts)
@@ -497,13 +481,12 @@ def kmeans(points: jax.Array,
            max_iter: int = 300,
            tol: float = 1e-4,
            metric: str | jax.Array = 'euclidean',
-           init: str = 'k-means++',
            point_weights: jax.Array | None = None,
            parallel_runs: int | None = None) -> KMeansResult:
   """K-Means of each image's points, with restarts; the best restart wins.
 
   Jitted: one compile per shape and static setting (k_max, num_restarts,
-  max_iter, metric, init, parallel_runs, weights or not); `tol`, `key` and
+  max_iter, metric, parallel_runs, weights or not); `tol`, `key` and
   `num_clusters` are traced.
 
   Args:
@@ -520,7 +503,6 @@ def kmeans(points: jax.Array,
     metric: 'euclidean' or 'cosine' (spherical k-means); or a boolean scalar
       array (True = cosine), an input of the compiled program, so that one
       program serves both metrics (the evaluation's segmenters share it).
-    init: 'k-means++' (greedy, with local trials) or 'random'.
     point_weights: optional [B, N] non-negative weights (multiplicities).
     parallel_runs: restarts iterated at once (slots of the run pool); default
       from the problem size and backend. Changes speed and memory only.
@@ -529,12 +511,12 @@ def kmeans(points: jax.Array,
     A `KMeansResult`.
   """
   named, data = _metric_args(metric)
-  _check(named, init)
+  _check(named)
   points = jnp.asarray(points)
   _check_points(points, k_max)
   return _kmeans(points, num_clusters, key, _as_tol(tol), point_weights, data,
                  k_max=k_max, num_restarts=num_restarts, max_iter=max_iter,
-                 metric=named, init=init, parallel_runs=parallel_runs)
+                 metric=named, parallel_runs=parallel_runs)
 
 
 @functools.partial(
@@ -589,14 +571,13 @@ def lloyd(points: jax.Array,
                 max_iter=max_iter, metric=metric, parallel_runs=parallel_runs)
 
 
-@functools.partial(jax.jit, static_argnames=('k_max', 'metric', 'init'))
-def _init_centroids(points, num_clusters, key, point_weights, *, k_max, metric,
-                    init):
+@functools.partial(jax.jit, static_argnames=('k_max', 'metric'))
+def _init_centroids(points, num_clusters, key, point_weights, *, k_max, metric):
   b, n, d = points.shape
   num_clusters = jnp.clip(jnp.asarray(num_clusters, jnp.int32), 1, k_max)
   prep = _prepare(points, point_weights, metric, 0.0)
   keys = _image_keys(key, b)[:, None]
-  c = _init_prepared(prep, num_clusters, keys, k_max, init,
+  c = _init_prepared(prep, num_clusters, keys, k_max,
                      _slots(4 * n * (2 * d + 6), b))[:, 0]
   valid = _valid_clusters(num_clusters, k_max)[..., None]
   return jnp.where(valid, c + prep.offset[:, None, :], 0)
@@ -608,7 +589,6 @@ def init_centroids(points: jax.Array,
                    *,
                    k_max: int,
                    metric: str = 'euclidean',
-                   init: str = 'k-means++',
                    point_weights: jax.Array | None = None) -> jax.Array:
   """Initial centroids of one run per image, drawn as `kmeans` draws each run.
 
@@ -618,18 +598,17 @@ def init_centroids(points: jax.Array,
     key: one key or [B] keys, as in `kmeans`.
     k_max: static bound of num_clusters.
     metric: 'euclidean' or 'cosine' (sampling on normalised points).
-    init: 'k-means++' or 'random'.
     point_weights: optional [B, N] weights.
 
   Returns:
     [B, k_max, D] centroids in input space (unit vectors for cosine); rows
     >= num_clusters are zeros.
   """
-  _check(metric, init)
+  _check(metric)
   points = jnp.asarray(points)
   _check_points(points, k_max)
   return _init_centroids(points, num_clusters, key, point_weights,
-                         k_max=k_max, metric=metric, init=init)
+                         k_max=k_max, metric=metric)
 
 
 def upsample_labels(labels: jax.Array, height: int, width: int) -> jax.Array:

@@ -76,7 +76,7 @@ def cluster(x: jax.Array, num_clusters: jax.Array, keys: jax.Array,
   result = kmeans.kmeans(
       x.reshape(b, h * w, c), num_clusters, keys, k_max=k_max,
       num_restarts=kmeans_config.num_restarts, max_iter=kmeans_config.max_iter,
-      tol=kmeans_config.tol, metric=metric, init=kmeans_config.init,
+      tol=kmeans_config.tol, metric=metric,
       point_weights=point_weights)
   return result.labels.reshape(b, h, w)
 

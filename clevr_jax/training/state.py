@@ -39,11 +39,12 @@ def init_variables(model: flax.linen.Module, shape: tuple[int, ...], seed: int) 
   """The model's initial variables from flax's own initialisers, on the host.
 
   `jax.jit(model.init)` on one zero image of `shape`. Its random draws use
-  threefry outside its partitionable mode: XLA:CPU compiled the poster U-Net's
-  draws in 10-14 s that way against about 50 s in the (default) partitionable
-  mode, at load 15-20 (docs/reports/2026-12-06-parameter-initialisation.md); the
-  values differ between the two modes, their distribution does not. The image
-  size is no concern: the compile took as long at 16x16 as at 240x320.
+  threefry outside its partitionable mode: XLA:CPU compiles and runs the poster
+  U-Net's initialiser in 5.5 CPU seconds that way against 20.9 in the (default)
+  partitionable mode (docs/reports/2026-12-07-house.md; wall-clock figures:
+  docs/reports/2026-12-06-parameter-initialisation.md). The values differ
+  between the two modes, their distribution does not. The switch holds on every
+  backend, so a CPU and an accelerator draw the same initial parameters.
   """
   init = jax.jit(functools.partial(model.init, train=False))
   with jax.threefry_partitionable(False):
