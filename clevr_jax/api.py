@@ -169,16 +169,6 @@ def _truth_slots(true_masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return out, counts
 
 
-def _resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-  if labels.shape[1:] == (height, width):
-    return labels
-  rows = np.minimum(((np.arange(height) + 0.5) * labels.shape[1] / height).astype(np.int64),
-                    labels.shape[1] - 1)
-  cols = np.minimum(((np.arange(width) + 0.5) * labels.shape[2] / width).astype(np.int64),
-                    labels.shape[2] - 1)
-  return labels[:, rows][:, :, cols]
-
-
 def score_batch(labels: ArrayLike, true_masks: ArrayLike) -> dict[str, np.ndarray]:
   """Per-image scores of predicted label maps against true masks.
 
@@ -200,7 +190,7 @@ def score_batch(labels: ArrayLike, true_masks: ArrayLike) -> dict[str, np.ndarra
       raise ValueError(f"{name}: negative labels; labels are 0 or more")
   if len(pred) != len(truth):
     raise ValueError(f"labels and true_masks: {len(pred)} and {len(truth)} images")
-  pred = _resize_labels(pred, *truth.shape[1:])
+  pred = metrics.resize_nearest(pred, *truth.shape[1:])
   truth, num_true = _truth_slots(truth)
   pred, num_pred = _truth_slots(pred)
   tables = np.asarray(metrics.contingency(jnp.asarray(truth), jnp.asarray(pred),

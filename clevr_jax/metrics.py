@@ -285,6 +285,18 @@ class InstanceScores(NamedTuple):
 INSTANCE_METRICS = tuple(f for f in InstanceScores._fields if f != "valid")
 
 
+def resize_nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
+  """[B, h, w, ...] host arrays (label maps, features) -> [B, height, width, ...],
+  each output pixel taking the input pixel under its centre."""
+  if x.shape[1:3] == (height, width):
+    return x
+  rows = np.minimum(((np.arange(height) + 0.5) * x.shape[1] / height).astype(np.int64),
+                    x.shape[1] - 1)
+  cols = np.minimum(((np.arange(width) + 0.5) * x.shape[2] / width).astype(np.int64),
+                    x.shape[2] - 1)
+  return x[:, rows][:, :, cols]
+
+
 def contingency_host(true_labels: np.ndarray, pred_labels: np.ndarray,
                      num_true_slots: int, num_pred_slots: int) -> np.ndarray:
   """`contingency` in NumPy, for label maps already on the host: int64 [B, T, P].

@@ -314,16 +314,6 @@ def _resize_nearest(x: jax.Array, height: int, width: int) -> jax.Array:
   return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
 
 
-def _resize_nearest_host(x: np.ndarray, height: int, width: int) -> np.ndarray:
-  if x.shape[1:3] == (height, width):
-    return x
-  rows = np.minimum(((np.arange(height) + 0.5) * x.shape[1] / height).astype(np.int64),
-                    x.shape[1] - 1)
-  cols = np.minimum(((np.arange(width) + 0.5) * x.shape[2] / width).astype(np.int64),
-                    x.shape[2] - 1)
-  return x[:, rows][:, :, cols]
-
-
 def check_feature_sets(config: ml_collections.ConfigDict, sets: Sequence[ArraySet]) -> None:
   """A 'pixels' set is the image: as many channels as the configured image."""
   channels = 1 if config.data.grayscale else 3
@@ -434,7 +424,7 @@ def score_masks(config: ml_collections.ConfigDict, path: str, output_dir: str
     labels_of, scores_of = {}, {}
     for array_set in sets:
       local = np.stack([
-          _resize_nearest_host(array_set.read(int(p))[None], height, width)[0]
+          metrics.resize_nearest(array_set.read(int(p))[None], height, width)[0]
           if p < count else np.zeros((height, width), np.int64) for p in positions])
       bad = (local < 0).reshape(len(local), -1).any(axis=1)
       first_bad = _agree_on_bad_rows(bad, positions)

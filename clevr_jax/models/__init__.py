@@ -195,17 +195,7 @@ class UNet(nn.Module):
     if self.embedding_dim > 0 and self.embedding_tap not in tap_names(self.depth):
       raise ValueError(f'embedding_tap={self.embedding_tap!r} is not one of '
                        f'{list(tap_names(self.depth))}')
-    unknown = [t for t in taps if t not in valid]
-    if unknown:
-      raise ValueError(f'Unknown tap name(s) {unknown}; valid names: {list(valid)}')
-    if x.ndim != 4:
-      raise ValueError(f'Expected input of shape [batch, height, width, channels]; got {x.shape}')
-    factor = 2**self.depth
-    height, width = x.shape[1:3]
-    if height % factor or width % factor:
-      raise ValueError(
-          f'Input height and width must be divisible by 2**depth = {factor} '
-          f'(depth={self.depth}); got {height}x{width}')
+    taps_lib.check_input(x, taps, valid, 2**self.depth, 'depth')
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,

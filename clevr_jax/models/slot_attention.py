@@ -256,16 +256,8 @@ class SlotAttentionAutoEncoder(nn.Module):
   dtype: Any = jnp.float32
 
   def _check_input(self, x: jax.Array, taps: tuple[str, ...]) -> None:
-    unknown = [t for t in taps if t not in TAP_NAMES]
-    if unknown:
-      raise ValueError(f"Unknown tap name(s) {unknown}; valid names: {list(TAP_NAMES)}")
-    if x.ndim != 4:
-      raise ValueError(f"Expected input of shape [batch, height, width, channels]; got {x.shape}")
-    factor = 2**self.decoder_upsamplings
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(
-          f"Input height and width must be divisible by 2**decoder_upsamplings = {factor}; "
-          f"got {x.shape[1]}x{x.shape[2]}")
+    taps_lib.check_input(x, taps, TAP_NAMES, 2**self.decoder_upsamplings,
+                         "decoder_upsamplings")
 
   def _initial_slots(self, batch: int) -> jax.Array:
     """The initial slots [b, K, slot_size]: `slot_init`'s (the module docstring).

@@ -14,6 +14,20 @@ import jax
 import jax.numpy as jnp
 
 
+def check_input(x: jax.Array, taps: Sequence[str], valid: Sequence[str], factor: int,
+                field: str) -> None:
+  """ValueError unless `taps` are among `valid` and `x` is [B, H, W, C] with H and W
+  divisible by `factor` (= 2**`field`, the network's halvings)."""
+  unknown = [t for t in taps if t not in valid]
+  if unknown:
+    raise ValueError(f"Unknown tap name(s) {unknown}; valid names: {list(valid)}")
+  if x.ndim != 4:
+    raise ValueError(f"Expected input of shape [batch, height, width, channels]; got {x.shape}")
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ValueError(f"Input height and width must be divisible by 2**{field} = {factor}; "
+                     f"got {x.shape[1]}x{x.shape[2]}")
+
+
 def as_tap(value: jax.Array) -> jax.Array:
   return value.astype(jnp.promote_types(value.dtype, jnp.float32))
 
