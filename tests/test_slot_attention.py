@@ -434,9 +434,9 @@ def _load_test_config():
 
 def _restore(config, workdir):
   from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-  manager = checkpoints.make_manager(workdir, read_only=True)
-  return checkpoints.restore(manager, state_lib.abstract_state(
-      config, train_step.make_optimizer(config, 1)), sharding.make_mesh())
+  with checkpoints.make_manager(workdir, read_only=True) as manager:
+    return checkpoints.restore(manager, state_lib.abstract_state(
+        config, train_step.make_optimizer(config, 1)), sharding.make_mesh())
 
 
 @pytest.fixture(scope="module")
@@ -536,7 +536,8 @@ def test_the_learning_curve_tool_scores_every_checkpoint(trained_slots, tmp_path
   with open(os.path.join(copy, "curve.json"), encoding="utf-8") as f:
     rows = json.load(f)
   from clevr_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-  steps = sorted(checkpoints.make_manager(copy, read_only=True).all_steps())
+  with checkpoints.make_manager(copy, read_only=True) as manager:
+    steps = sorted(manager.all_steps())
   assert steps[-1] == 6 and len(steps) >= 2
   assert [(r["step"], r["tap"]) for r in rows] == [
       (s, t) for s in steps for t in ("slot_masks", "attention")]

@@ -56,21 +56,21 @@ def main(argv) -> None:
   mesh = sharding.make_mesh()
   split = pipeline.Split(config, "test")
   model = models.make_model(config)
-  manager = checkpoints.make_manager(FLAGS.workdir, read_only=True)
-  like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
-  rows = []
-  for step in sorted(manager.all_steps()):
-    state = checkpoints.restore(manager, like, mesh, step)
-    table, _ = protocol.score_features(
-        config, mesh, model_eval.tap_features_fn(state, model, config), TAPS, split,
-        [segmenter], what=f"step {step}")
-    for tap in TAPS:
-      rows.append({"step": int(step), "tap": tap} | table[segmenter.name][tap])
-    logging.info("step %d: %s", step, table[segmenter.name])
-    with open(os.path.join(FLAGS.workdir, "curve.json"), "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=1)
-    with open(os.path.join(FLAGS.workdir, "curve.md"), "w", encoding="utf-8") as f:
-      f.write(curve_markdown(rows))
+  with checkpoints.make_manager(FLAGS.workdir, read_only=True) as manager:
+    like = state_lib.abstract_state(config, train_step.make_optimizer(config, 1))
+    rows = []
+    for step in sorted(manager.all_steps()):
+      state = checkpoints.restore(manager, like, mesh, step)
+      table, _ = protocol.score_features(
+          config, mesh, model_eval.tap_features_fn(state, model, config), TAPS, split,
+          [segmenter], what=f"step {step}")
+      for tap in TAPS:
+        rows.append({"step": int(step), "tap": tap} | table[segmenter.name][tap])
+      logging.info("step %d: %s", step, table[segmenter.name])
+      with open(os.path.join(FLAGS.workdir, "curve.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+      with open(os.path.join(FLAGS.workdir, "curve.md"), "w", encoding="utf-8") as f:
+        f.write(curve_markdown(rows))
   print(curve_markdown(rows))
 
 

@@ -15,14 +15,18 @@ parameters differ. A save that fails (a full disk) is one short
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import shutil
+from typing import Any, Coroutine, Iterator
 
 from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
 
 from clevr_jax import models
 from clevr_jax import sharding
@@ -116,7 +120,45 @@ def close(manager: ocp.CheckpointManager) -> None:
 _ITEM = "default"
 
 
+def _run_awaiting_every_task(coro: Coroutine[Any, Any, Any]) -> Any:
+  """Runs `coro` on a fresh event loop, as orbax does, and before closing the loop
+  cancels and awaits every task it still has. orbax reads a checkpoint's arrays as
+  concurrent tasks and closes the loop as soon as one read fails (a damaged file):
+  the other reads, left suspended on the closed loop, would be collected unawaited
+  later, each an error printed by the garbage collector."""
+  loop = asyncio.new_event_loop()
+  try:
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+  finally:
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+      task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+@contextlib.contextmanager
+def _reads_awaited() -> Iterator[None]:
+  """orbax's synchronous entry to its event loops (`asyncio_utils`, the one place
+  it makes them) uses `_run_awaiting_every_task` while a restore runs."""
+  original = orbax_asyncio._run_sync_via_new_loop  # pylint: disable=protected-access
+  orbax_asyncio._run_sync_via_new_loop = _run_awaiting_every_task  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    orbax_asyncio._run_sync_via_new_loop = original  # pylint: disable=protected-access
+
+
 def _restore_step(manager: ocp.CheckpointManager, abstract, step: int) -> state_lib.TrainState:
+  with _reads_awaited():
+    return _restore_step_unguarded(manager, abstract, step)
+
+
+def _restore_step_unguarded(manager: ocp.CheckpointManager, abstract, step: int
+                            ) -> state_lib.TrainState:
   if abstract.opt_state is not None:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   # The network's part alone (`state_lib.abstract_state` without an optimizer):

@@ -76,8 +76,8 @@ def main(argv) -> None:
     model = model.clone(dtype=jnp.float64)  # compute dtype; params are cast below
   tx = train_step.make_optimizer(config, max(_STEPS.value, 1))
   if _RESTORE.value:
-    state = checkpoints.restore(checkpoints.make_manager(_RESTORE.value, read_only=True),
-                                state_lib.abstract_state(config, tx), mesh)
+    with checkpoints.make_manager(_RESTORE.value, read_only=True) as manager:
+      state = checkpoints.restore(manager, state_lib.abstract_state(config, tx), mesh)
   else:
     state = state_lib.create_state(config, tx)
     if _FLOAT64.value:
@@ -102,7 +102,7 @@ def main(argv) -> None:
       raise ValueError("--save_checkpoint is for float32 runs")
     manager = checkpoints.make_manager(_SAVE.value, config)
     checkpoints.save(manager, state)
-    manager.wait_until_finished()
+    checkpoints.close(manager)  # waits for the save
 
   leaves, _ = jax.tree_util.tree_flatten_with_path(state)
   replicated = all(x.sharding.is_fully_replicated
