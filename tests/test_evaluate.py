@@ -19,6 +19,7 @@ from clevr_jax import plots
 from clevr_jax import report
 from clevr_jax import schema
 from clevr_jax import sharding
+from clevr_jax import validate
 from clevr_jax.data import official
 from clevr_jax.data import pipeline
 from clevr_jax.evaluation import protocol
@@ -386,11 +387,10 @@ def test_user_images_through_a_post_processing_segmenter(tmp_path, trained_workd
                                       tap="input", num_clusters=0,
                                       output_dir=str(tmp_path / "default"))
   assert 4 <= len(np.unique(np.asarray(Image.open(written[0])))) <= 11
-  # No region slots: one clear error that names the field.
+  # No region slots: the validation pass names the field before any image is read.
   config.eval.max_regions = 0
   with pytest.raises(ValueError, match=r"eval\.max_regions=0"):
-    evaluation.segment_images(config, trained_workdir, [str(tmp_path / "scene.png")],
-                              tap="input", num_clusters=0, output_dir=str(tmp_path / "r"))
+    validate.check_config(config, "segment")
 
 
 def test_user_images_through_the_hybrid_which_reads_the_image(tmp_path, trained_workdir,
