@@ -190,24 +190,6 @@ def test_a_key_of_another_section_names_where_that_key_is(_children):
   assert "--config.eval.segmenters.kmeans.metric" in line
 
 
-def test_every_config_leaf_is_read_somewhere_in_the_package():
-  """A key nothing reads is a setting that silently does nothing: each leaf's
-  name must be read (`.name`, `["name"]`, or a segmenter field) outside defaults."""
-  package = pathlib.Path(REPO_ROOT) / "clevr_jax"
-  source = "\n".join(p.read_text() for p in package.rglob("*.py") if p.name != "defaults.py")
-  segmenter_fields = set(defaults.segmenter())
-  config = defaults.get_config()
-  unread = []
-  for path in validate._leaves(config):  # pylint: disable=protected-access
-    parts = path.split(".")
-    if parts[:2] == ["eval", "segmenters"] and parts[-1] in segmenter_fields:
-      continue  # read as a whole by segmenters.from_config (it rejects unknown fields)
-    if f".{parts[-1]}" not in source and f'"{parts[-1]}"' not in source:
-      unread.append(path)
-  assert not unread, unread
-  assert "metric" not in config.eval.kmeans  # read by no one: each segmenter has its own
-
-
 def test_missing_config_file_with_an_override_names_the_file(_children):
   line = error_line(_children["no_config_file_with_override"].result())
   assert "cannot load the config file 'configs/unet_rbg.py' (No such file" in line

@@ -24,6 +24,7 @@ import pytest
 
 from clevr_jax import guards
 from clevr_jax import sharding
+from clevr_jax import validate
 from clevr_jax.training import checkpoints
 from clevr_jax.training import state as state_lib
 from clevr_jax.training import train
@@ -35,6 +36,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_RUN = os.path.join(REPO_ROOT, "tests", "helpers", "train_run.py")
 DATA_PARALLEL = os.path.join(REPO_ROOT, "tests", "helpers", "data_parallel.py")
 MAIN = ("-m", "clevr_jax.main")
+CONFIG_READS = os.path.join(os.path.dirname(__file__), "helpers", "config_reads.py")
 
 
 def _reject_constant(name):
@@ -162,12 +164,15 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir, data_pa
                                f"--config.data.data_dir={data_dir}"]),
       # Compiled as users compile it: XLA's default flags, not the suite's
       # (conftest.SUITE_XLA_FLAGS), for the train step, K-Means and post-processing.
+      # Run through tests/helpers/config_reads.py, which records the config keys it reads.
       "default_xla_flags": start_python(
-          [*MAIN, *test_config, f"--workdir={tmp / 'default_xla_flags'}",
+          [CONFIG_READS, str(tmp / "config_reads.json"), *test_config,
+           f"--workdir={tmp / 'default_xla_flags'}",
            "--config.num_epochs=1", "--config.eval.taps=('input','output')",
            "--config.eval.segmenter_names=('kmeans','split_merge_predict_k')"],
           env={"XLA_FLAGS": ""}),
       "default_xla_flags_workdir": str(tmp / "default_xla_flags"),
+      "config_reads": str(tmp / "config_reads.json"),
   }
 
 
@@ -257,6 +262,37 @@ def test_a_run_compiled_with_default_xla_flags_trains_and_scores(_children):
     assert sorted(by_tap) == ["input", "output"], name
     for tap, row in by_tap.items():
       assert 0 < row["poster_miou"] <= 1 and -1 <= row["fg_ari"] <= 1, (name, tap, row)
+
+
+# Settings that a U-Net train-and-evaluate run has no use for: another network's,
+# the objectives beyond reconstruction, other modes' (baselines, segment), another
+# data source's, and a learning-rate decay the test preset does not schedule.
+_OTHER_RECIPES_AND_MODES = ("model.slot_attention.", "objectives.", "data.eval_file",
+                            "data.real_config", "data.source", "eval.baselines_seed",
+                            "eval.user_segmenter", "optimizer.decay_", "preset")
+
+
+def test_a_train_and_evaluate_run_reads_every_setting_it_is_given(_children, test_config):
+  """A key nothing reads is a setting that silently does nothing. Recorded while
+  the run runs (the validation pass, which reads every key to check it, aside):
+  each leaf of the config is read, except the other recipes' and modes', and
+  every field of each scored segmenter is read."""
+  result = _children["default_xla_flags"].result()
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(_children["config_reads"]) as f:
+    read = set(json.load(f))
+  config = test_config("unet_rgb")
+  scored = ("kmeans", "split_merge_predict_k")  # the child's eval.segmenter_names
+  unread = []
+  for path in validate._leaves(config):  # pylint: disable=protected-access
+    parts = path.split(".")
+    if parts[:2] == ["eval", "segmenters"]:
+      if parts[2] in scored and path not in read:
+        unread.append(path)
+    elif path not in read and not path.startswith(_OTHER_RECIPES_AND_MODES):
+      unread.append(path)
+  assert not unread, unread
+  assert not any(p.startswith("eval.segmenters.hybrid.") for p in read)  # only what is scored
 
 
 def test_the_network_restores_without_an_optimizer(trained_workdir, test_config, monkeypatch):
