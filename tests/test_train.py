@@ -120,8 +120,10 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir, data_pa
   (locked / guards.LOCK_FILE).write_text(json.dumps(
       {"host": socket.gethostname(), "pid": os.getpid()}))
   all_damaged = _copy_checkpoints(trained_workdir, str(tmp / "all_damaged"))
+  # Evaluation restores the network alone, from its arrays (no _METADATA needed):
+  # both checkpoints are cut short, so that neither restores.
   _damage(all_damaged, 4, "truncated")
-  _damage(all_damaged, 8, "no_metadata")
+  _damage(all_damaged, 8, "truncated")
   return {
       "killed_workdir": killed,
       "nan_workdir": str(tmp / "nan"),
@@ -142,6 +144,7 @@ def _children(tmp_path_factory, start_python, data_dir, trained_workdir, data_pa
       "nan": start_python(
           [*MAIN, *test_config, f"--workdir={tmp / 'nan'}", "--config.optimizer.learning_rate=1e9",
            "--config.model.depth=1", "--config.model.base_width=4",
+           "--config.eval.taps=('input','output')",
            "--config.log_every_steps=1", "--config.checkpoint_every_steps=1"],
           env={"JAX_THREEFRY_PARTITIONABLE": "false"}),
       "locked": start_python([*MAIN, *test_config, f"--workdir={locked}"]),
