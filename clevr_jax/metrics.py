@@ -285,16 +285,18 @@ class InstanceScores(NamedTuple):
 INSTANCE_METRICS = tuple(f for f in InstanceScores._fields if f != "valid")
 
 
+def nearest_index(size: int, new_size: int) -> np.ndarray:
+  """For each of `new_size` output pixels along one axis, the input pixel (of
+  `size`) under its centre: nearest-neighbour resizing's index map."""
+  return np.minimum(((np.arange(new_size) + 0.5) * size / new_size).astype(np.int64), size - 1)
+
+
 def resize_nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
   """[B, h, w, ...] host arrays (label maps, features) -> [B, height, width, ...],
   each output pixel taking the input pixel under its centre."""
   if x.shape[1:3] == (height, width):
     return x
-  rows = np.minimum(((np.arange(height) + 0.5) * x.shape[1] / height).astype(np.int64),
-                    x.shape[1] - 1)
-  cols = np.minimum(((np.arange(width) + 0.5) * x.shape[2] / width).astype(np.int64),
-                    x.shape[2] - 1)
-  return x[:, rows][:, :, cols]
+  return x[:, nearest_index(x.shape[1], height)][:, :, nearest_index(x.shape[2], width)]
 
 
 def contingency_host(true_labels: np.ndarray, pred_labels: np.ndarray,

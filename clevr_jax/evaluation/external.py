@@ -306,11 +306,10 @@ def _agree_on_bad_rows(bad: np.ndarray, positions: np.ndarray) -> int | None:
 
 
 def _resize_nearest(x: jax.Array, height: int, width: int) -> jax.Array:
-  """[B, h, w, ...] -> [B, height, width, ...] by nearest neighbour (pixel centres)."""
-  rows = np.minimum(((np.arange(height) + 0.5) * x.shape[1] / height).astype(np.int32),
-                    x.shape[1] - 1)
-  cols = np.minimum(((np.arange(width) + 0.5) * x.shape[2] / width).astype(np.int32),
-                    x.shape[2] - 1)
+  """[B, h, w, ...] -> [B, height, width, ...] on the devices, by the same index
+  map as `metrics.resize_nearest` on the host (pixel centres)."""
+  rows = metrics.nearest_index(x.shape[1], height).astype(np.int32)
+  cols = metrics.nearest_index(x.shape[2], width).astype(np.int32)
   return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
 
 
