@@ -202,6 +202,8 @@ def test_validation_names_the_field_to_fix():
                                 ("checkpoint_every_steps", -1, "checkpoint_every_steps=-1"),
                                 ("eval.segmenters.kmeans_fixed_k.fixed_k", 0,
                                  "eval.segmenters.kmeans_fixed_k.fixed_k=0 must be"),
+                                ("eval.segmenters.split_merge_predict_k.shape_split_waist",
+                                 1.5, "split_merge_predict_k.shape_split_waist=1.5 must be in"),
                                 ("eval.max_regions", 0, "eval.max_regions=0 must be"),
                                 ("eval.max_regions", 10, "eval.max_regions=10 region slots"),
                                 ("task", "segment", "config.task='segment'")):

@@ -317,7 +317,9 @@ def test_a_field_keys_the_programs_it_shapes_and_no_other():
              "modal_size": 3, "split": False, "min_area": 1e-3, "merge": False,
              "merge_threshold": 0.2, "tap_merge_threshold": 0.6,
              "colour_merge_threshold": 0.1, "split_source": "pixels",
-             "merge_source": "pixels", "taps": ("enc1",), "name": "b"}
+             "merge_source": "pixels", "taps": ("enc1",), "name": "b",
+             "shape_split": True, "shape_split_min_radius": 0.05,
+             "shape_split_waist": 0.6, "shape_split_max_area": 0.2}
   fields = {f.name: f for f in dataclasses.fields(spec.Segmenter)}
   assert set(changed) == set(fields) - {"fixed_k", "num_clusters"}
   for name, value in changed.items():

@@ -16,6 +16,9 @@ batch runs as one jitted program (`postprocess` is vmapped over images):
                  lost pixels take a neighbour's label, repeated until none is left
                  (the reference takes the Euclidean-nearest kept pixel's: the two
                  differ on a few pixels inside specks); at most R are kept
+  shape_split    optional: a region that holds thick parts joined by a narrow
+                 waist (two touching objects of one colour) is cut between the
+                 peaks of its distance transform; the parts may not merge back
   merge          adjacent regions merge, closest area-weighted mean features
                  first, down to a target count or while the closest pair is
                  nearer than a threshold, and in any case until at most `cap`
@@ -37,11 +40,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Added to the distance of two parts cut from one region (`shape_split`): above
+# any merge threshold, so that only a target K or the label slots join them.
+APART = 1e4
 
 
 def modal_filter(labels: jax.Array, num_labels: int, size: int) -> jax.Array:
@@ -71,22 +79,30 @@ _NEIGHBOURS = ((1, 0), (-1, 0), (0, 1), (0, -1))
 
 def components(labels: jax.Array) -> jax.Array:
   """[h, w] -> the flat index of the first pixel (raster order) of each pixel's
-  4-connected component of equal labels.
+  4-connected component of equal labels."""
+  return connected_roots(labels.shape, [
+      ((dy, dx), labels == _shift(labels, dy, dx, -1)) for dy, dx in _NEIGHBOURS])
+
+
+def connected_roots(shape: tuple[int, int],
+                    links: Sequence[tuple[tuple[int, int], jax.Array]]) -> jax.Array:
+  """The flat index of the first pixel (raster order) of each pixel's component,
+  where `links` [((dy, dx), ok [h, w])] says that a pixel is joined to its
+  neighbour at (y - dy, x - dx) wherever ok (links must be symmetric).
 
   Every pixel starts as its own root; each round, a pixel takes the smallest
-  root among its same-label neighbours, offers it to its root (scatter-min:
+  root among its linked neighbours, offers it to its root (scatter-min:
   whole trees hook at once) and jumps to its root's root, until no root changes.
   Roots only decrease and always name a pixel of the same component, so the
   fixpoint is the component's smallest index.
   """
-  h, w = labels.shape
+  h, w = shape
   n = h * w
-  same = [labels == _shift(labels, dy, dx, -1) for dy, dx in _NEIGHBOURS]
 
   def neighbour_min(root):
     grid = root.reshape(h, w)
     best = grid
-    for (dy, dx), ok in zip(_NEIGHBOURS, same):
+    for (dy, dx), ok in links:
       best = jnp.minimum(best, jnp.where(ok, _shift(grid, dy, dx, n), n))
     return best.reshape(n)
 
@@ -174,6 +190,163 @@ def compact(labels: jax.Array, root: jax.Array, num_labels: int, min_area: int,
   return jax.lax.while_loop(unlabelled, fill, regions), count
 
 
+_DIAGONALS = ((1, 1), (1, -1), (-1, 1), (-1, -1))
+_EIGHT = _NEIGHBOURS + _DIAGONALS
+# Chamfer steps to the 8 neighbours: distances are lengths of 8-connected paths.
+_STEPS = (1.0,) * 4 + (math.sqrt(2.0),) * 4
+# Slack of the peak test: values compared there are copies of one another, or
+# differ by far more than float32's rounding of sums of a few hundred steps.
+_PEAK_TOLERANCE = 1e-3
+
+
+def _fixpoint(update: Any, start: Any) -> Any:
+  """`update` applied until nothing changes (a while_loop)."""
+  def step(carry):
+    old, _ = carry
+    new = update(old)
+    changed = functools.reduce(jnp.logical_or, [jnp.any(a != b) for a, b in zip(
+        jax.tree.leaves(new), jax.tree.leaves(old))])
+    return new, changed
+  return jax.lax.while_loop(lambda c: c[1], step, (start, jnp.bool_(True)))[0]
+
+
+def _adjacency(regions: jax.Array, r: int) -> jax.Array:
+  """bool [R, R]: regions that share a horizontal or vertical pixel edge."""
+  pairs_a = jnp.concatenate([regions[:, :-1].reshape(-1), regions[:-1, :].reshape(-1)])
+  pairs_b = jnp.concatenate([regions[:, 1:].reshape(-1), regions[1:, :].reshape(-1)])
+  adjacent = jnp.zeros((r, r), bool).at[pairs_a, pairs_b].set(True)
+  return (adjacent | adjacent.T) & ~jnp.eye(r, dtype=bool)
+
+
+def _on_edge(regions: jax.Array, r: int) -> jax.Array:
+  """bool [R]: regions that touch the image's border."""
+  edge = jnp.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])
+  return jnp.zeros(r, bool).at[edge].set(True)
+
+
+def hole_hosts(regions: jax.Array, max_area: int, max_regions: int) -> jax.Array:
+  """[h, w]: each pixel's region, or for a region enclosed by one other of at most
+  `max_area` pixels (a highlight, a cylinder's top) that region's: the regions
+  with their holes filled. Objects on the floor are not holes of the floor."""
+  r = max_regions
+  adjacent = _adjacency(regions, r)
+  on_edge = _on_edge(regions, r)
+  area = jnp.zeros(r, jnp.int32).at[regions].add(1)
+  slots = jnp.arange(r)
+  owner = jnp.argmax(adjacent, 1)
+  enclosed = (jnp.sum(adjacent, 1) == 1) & ~on_edge & (area[owner] <= max_area)
+  host = jnp.where(enclosed, owner, slots)
+  for _ in range(3):  # a hole's hole belongs to the outer host too
+    host = host[host]
+  return host[regions]
+
+
+def distance_to_edge(filled: jax.Array, candidate: jax.Array) -> jax.Array:
+  """float [h, w]: each candidate pixel's chamfer distance (steps 1 and sqrt 2) to
+  the nearest pixel outside its region (the image's outside included); 0 elsewhere."""
+  same = [filled == _shift(filled, dy, dx, -1) for dy, dx in _EIGHT]
+
+  def update(d):
+    best = jnp.full(d.shape, jnp.inf, d.dtype)
+    for ok, (dy, dx), step in zip(same, _EIGHT, _STEPS):
+      best = jnp.minimum(best, jnp.where(ok, _shift(d, dy, dx, 0.0) + step, step))
+    return jnp.where(candidate, best, 0.0)
+  return _fixpoint(update, jnp.where(candidate, jnp.inf, 0.0).astype(jnp.float32))
+
+
+def peaks(filled: jax.Array, distance: jax.Array, *, min_radius: float, waist: float
+          ) -> jax.Array:
+  """bool [h, w]: the tops of the distance transform's peaks that stand on their
+  own: at least `min_radius` high, and every path inside the region to a higher
+  peak dips to `waist` times the peak's height or lower.
+
+  Morphological reconstruction by dilation of waist * distance under the
+  distance: a top stays at its own seed value exactly when no higher seed
+  reaches it over a pass above that value.
+  """
+  same = [filled == _shift(filled, dy, dx, -1) for dy, dx in _EIGHT]
+  seed = waist * distance
+
+  def update(rec):
+    best = rec
+    for ok, (dy, dx) in zip(same, _EIGHT):
+      best = jnp.maximum(best, jnp.where(ok, _shift(rec, dy, dx, 0.0), 0.0))
+    return jnp.minimum(best, distance)
+  rec = _fixpoint(update, seed)
+  return (distance >= min_radius) & (rec <= seed + _PEAK_TOLERANCE)
+
+
+def flood_from_peaks(filled: jax.Array, distance: jax.Array, seeds: jax.Array
+                     ) -> jax.Array:
+  """int [h, w]: each pixel's seed (a flat pixel index; h * w where its region has
+  none), the one nearest by geodesic length inside the region minus the seed's
+  own distance to the edge: two touching discs part where they touch."""
+  h, w = filled.shape
+  n = h * w
+  same = [filled == _shift(filled, dy, dx, -1) for dy, dx in _EIGHT]
+
+  def update(carry):
+    value, label = carry
+    for ok, (dy, dx), step in zip(same, _EIGHT, _STEPS):
+      offered = jnp.where(ok, _shift(value, dy, dx, jnp.inf) + step, jnp.inf)
+      offered_label = _shift(label, dy, dx, n)
+      better = (offered < value) | ((offered == value) & (offered_label < label))
+      value = jnp.where(better, offered, value)
+      label = jnp.where(better, offered_label, label)
+    return value, label
+  start = (jnp.where(seeds < n, -distance, jnp.inf), seeds)
+  return _fixpoint(update, start)[1]
+
+
+def shape_split(regions: jax.Array, *, min_radius: float, waist: float, max_area: int,
+                max_regions: int) -> tuple[jax.Array, jax.Array]:
+  """Cut regions made of thick parts joined by narrow waists: (regions [h, w], with
+  each new part in a new slot after the last region; cut_from [R], the region
+  each slot was cut from, itself for the others).
+
+  Per region of at most `max_area` pixels that does not touch the image's
+  border (the floor's pieces do; holes filled, `hole_hosts`): the
+  distance transform's standing peaks (`peaks`) seed a flood (`flood_from_peaks`);
+  two adjacent parts join again where the pixels on their cut are farther from
+  the edge than `waist` times the lower part's peak, so a cut is kept only
+  across a waist that is narrow against both parts. Parts beyond the R slots
+  stay with their region. A hole keeps its own label.
+  """
+  h, w = regions.shape
+  n, r = h * w, max_regions
+  filled = hole_hosts(regions, max_area, r)
+  area = jnp.zeros(r, jnp.int32).at[filled].add(1)
+  candidate = ((area <= max_area) & ~_on_edge(filled, r))[filled]
+  distance = distance_to_edge(filled, candidate)
+  tops = candidate & peaks(filled, distance, min_radius=min_radius, waist=waist)
+  index = jnp.arange(n, dtype=jnp.int32).reshape(h, w)
+  top_root = components(jnp.where(tops, filled, -1)).reshape(h, w)
+  part = flood_from_peaks(filled, distance, jnp.where(tops, top_root, n))
+  labelled = part < n
+  flat_distance = distance.reshape(-1)
+  height = flat_distance[jnp.minimum(part, n - 1)]  # each part's peak
+
+  links = []
+  for dy, dx in _EIGHT:
+    other, other_height = _shift(part, dy, dx, n), _shift(height, dy, dx, 0.0)
+    low = jnp.minimum(distance, _shift(distance, dy, dx, 0.0))
+    wide = low > waist * jnp.minimum(height, other_height) + _PEAK_TOLERANCE
+    links.append(((dy, dx), labelled & (other < n) & (
+        (other == part) | ((filled == _shift(filled, dy, dx, -1)) & wide))))
+  root = connected_roots((h, w), links).reshape(h, w)
+
+  # The part with the first root keeps the region's slot; the others take new ones.
+  first = jnp.full(r, n, jnp.int32).at[jnp.where(labelled, filled, r)].min(
+      root, mode="drop")
+  moved = labelled & (regions == filled) & (root != first[filled])
+  used = jnp.zeros(n, bool).at[jnp.where(moved, root, n)].set(True, mode="drop")
+  slot = jnp.max(regions) + 1 + jnp.cumsum(used) - 1
+  fits = used & (slot < r)
+  out = jnp.where(moved & fits.reshape(-1)[root], slot[root], regions)
+  cut_from = jnp.arange(r).at[jnp.where(fits, slot, r)].set(filled.reshape(-1), mode="drop")
+  return out.astype(jnp.int32), cut_from
+
+
 def _distances_to(one: jax.Array, means: jax.Array, metric: str) -> jax.Array:
   """[R]: distances of the mean `one` [c] to every mean [R, c] (the reference's forms)."""
   if metric == "cosine":
@@ -185,7 +358,7 @@ def _distances_to(one: jax.Array, means: jax.Array, metric: str) -> jax.Array:
 
 def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[jax.Array],
           target: jax.Array, threshold: jax.Array, *, max_regions: int, cap: int,
-          metric: str) -> jax.Array:
+          metric: str, cut_from: jax.Array | None = None) -> jax.Array:
   """Greedy merging of adjacent regions, the closest mean features first.
 
   Goes on while the closest adjacent pair is nearer than `threshold` and more
@@ -206,6 +379,9 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     max_regions: R, the static number of region slots.
     cap: merge at least down to this many regions.
     metric: 'euclidean' or 'cosine'.
+    cut_from: int [R], the region each slot was cut from (`shape_split`): parts of
+      one region stand `APART` further from each other, so that no threshold
+      merges them back; they merge only to reach `target` or `cap`.
   """
   r = max_regions
   flat = regions.reshape(-1)
@@ -218,17 +394,15 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     return functools.reduce(jnp.minimum, [_distances_to(o, m, metric)
                                           for o, m in zip(one, means)])
 
-  pairs_a = jnp.concatenate([regions[:, :-1].reshape(-1), regions[:-1, :].reshape(-1)])
-  pairs_b = jnp.concatenate([regions[:, 1:].reshape(-1), regions[1:, :].reshape(-1)])
-  adjacent = jnp.zeros((r, r), bool).at[pairs_a, pairs_b].set(True)
-  eye = jnp.eye(r, dtype=bool)
-  adjacent = (adjacent | adjacent.T) & ~eye
-  dist = jax.lax.map(lambda one: distances_to(one, means), means)
-  dist = jnp.where(adjacent, dist, jnp.inf)
+  adjacent = _adjacency(regions, r)
   slots = jnp.arange(r)
+  apart = (jnp.zeros((r, r), bool) if cut_from is None else
+           (cut_from[:, None] == cut_from[None, :]) & (slots[:, None] != slots[None, :]))
+  dist = jax.lax.map(lambda one: distances_to(one, means), means)
+  dist = jnp.where(adjacent, dist + jnp.where(apart, APART, 0.0), jnp.inf)
 
   def body(carry):
-    dist, adjacent, means, area, alive, parent, count, _ = carry
+    dist, adjacent, apart, means, area, alive, parent, count, _ = carry
     best = jnp.argmin(dist)
     i, j = best // r, best % r
     d = dist.reshape(-1)[best]
@@ -243,18 +417,22 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     row = (adjacent[i] | adjacent[j]) & (slots != i) & (slots != j)
     new_adjacent = adjacent.at[i].set(row).at[:, i].set(row)
     new_adjacent = new_adjacent.at[j].set(False).at[:, j].set(False)
-    drow = jnp.where(row & new_alive, distances_to(merged, new_means), jnp.inf)
+    apart_row = (apart[i] | apart[j]) & (slots != i)
+    new_apart = apart.at[i].set(apart_row).at[:, i].set(apart_row)
+    drow = jnp.where(row & new_alive, distances_to(merged, new_means)
+                     + jnp.where(apart_row, APART, 0.0), jnp.inf)
     new_dist = dist.at[i].set(drow).at[:, i].set(drow)
     new_dist = new_dist.at[j].set(jnp.inf).at[:, j].set(jnp.inf)
     new_parent = jnp.where(parent == j, i, parent)
     keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(stop, o, n), old, new)
-    return (keep(dist, new_dist), keep(adjacent, new_adjacent), keep(means, new_means),
+    return (keep(dist, new_dist), keep(adjacent, new_adjacent), keep(apart, new_apart),
+            keep(means, new_means),
             keep(area, new_area), keep(alive, new_alive), keep(parent, new_parent),
             keep(count, count - 1), stop)
 
   alive = slots < count
-  carry = (dist, adjacent, means, area, alive, slots, count, jnp.bool_(False))
-  _, _, _, _, alive, parent, _, _ = jax.lax.while_loop(lambda c: ~c[-1], body, carry)
+  carry = (dist, adjacent, apart, means, area, alive, slots, count, jnp.bool_(False))
+  *_, alive, parent, _, _ = jax.lax.while_loop(lambda c: ~c[-1], body, carry)
   new_number = jnp.cumsum(alive) - 1
   return new_number[parent][regions].astype(jnp.int32)
 
@@ -262,7 +440,7 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
 def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
                 target: jax.Array, threshold: jax.Array, *, num_labels: int,
                 modal_size: int, split: bool, min_area: int, max_regions: int, cap: int,
-                metric: str
+                metric: str, shape_split_args: dict[str, float] | None = None
                 ) -> tuple[jax.Array, jax.Array]:
   """One image: cluster labels [h, w] (in 0..num_labels-1) and the features
   [h, w, c] they came from -> (region labels [h, w] in 0..cap-1, the number of
@@ -272,10 +450,15 @@ def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
   `target` and `threshold` are the merge's stopping rule (see `merge`): a target K
   with an infinite threshold merges to K; a threshold with target 0 predicts K;
   target = `cap` with an infinite threshold only brings the regions down to `cap`.
+  `shape_split_args` (min_radius and max_area in pixels, waist a ratio; see
+  `shape_split`): cut the regions at narrow waists before the merge; None: no cut.
   """
   labels = modal_filter(labels.astype(jnp.int32), num_labels, modal_size)
   root = root_map(labels, num_labels, split)
   regions, count = compact(labels, root, num_labels, min_area, max_regions)
+  cut_from = None
+  if shape_split_args is not None:
+    regions, cut_from = shape_split(regions, max_regions=max_regions, **shape_split_args)
   regions = merge(regions, jnp.max(regions) + 1, features, target, threshold,
-                  max_regions=max_regions, cap=cap, metric=metric)
+                  max_regions=max_regions, cap=cap, metric=metric, cut_from=cut_from)
   return regions, count

@@ -92,6 +92,16 @@ def transform_and_cluster(segmenter: Segmenter, kmeans_config: ml_collections.Co
                     metric=segmenter.metric, point_weights=point_weights)
 
 
+def shape_split_args(segmenter: Segmenter, height: int, width: int
+                     ) -> dict[str, float] | None:
+  """`regions.shape_split`'s settings in pixels at this image size; None without it."""
+  if not segmenter.shape_split:
+    return None
+  return dict(min_radius=segmenter.shape_split_min_radius * height,
+              waist=segmenter.shape_split_waist,
+              max_area=int(round(segmenter.shape_split_max_area * height * width)))
+
+
 def postprocess(segmenter: Segmenter, labels: jax.Array, x: jax.Array, target: jax.Array,
                 threshold: jax.Array, *, max_regions: int, cap: int
                 ) -> tuple[jax.Array, jax.Array]:
@@ -104,7 +114,8 @@ def postprocess(segmenter: Segmenter, labels: jax.Array, x: jax.Array, target: j
   one_image = functools.partial(
       regions.postprocess, num_labels=segmenter.k_max, modal_size=segmenter.modal_size,
       split=segmenter.split, min_area=int(round(segmenter.min_area * h * w)),
-      max_regions=max_regions, cap=cap, metric=segmenter.metric)
+      max_regions=max_regions, cap=cap, metric=segmenter.metric,
+      shape_split_args=shape_split_args(segmenter, h, w))
   return jax.vmap(one_image)(labels, x, target, threshold)
 
 
@@ -199,7 +210,8 @@ def _segment_hybrid(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDi
   one_image = functools.partial(
       regions.postprocess, num_labels=k, modal_size=0, split=True,
       min_area=int(round(segmenter.min_area * height * width)), max_regions=max_regions,
-      cap=cap, metric=segmenter.metric)
+      cap=cap, metric=segmenter.metric,
+      shape_split_args=shape_split_args(segmenter, height, width))
   return jax.vmap(one_image)(labels, x, target, threshold)
 
 

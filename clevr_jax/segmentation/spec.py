@@ -83,6 +83,20 @@ class Segmenter:
                            shapes=_POSTPROCESS, interval="[0, inf)")
   split: bool = _field(False, "split every cluster into its 4-connected components",
                        shapes=_POSTPROCESS)
+  shape_split: bool = _field(
+      False, "cut a region of thick parts joined by a narrow waist (two touching objects "
+      "of one colour) between the peaks of its distance transform, before the merge; "
+      "the parts do not merge back under a threshold. Needs split=True",
+      shapes=_POSTPROCESS)
+  shape_split_min_radius: float = _field(
+      0.03, "shape_split: a part's peak (its largest inscribed radius) is at least this "
+      "fraction of the image's height", shapes=_POSTPROCESS, interval="[0, 0.5]")
+  shape_split_waist: float = _field(
+      0.7, "shape_split: a cut is kept where the waist (the cut's distance to the edge) is "
+      "at most this fraction of both parts' peaks", shapes=_POSTPROCESS, interval="(0, 1)")
+  shape_split_max_area: float = _field(
+      0.15, "shape_split: regions over this fraction of the image's area (the floor) are "
+      "not cut", shapes=_POSTPROCESS, interval="(0, 1]")
   min_area: float = _field(
       0.0, "regions under this fraction of the image's area (5e-4: 38 pixels at 240x320) "
       "are absorbed into the nearest kept region", shapes=_POSTPROCESS, interval="[0, 1)")
@@ -117,7 +131,8 @@ class Segmenter:
 
   @property
   def post_processes(self) -> bool:
-    return self.split or self.merge or self.min_area > 0 or self.modal_size > 1
+    return (self.split or self.merge or self.min_area > 0 or self.modal_size > 1
+            or self.shape_split)
 
   @property
   def predicts_k(self) -> bool:
@@ -187,6 +202,9 @@ class Segmenter:
       raise ValueError(f"{where}: a split or merge by the image (split_source="
                        f"{self.split_source!r}, merge_source={self.merge_source!r}) "
                        "needs cluster='kmeans' and split=True (regions drawn by its clusters)")
+    if self.shape_split and not self.split:
+      raise ValueError(f"{where}: shape_split cuts the 4-connected regions of the "
+                       f"clusters: set --config.{where}.split=True too")
     if self.merge_source == "tap_or_pixels" and not (
         self.colour_threshold > 0 and self.tap_merge_threshold > 0):
       raise ValueError(f"{where}: merge_source='tap_or_pixels' compares colours under "

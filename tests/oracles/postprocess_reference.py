@@ -14,6 +14,10 @@ steps here turn clusters into regions:
   absorb_small       regions under a minimum area take the label of the
                      nearest pixel of a kept region: one Euclidean distance
                      transform for all of them at once, never one region at a time
+  shape_split        regions of thick parts joined by a narrow waist are cut
+                     between the peaks of their distance transform: shortest
+                     paths on the pixel graph (SciPy's Dijkstra) for the
+                     distances and the flood, grey dilation for the peaks
   merge_regions      adjacent regions merge, closest mean features first, down
                      to K regions or while the closest pair is under a threshold
 
@@ -28,11 +32,20 @@ All functions take and return label maps [h, w] of consecutive ints 0..n-1.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage
+from scipy import sparse
+from scipy.sparse import csgraph
 
 # 4-connectivity: diagonal neighbours are not connected.
 _FOUR = ndimage.generate_binary_structure(2, 1)
+# The 8 neighbours (dy, dx): a pixel at (y, x) and its neighbour at (y - dy, x - dx).
+_EIGHT = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1))
+# The same constants as the device program's (regions.py).
+APART = 1e4
+_PEAK_TOLERANCE = 1e-3
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
@@ -86,6 +99,167 @@ def absorb_small(regions: np.ndarray, min_area: int) -> np.ndarray:
   return relabel(regions[rows, cols])
 
 
+def _neighbour_pairs(shape: tuple[int, int]):
+  """For each of the 8 directions: (step length, the slices of the pixels and of
+  their neighbours in that direction, both inside the image)."""
+  h, w = shape
+  for dy, dx in _EIGHT:
+    here = (slice(max(dy, 0), h + min(dy, 0)), slice(max(dx, 0), w + min(dx, 0)))
+    there = (slice(max(-dy, 0), h + min(-dy, 0)), slice(max(-dx, 0), w + min(-dx, 0)))
+    yield math.hypot(dy, dx), here, there
+
+
+def hole_hosts(regions: np.ndarray, max_area: int) -> np.ndarray:
+  """Each pixel's region, or for a region enclosed by a single other region of at
+  most `max_area` pixels, that region's (holes filled; a hole's hole too)."""
+  n = int(regions.max()) + 1
+  adjacent = region_adjacency(regions, n)
+  on_edge = set(np.concatenate([regions[0], regions[-1], regions[:, 0],
+                                regions[:, -1]]).tolist())
+  area = np.bincount(regions.ravel(), minlength=n)
+  host = np.arange(n)
+  for k in range(n):
+    neighbours = np.flatnonzero(adjacent[k])
+    if len(neighbours) == 1 and k not in on_edge and area[neighbours[0]] <= max_area:
+      host[k] = neighbours[0]
+  for _ in range(3):
+    host = host[host]
+  return host[regions]
+
+
+def _region_graph(filled: np.ndarray, candidate: np.ndarray):
+  """(rows, cols, weights) of the 8-neighbour edges between pixels of one region."""
+  index = np.arange(filled.size).reshape(filled.shape)
+  rows, cols, weights = [], [], []
+  for step, here, there in _neighbour_pairs(filled.shape):
+    ok = (filled[here] == filled[there]) & candidate[here]
+    rows.append(index[here][ok])
+    cols.append(index[there][ok])
+    weights.append(np.full(int(ok.sum()), step))
+  return rows, cols, weights
+
+
+def _shortest(rows, cols, weights, nodes: int, sources, **kwargs):
+  graph = sparse.csr_matrix((np.concatenate(weights), (np.concatenate(rows),
+                                                       np.concatenate(cols))),
+                            shape=(nodes, nodes))
+  return csgraph.dijkstra(graph, directed=True, indices=sources, **kwargs)
+
+
+def distance_to_edge(filled: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+  """Each candidate pixel's shortest 8-connected path length (steps 1 and sqrt 2)
+  to a pixel outside its region or outside the image; 0 elsewhere."""
+  h, w = filled.shape
+  n = h * w
+  # A virtual source, one step (the shortest out) from each pixel at the edge.
+  exit_step = np.full(filled.shape, np.inf)
+  padded = np.pad(filled, 1, constant_values=-1)
+  for dy, dx in _EIGHT:
+    neighbour = padded[1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+    exit_step = np.where(neighbour != filled, np.minimum(exit_step, math.hypot(dy, dx)),
+                         exit_step)
+  rows, cols, weights = _region_graph(filled, candidate)
+  leaving = candidate & np.isfinite(exit_step)
+  rows.append(np.full(int(leaving.sum()), n))
+  cols.append(np.flatnonzero(leaving))
+  weights.append(exit_step[leaving])
+  dist = _shortest(rows, cols, weights, n + 1, n)[:n].reshape(h, w)
+  return np.where(candidate, dist, 0.0)
+
+
+def peaks(filled: np.ndarray, distance: np.ndarray, candidate: np.ndarray, *,
+          min_radius: float, waist: float) -> np.ndarray:
+  """Tops of the distance transform's peaks that stand on their own (`regions.peaks`):
+  reconstruction by dilation of waist * distance under the distance, region by
+  region (3x3 grey dilation until nothing changes)."""
+  seed = waist * distance
+  rebuilt = np.zeros_like(distance)
+  for label in np.unique(filled[candidate]):
+    inside = filled == label
+    rec = np.where(inside, seed, 0.0)
+    while True:
+      grown = np.where(inside, np.minimum(ndimage.grey_dilation(
+          rec, size=(3, 3), mode="constant", cval=0.0), distance), 0.0)
+      grown = np.maximum(grown, rec)
+      if np.array_equal(grown, rec):
+        break
+      rec = grown
+    rebuilt[inside] = rec[inside]
+  return candidate & (distance >= min_radius) & (rebuilt <= seed + _PEAK_TOLERANCE)
+
+
+def shape_split(regions: np.ndarray, *, min_radius: float, waist: float, max_area: int,
+                max_regions: int) -> tuple[np.ndarray, np.ndarray]:
+  """`regions.shape_split`: (regions with each new part in a new slot after the
+  last region, cut_from [max_regions]: the region each slot was cut from)."""
+  h, w = regions.shape
+  n = h * w
+  count = int(regions.max()) + 1
+  filled = hole_hosts(regions, max_area)
+  area = np.bincount(filled.ravel(), minlength=count)
+  on_edge = np.zeros(count, bool)
+  on_edge[np.concatenate([filled[0], filled[-1], filled[:, 0], filled[:, -1]])] = True
+  candidate = ((area <= max_area) & ~on_edge)[filled]
+  distance = distance_to_edge(filled, candidate)
+  tops = peaks(filled, distance, candidate, min_radius=min_radius, waist=waist)
+  # Seeds: each 4-connected set of tops in one region, named by its first pixel.
+  seed_of = np.full(n, -1)
+  roots = []
+  for label in np.unique(filled[tops]):
+    components, number = ndimage.label(tops & (filled == label), structure=_FOUR)
+    for c in range(1, number + 1):
+      pixels = np.flatnonzero(components == c)
+      seed_of[pixels] = len(roots)
+      roots.append(pixels.min())
+  part = np.full(n, n)
+  if roots:
+    # The flood: one virtual node per seed, joined to its pixels at a length that
+    # makes a path's total its geodesic length minus the seed's own distance.
+    rows, cols, weights = _region_graph(filled, candidate)
+    offset = float(distance.max()) + 1.0
+    seeded = np.flatnonzero(seed_of >= 0)
+    rows.append(n + seed_of[seeded])
+    cols.append(seeded)
+    weights.append(offset - distance.reshape(-1)[seeded])
+    dist, _, source = _shortest(rows, cols, weights, n + len(roots),
+                                n + np.arange(len(roots)), min_only=True,
+                                return_predecessors=True)
+    reached = np.isfinite(dist[:n])
+    part[reached] = np.asarray(roots)[source[:n][reached] - n]
+  part = part.reshape(h, w)
+  labelled = part < n
+  height = distance.reshape(-1)[np.minimum(part, n - 1)]
+  # Parts join again across a cut that is not narrow against both parts' peaks.
+  rows, cols = [np.arange(n)], [np.arange(n)]
+  for _, here, there in _neighbour_pairs((h, w)):
+    low = np.minimum(distance[here], distance[there])
+    wide = low > waist * np.minimum(height[here], height[there]) + _PEAK_TOLERANCE
+    ok = (labelled[here] & labelled[there] & (filled[here] == filled[there])
+          & (part[here] != part[there]) & wide)
+    rows.append(part[here][ok])
+    cols.append(part[there][ok])
+  graph = sparse.coo_matrix((np.ones(sum(len(r) for r in rows)),
+                             (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+  _, union = csgraph.connected_components(graph, directed=False)
+  group = np.where(labelled, union[np.minimum(part, n - 1)], -1)
+  root = np.full((h, w), n)
+  kept = {}  # per region, its part with the first pixel keeps the region's slot
+  for g in np.unique(group[labelled]):
+    first = int(np.flatnonzero(group == g).min())
+    root[group == g] = first
+    label = int(filled.reshape(-1)[first])
+    kept[label] = min(kept.get(label, n), first)
+  keeps = np.array([kept.get(int(f), -1) for f in filled.ravel()]).reshape(h, w)
+  moved = labelled & (regions == filled) & (root != keeps)
+  out = regions.copy()
+  cut_from = np.arange(max_regions)
+  for slot, first in enumerate(sorted(set(root[moved].tolist())), start=count):
+    if slot < max_regions:
+      out[moved & (root == first)] = slot
+      cut_from[slot] = filled.reshape(-1)[first]
+  return out.astype(np.int32), cut_from
+
+
 def region_adjacency(regions: np.ndarray, num_regions: int) -> np.ndarray:
   """bool [n, n]: regions that share a horizontal or vertical pixel edge."""
   pairs = np.concatenate([
@@ -115,7 +289,8 @@ def _distances_to(one: np.ndarray, means: np.ndarray, metric: str) -> np.ndarray
 
 def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "euclidean",
                   num_regions: int | None = None, threshold: float | None = None,
-                  max_regions: int | None = None) -> np.ndarray:
+                  max_regions: int | None = None, cut_from: np.ndarray | None = None
+                  ) -> np.ndarray:
   """Greedy merging of adjacent regions, the closest mean features first.
 
   Stops when `num_regions` remain (merge to K), or when the closest adjacent
@@ -130,6 +305,8 @@ def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "e
     num_regions: merge down to this many regions.
     threshold: merge while the closest adjacent pair is closer than this.
     max_regions: an upper bound on the regions left (e.g. the label slots).
+    cut_from: the region each region was cut from (`shape_split`): two parts of
+      one region are APART further from each other.
   """
   n = int(regions.max()) + 1
   if threshold is None and num_regions is None:
@@ -141,7 +318,11 @@ def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "e
                                minlength=n) for j in range(c)], 1)
   means = sums / np.maximum(area, 1.0)[:, None]
   adjacent = region_adjacency(regions, n)
-  dist = np.where(adjacent, _distances(means, metric), np.inf)
+  apart = np.zeros((n, n), bool)
+  if cut_from is not None:
+    apart = cut_from[:n, None] == cut_from[None, :n]
+    np.fill_diagonal(apart, False)
+  dist = np.where(adjacent, _distances(means, metric) + np.where(apart, APART, 0.0), np.inf)
   np.fill_diagonal(dist, np.inf)
   alive = np.ones(n, bool)
   parent = np.arange(n)
@@ -164,9 +345,14 @@ def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "e
     adjacent[i, i] = False
     alive[j] = False
     adjacent[j] = adjacent[:, j] = False
+    apart[i] |= apart[j]
+    apart[:, i] = apart[i]
+    apart[i, i] = False
+    apart[j] = apart[:, j] = False
     parent[parent == j] = i
     count -= 1
-    row = np.where(adjacent[i] & alive, _distances_to(means[i], means, metric), np.inf)
+    row = np.where(adjacent[i] & alive, _distances_to(means[i], means, metric)
+                   + np.where(apart[i], APART, 0.0), np.inf)
     dist[i] = dist[:, i] = row
     dist[j] = dist[:, j] = np.inf
     dist[i, i] = np.inf
@@ -175,11 +361,15 @@ def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "e
 
 def postprocess_one(labels: np.ndarray, features: np.ndarray, *, modal_size: int, split: bool,
                     min_area: int, merge: bool, metric: str, target: int | None,
-                    threshold: float | None, max_regions: int) -> np.ndarray:
+                    threshold: float | None, max_regions: int,
+                    shape_split_args: dict[str, float] | None = None,
+                    region_slots: int = 128) -> np.ndarray:
   """One image's cluster labels [h, w] -> region labels [h, w] (`regions.postprocess`).
 
   `min_area` in pixels; with `merge`, `threshold` (K predicted) or else `target`
   (K) stops the merge, and `max_regions` caps the regions in any case.
+  `shape_split_args` (`shape_split`'s, in pixels) cuts regions at narrow waists
+  into at most `region_slots` regions (the device program's R) before the merge.
   """
   regions = relabel(labels)
   if modal_size > 1:
@@ -188,13 +378,17 @@ def postprocess_one(labels: np.ndarray, features: np.ndarray, *, modal_size: int
     regions = split_components(regions)
   if min_area > 1:
     regions = absorb_small(regions, min_area)
+  cut_from = None
+  if shape_split_args is not None:
+    regions, cut_from = shape_split(regions, max_regions=region_slots, **shape_split_args)
   if merge:
     if threshold is not None:
       return merge_regions(regions, features, metric=metric, threshold=threshold,
-                           max_regions=max_regions)
+                           max_regions=max_regions, cut_from=cut_from)
     return merge_regions(regions, features, metric=metric, num_regions=max(int(target), 1),
-                         max_regions=max_regions)
+                         max_regions=max_regions, cut_from=cut_from)
   if int(regions.max()) + 1 > max_regions:
     # More regions than label slots: merge the closest until they fit.
-    return merge_regions(regions, features, metric=metric, num_regions=max_regions)
+    return merge_regions(regions, features, metric=metric, num_regions=max_regions,
+                         cut_from=cut_from)
   return regions
