@@ -13,6 +13,9 @@ configured segmenter (clevr_jax.defaults) with the oracle K from its masks:
              SciPy post-processing (`postprocess_reference.py`) one image at a
              time on the host and the tables in NumPy
 
+With --shape_split, every segmenter that splits its clusters into components
+also cuts regions at narrow waists (`shape_split`), on both sides.
+
 Wall time per batch, the best of `--repeats` after a warm-up call, as images/s
 (wall, not CPU time: the device program uses every core, the host path one).
 Both columns' mean poster mIoU and FG-ARI on these images say that they agree.
@@ -20,6 +23,7 @@ Both columns' mean poster mIoU and FG-ARI on these images say that they agree.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from absl import app
@@ -43,6 +47,8 @@ _BATCH = flags.DEFINE_integer("batch", 16, "Images per batch.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed batches (best kept), after a warm-up.")
 _SIZES = flags.DEFINE_list("sizes", ["240x320", "96x128"], "Image sizes HxW.")
 _SEGMENTERS = flags.DEFINE_list("segmenters", [], "Segmenter names (default: all configured).")
+_SHAPE_SPLIT = flags.DEFINE_bool("shape_split", False, "Turn on each splitting segmenter's "
+                                 "shape split (regions cut at narrow waists).")
 
 
 def _resize(images: np.ndarray, labels: np.ndarray, h: int, w: int
@@ -78,6 +84,8 @@ def main(argv):
   km = config.eval.kmeans
   chosen = [s for s in segmenters_lib.configured(config)
             if not _SEGMENTERS.value or s.name in _SEGMENTERS.value]
+  if _SHAPE_SPLIT.value:
+    chosen = [dataclasses.replace(s, shape_split=s.split) for s in chosen]
   slots = max(s.k_max for s in chosen)
   r = config.eval.max_regions
   b = _BATCH.value
@@ -125,7 +133,8 @@ def main(argv):
               labels[i], feats[i], modal_size=seg.modal_size, split=seg.split,
               min_area=int(round(seg.min_area * h * w)), merge=seg.merge, metric=seg.metric,
               target=int(target[i]),
-              threshold=seg.merge_threshold if seg.predicts_k else None, max_regions=slots)
+              threshold=seg.merge_threshold if seg.predicts_k else None, max_regions=slots,
+              shape_split_args=segmenters_lib.shape_split_args(seg, h, w), region_slots=r)
               for i in range(b)])
         return metrics.contingency_host(np.asarray(t), labels, schema.MAX_SLOTS, slots)
 
