@@ -24,7 +24,10 @@ predicted mask that covers most of it):
 and the ceiling of its regions: the regions before the merge (the clusters'
 components, specks absorbed, and the shape split when set), each given to the
 true mask it overlaps most, scored as a segmentation (FG-ARI, poster mIoU,
-ClevrTex mIoU). Prints one markdown table; --json writes the figures.
+ClevrTex mIoU); and that ceiling again with every region that holds two or more
+objects (each at least `--oracle_cut` of the region) cut along the true masks:
+how far any split of fused regions could take it. Prints one markdown table;
+--json writes the figures.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ flags.DEFINE_float("piece", 0.1, "A predicted mask is a piece of an object when 
                    "at least this fraction of it (and lies mostly inside it).")
 flags.DEFINE_float("darker", 0.03, "Lightness (L / 100) by which a shadow is darker than the "
                    "floor, or a highlight brighter than its object.")
+flags.DEFINE_float("oracle_cut", 0.05, "The share of a region each of two objects must "
+                   "hold for the oracle cut to separate them.")
 flags.DEFINE_string("json", "", "Also write the figures to this file.")
 FLAGS = flags.FLAGS
 
@@ -61,6 +66,7 @@ class Tally:
       default_factory=lambda: {name: 0 for name in COUNTS})
   scores: list[np.ndarray] = dataclasses.field(default_factory=list)
   ceiling: list[np.ndarray] = dataclasses.field(default_factory=list)
+  cut_ceiling: list[np.ndarray] = dataclasses.field(default_factory=list)
   regions: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -121,6 +127,22 @@ def perfect_merge(regions: np.ndarray, truth: np.ndarray) -> np.ndarray:
   overlap = np.zeros((int(regions.max()) + 1, int(truth.max()) + 1), np.int64)
   np.add.at(overlap, (regions.ravel(), truth.ravel()), 1)
   return overlap.argmax(1)[regions]
+
+
+def oracle_cut(regions: np.ndarray, truth: np.ndarray, share: float) -> np.ndarray:
+  """Each region that holds two or more objects, each at least `share` of it, cut
+  along the true masks (a region's pixels of its second object and beyond get new
+  labels)."""
+  out = regions.astype(np.int64)
+  fresh = int(regions.max()) + 1
+  for r in np.unique(regions):
+    inside = regions == r
+    counts = np.bincount(truth[inside])
+    objects = [t for t in range(1, len(counts)) if counts[t] >= max(share * inside.sum(), 1)]
+    for t in objects[1:]:
+      out[inside & (truth == t)] = fresh
+      fresh += 1
+  return out
 
 
 def _score(pred: np.ndarray, truth: np.ndarray, num_masks: np.ndarray, slots: int
@@ -185,22 +207,29 @@ def main(argv: Sequence[str]) -> None:
         tally.regions.append(len(np.unique(regions[b])))
       tally.scores.append(_score(pred, truth, num_masks, cap)[valid])
       tally.ceiling.append(_score(ideal, truth, num_masks, schema.MAX_SLOTS)[valid])
+      cut = np.stack([perfect_merge(oracle_cut(r, t, FLAGS.oracle_cut), t)
+                      for r, t in zip(regions, truth)])
+      tally.cut_ceiling.append(_score(cut, truth, num_masks, schema.MAX_SLOTS)[valid])
 
   rows = {}
   print("| segmenter | FG-ARI / poster mIoU / ClevrTex mIoU | ceiling (regions merged "
-        "perfectly) | regions per image | " + " | ".join(COUNTS) + " |")
-  print("|---" * (4 + len(COUNTS)) + "|")
+        "perfectly) | ceiling, regions of two objects cut by the truth | regions per image | "
+        + " | ".join(COUNTS) + " |")
+  print("|---" * (5 + len(COUNTS)) + "|")
   for name, tally in tallies.items():
     perfect = ideal_tallies[name].counts
     scores = np.concatenate(tally.scores).mean(0)
     ceiling = np.concatenate(tally.ceiling).mean(0)
+    cut_ceiling = np.concatenate(tally.cut_ceiling).mean(0)
     rows[name] = dict(scores=scores.tolist(), ceiling=ceiling.tolist(),
+                      cut_ceiling=cut_ceiling.tolist(),
                       regions=float(np.mean(tally.regions)), counts=tally.counts,
                       ceiling_counts=perfect)
     print(f"| {name} | {' / '.join(f'{v:.3f}' for v in scores)} | "
-          f"{' / '.join(f'{v:.3f}' for v in ceiling)} | {np.mean(tally.regions):.1f} | "
+          f"{' / '.join(f'{v:.3f}' for v in ceiling)} | "
+          f"{' / '.join(f'{v:.3f}' for v in cut_ceiling)} | {np.mean(tally.regions):.1f} | "
           + " | ".join(str(tally.counts[c]) for c in COUNTS) + " |")
-    print(f"| {name}, regions merged perfectly | | | | "
+    print(f"| {name}, regions merged perfectly | | | | | "
           + " | ".join(str(perfect[c]) for c in COUNTS) + " |")
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
