@@ -396,10 +396,13 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
 
   adjacent = _adjacency(regions, r)
   slots = jnp.arange(r)
-  apart = (jnp.zeros((r, r), bool) if cut_from is None else
-           (cut_from[:, None] == cut_from[None, :]) & (slots[:, None] != slots[None, :]))
+  # Pairs cut from one region, () without a split: the loop then carries nothing more.
+  apart = () if cut_from is None else (
+      (cut_from[:, None] == cut_from[None, :]) & (slots[:, None] != slots[None, :]),)
   dist = jax.lax.map(lambda one: distances_to(one, means), means)
-  dist = jnp.where(adjacent, dist + jnp.where(apart, APART, 0.0), jnp.inf)
+  if apart:
+    dist = dist + jnp.where(apart[0], APART, 0.0)
+  dist = jnp.where(adjacent, dist, jnp.inf)
 
   def body(carry):
     dist, adjacent, apart, means, area, alive, parent, count, _ = carry
@@ -417,10 +420,13 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     row = (adjacent[i] | adjacent[j]) & (slots != i) & (slots != j)
     new_adjacent = adjacent.at[i].set(row).at[:, i].set(row)
     new_adjacent = new_adjacent.at[j].set(False).at[:, j].set(False)
-    apart_row = (apart[i] | apart[j]) & (slots != i)
-    new_apart = apart.at[i].set(apart_row).at[:, i].set(apart_row)
-    drow = jnp.where(row & new_alive, distances_to(merged, new_means)
-                     + jnp.where(apart_row, APART, 0.0), jnp.inf)
+    drow = distances_to(merged, new_means)
+    new_apart = apart
+    if apart:
+      apart_row = (apart[0][i] | apart[0][j]) & (slots != i)
+      new_apart = (apart[0].at[i].set(apart_row).at[:, i].set(apart_row),)
+      drow = drow + jnp.where(apart_row, APART, 0.0)
+    drow = jnp.where(row & new_alive, drow, jnp.inf)
     new_dist = dist.at[i].set(drow).at[:, i].set(drow)
     new_dist = new_dist.at[j].set(jnp.inf).at[:, j].set(jnp.inf)
     new_parent = jnp.where(parent == j, i, parent)
