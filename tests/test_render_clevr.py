@@ -119,3 +119,21 @@ def test_sweep_varies_one_setting_at_a_time_or_all():
   # Every combination, the base's own (1e-3, 3) once.
   grid = segmenter_sweep.variants(base, dict(vary, modal_size=[0, 3]), grid=True)
   assert len(grid) == 4 and grid[0] == base
+
+
+def test_sweep_reads_a_configs_file_and_links_a_runs_checkpoints(tmp_path):
+  from tools import segmenter_sweep  # pylint: disable=import-outside-toplevel
+  config = segmenter_sweep.load_config("configs/unet_objects.py:quick")
+  assert config.preset == "quick" and "hybrid_predict_k" in config.eval.segmenters
+  for bad in ("configs/no_such_config.py", "clevr_jax/defaults.py", "configs/unet_rgb.py:big"):
+    with pytest.raises(ValueError, match="--config"):
+      segmenter_sweep.load_config(bad)
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  workdir = segmenter_sweep._linked_workdir(str(tmp_path / "w"), str(run))
+  assert (pathlib.Path(workdir) / "checkpoints").resolve() == (run / "checkpoints").resolve()
+  # Linking again is a no-op; a real folder in the way is an error, not overwritten.
+  segmenter_sweep._linked_workdir(workdir, str(run))
+  (tmp_path / "x" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(SystemExit, match="error:"):
+    segmenter_sweep._linked_workdir(str(tmp_path / "x"), str(run))
