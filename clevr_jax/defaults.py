@@ -166,14 +166,16 @@ def base_config() -> ml_collections.ConfigDict:
   # The hybrid: pixels draw the boundaries (Lab K0-Means, majority filter,
   # components), the learned tap decides what belongs together (adjacent regions
   # merged by the tap's region means on the unit sphere, or by their colour).
-  # The tap's 0.6 = 2 * delta_d - 2 * delta_v, the least distance the
-  # discriminative margins put between two instances' means; colour's 0.1 (Lab
-  # / 100) lets a shadow join the floor it is the colour of. Both chosen on
-  # held-out scenes (docs/reports/2026-12-06-hybrid-segmenter.md).
+  # The tap's 0.5 = delta_d, midway between the discriminative margins' bounds
+  # on two regions of one instance (2 * delta_v) and of two (2 * delta_d - 2 *
+  # delta_v); colour's 0.125 (Lab / 100) lets a shadow join the floor it is
+  # nearly the colour of. Both chosen on Blender renders with the official CLEVR
+  # assets (docs/reports/2026-12-07-real-asset-renders.md); the synthetic
+  # scenes' choice was 0.6 and 0.1 (docs/reports/2026-12-06-hybrid-segmenter.md).
   hybrid = dict(pixel_transforms="lab", tap_transforms="l2", metric="euclidean",
                 num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
                 split_source="pixels", merge_source="tap_or_pixels",
-                merge_threshold=0.2, tap_merge_threshold=0.6, colour_merge_threshold=0.1)
+                merge_threshold=0.2, tap_merge_threshold=0.5, colour_merge_threshold=0.125)
   ev.segmenters.hybrid = segmenter(**hybrid)
   ev.segmenters.hybrid_predict_k = segmenter(**hybrid, k="predict")
   ev.segmenter_names = ("kmeans", "kmeans_fixed_k", "split_merge", "split_merge_predict_k")
