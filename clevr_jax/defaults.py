@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Toy scenes (configs/slot_attention.py:toy): no colour twice in a scene, no metal.
   data.synthetic.distinct_colors = False
   data.synthetic.metal = True
+  # A cube's half side over its size's radius (renderer.SceneConfig.cube_scale):
+  # 1 matches the real samples' cubes, 0.7071 CLEVR's generator and its Blender
+  # renders (docs/reports/2026-12-07-real-asset-renders.md).
+  data.synthetic.cube_scale = 1.0
 
   config.model = model = ml_collections.ConfigDict()
   # 'unet' (the poster's U-Net / Auto-Encoder, the fields below) or

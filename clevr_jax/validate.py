@@ -36,7 +36,7 @@ _NON_NEGATIVE = ("num_train_steps", "eval.max_images", "eval.num_figure_images",
 _RANGES = {
     "data.prefetch_batches": "[0, inf)", "data.synthetic.num_train": "[1, inf)",
     "data.synthetic.num_test": "[1, inf)", "data.synthetic.height": "[0, inf)",
-    "data.synthetic.width": "[0, inf)",
+    "data.synthetic.width": "[0, inf)", "data.synthetic.cube_scale": "(0, inf)",
     "model.dropout_rate": "[0, 1)", "model.bn_momentum": "[0, 1]",
     "model.attention_blocks": "[0, inf)", "model.attention_heads": "[1, inf)",
     "model.attention_mlp_ratio": "(0, inf)", "model.embedding_dim": "[0, inf)",

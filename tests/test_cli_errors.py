@@ -232,6 +232,8 @@ def _set(config, path, value):
      "config.eval.segmenters.hybrid.tap_merge_threshold=-1.0 must be in [0, inf)"),
     ("unet_rgb", "train", "optimizer.learning_rate", float("inf"),
      "config.optimizer.learning_rate=inf must be a finite number"),
+    ("unet_rgb", "train", "data.synthetic.cube_scale", 0.0,
+     "config.data.synthetic.cube_scale=0.0 must be in (0, inf)"),
     ("unet_objects", "train", "objectives.self_training_rounds", -1,
      "config.objectives.self_training_rounds=-1 must be 0 or more"),
     ("unet_objects", "train", "objectives.pseudo_masks.round", -1,

@@ -76,6 +76,22 @@ def test_toy_scenes_have_distinct_colours_and_no_metal():
     renderer.SceneConfig(max_objects=len(schema.COLORS) + 1, distinct_colors=True)
 
 
+def test_cube_scale_sets_the_cubes_half_side_and_no_other_shapes_size():
+  generator = dataclasses.replace(SMALL, cube_scale=1 / math.sqrt(2))
+  cubes = 0
+  for seed in range(6):
+    scene = renderer.render_scene(seed, generator)
+    objects = slice(1, _objects(scene) + 1)
+    radius = np.array([renderer.SIZE_RADII[s] for s in scene["size"][objects]])
+    cube = scene["shape"][objects] == renderer.CUBE
+    np.testing.assert_allclose(scene["z"][objects], np.where(cube, radius / math.sqrt(2), radius),
+                               rtol=1e-6)
+    cubes += int(cube.sum())
+  assert cubes >= 3  # the scenes held cubes to scale
+  with pytest.raises(ValueError, match="cube_scale"):
+    renderer.SceneConfig(cube_scale=0.0)
+
+
 @pytest.mark.parametrize("seed", SMALL_SEEDS)
 def test_labels_are_0_to_n_and_every_object_is_visible_enough(seed):
   scene = _small_scene(seed)

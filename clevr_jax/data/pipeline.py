@@ -64,7 +64,8 @@ def make_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
             width=s.get("width", 0) or data.image_width,
             min_objects=s.min_objects, max_objects=s.max_objects,
             distinct_colors=bool(s.get("distinct_colors", False)),
-            metal=bool(s.get("metal", True))))
+            metal=bool(s.get("metal", True)),
+            cube_scale=float(s.get("cube_scale", 1.0))))
   if data.dataset == "clevr_with_masks":
     if ((data.image_height, data.image_width) != (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH)
         and not data.get("crop")):

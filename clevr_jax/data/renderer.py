@@ -99,6 +99,10 @@ class SceneConfig:
   # reflections), so that colour alone tells the objects apart.
   distinct_colors: bool = False
   metal: bool = True
+  # A cube's half side as a multiple of its size's radius: 1 covers the pixels
+  # of the real samples' cubes; CLEVR's generator (and tools/render_clevr.py)
+  # divides by sqrt(2), 0.7071.
+  cube_scale: float = 1.0
   # Camera: CLEVR's base scene, a 35 mm lens on a 32 mm sensor, looking at
   # the origin from about 28 degrees above the floor.
   camera_position: tuple[float, float, float] = (7.48113, -6.50764, 5.34367)
@@ -133,6 +137,8 @@ class SceneConfig:
                        f"got max_objects={self.max_objects}")
     if not self.lights or self.shadow_samples < 1:
       raise ValueError("need at least one light and one shadow sample")
+    if not self.cube_scale > 0:
+      raise ValueError(f"cube_scale must be > 0, got {self.cube_scale}")
 
   @property
   def visible_pixel_threshold(self) -> int:
@@ -237,7 +243,7 @@ def _place_objects(rng: np.random.Generator, count: int, config: SceneConfig,
     # The shape comes before the position (CLEVR draws it after): a cube's
     # footprint reaches further, and the gap must hold for it too.
     shape = int(rng.integers(1, len(schema.SHAPES) + 1))
-    footprint = SIZE_RADII[size] * (math.sqrt(2) if shape == CUBE else 1)
+    footprint = SIZE_RADII[size] * (config.cube_scale * math.sqrt(2) if shape == CUBE else 1)
     for _ in range(config.max_placement_tries):
       x, y = (float(v) for v in rng.uniform(-extent, extent, size=2))
       # CLEVR also keeps objects apart along the camera's left/right and
@@ -269,7 +275,8 @@ def _place_objects(rng: np.random.Generator, count: int, config: SceneConfig,
   return _Objects(
       shape=shape.astype(np.uint8), size=size.astype(np.uint8),
       material=material.astype(np.uint8), color=color.astype(np.uint8),
-      x=x, y=y, half_height=np.array([SIZE_RADII[s] for s in size]),
+      x=x, y=y, half_height=np.array([SIZE_RADII[s] * (config.cube_scale if k == CUBE else 1)
+                                      for s, k in zip(size, shape)]),
       footprint_radius=footprint, rotation=rotation)
 
 
