@@ -137,3 +137,13 @@ def test_sweep_reads_a_configs_file_and_links_a_runs_checkpoints(tmp_path):
   (tmp_path / "x" / "checkpoints").mkdir(parents=True)
   with pytest.raises(SystemExit, match="error:"):
     segmenter_sweep._linked_workdir(str(tmp_path / "x"), str(run))
+
+
+def test_compare_renders_scene_settings_are_number_or_switch_fields():
+  from tools import compare_renders  # pylint: disable=import-outside-toplevel
+  config = compare_renders.scene_config("cube_scale=0.7071, shadow_samples=2,metal=false")
+  assert (config.cube_scale, config.shadow_samples, config.metal) == (0.7071, 2, False)
+  assert compare_renders.scene_config("") == compare_renders.renderer.SceneConfig()
+  for bad in ("lights=1", "no_such_field=1", "cube_scale", "shadow_samples=two"):
+    with pytest.raises(ValueError, match="--scene"):
+      compare_renders.scene_config(bad)

@@ -1,7 +1,7 @@
 """Synthetic scenes beside real CLEVR renders: a figure and tables of numbers.
 
   python -m tools.compare_renders --renders_dir=DIR --out docs/synthetic_vs_real.png
-  python -m tools.compare_renders --records=FILE.tfrecord[,FILE2...]
+  python -m tools.compare_renders --records=FILE.tfrecord[,FILE2...] [--scene=cube_scale=0.7071]
 
 The figure (with `--renders_dir`: a folder of img*.png, 240x320; the
 repository does not ship them) puts 8 synthetic scenes (seeds 0-7) beside real
@@ -10,11 +10,14 @@ mean background colour of the two real `clevr_with_masks` samples (by default
 the ones in tests/data) with those of `--num_scenes` synthetic scenes. With
 `--records` (official-format files, e.g. tools/render_clevr.py's renders), a
 second table sets the scene statistics of `scene_stats` side by side for the
-synthetic scenes, each file and the real samples.
+synthetic scenes, each file and the real samples. `--scene` renders the
+synthetic scenes with other `renderer.SceneConfig` settings (numbers and
+switches), to measure what a setting moves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 from typing import Sequence
@@ -205,6 +208,27 @@ def _figure(synthetic: Sequence[np.ndarray], real: Sequence[np.ndarray],
   plt.close(fig)
 
 
+def scene_config(text: str) -> renderer.SceneConfig:
+  """'field=value,...' -> a SceneConfig with those number or switch fields changed."""
+  fields = {f.name: f for f in dataclasses.fields(renderer.SceneConfig)}
+  changes = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    name = name.strip()
+    default = getattr(renderer.SceneConfig, name, None) if name in fields else None
+    if not value or type(default) not in (int, float, bool):
+      scalars = sorted(n for n in fields
+                       if type(getattr(renderer.SceneConfig, n, None)) in (int, float, bool))
+      raise ValueError(f"--scene: {part!r} is not FIELD=VALUE for a number or switch "
+                       f"field of renderer.SceneConfig ({', '.join(scalars)})")
+    try:
+      changes[name] = (value.strip().lower() in ("1", "true") if type(default) is bool
+                       else type(default)(value))
+    except ValueError as e:
+      raise ValueError(f"--scene: {part!r}: {e}") from e
+  return renderer.SceneConfig(**changes)
+
+
 def define_flags() -> None:
   """The command line (defined when run, not on import: the tests import this module)."""
   flags.DEFINE_string("out", "docs/synthetic_vs_real.png", "Where to write the figure (PNG).")
@@ -219,6 +243,8 @@ def define_flags() -> None:
       "records", [], "Official-format GZIP TFRecords whose scene statistics join the table.")
   flags.DEFINE_integer("max_records", 0, "Scenes read per file (0: all).")
   flags.DEFINE_integer("processes", None, "Render workers; default one per CPU.")
+  flags.DEFINE_string("scene", "", "FIELD=VALUE,...: renderer.SceneConfig settings of the "
+                      "synthetic scenes (default: the renderer's).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -234,10 +260,11 @@ def main(argv: Sequence[str]) -> None:
     for path in flags.FLAGS.records:
       if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"--records: no file {path}")
-  except FileNotFoundError as e:
+    config = scene_config(flags.FLAGS.scene)
+  except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   count = max(flags.FLAGS.num_scenes, _SHOWN)
-  scenes = renderer.render_scenes(range(count), processes=flags.FLAGS.processes)
+  scenes = renderer.render_scenes(range(count), config, processes=flags.FLAGS.processes)
   shown, synthetic_stats, synthetic_scene_stats = [], [], []
   for scene in scenes:
     if len(shown) < _SHOWN:
@@ -248,7 +275,9 @@ def main(argv: Sequence[str]) -> None:
                 for image, background in real_samples]
   print(_table(real_stats, synthetic_stats))
   if flags.FLAGS.records:
-    columns = {f"synthetic v{renderer.RENDERER_VERSION}": synthetic_scene_stats}
+    name = f"synthetic v{renderer.RENDERER_VERSION}" + (
+        f", {flags.FLAGS.scene}" if flags.FLAGS.scene else "")
+    columns = {name: synthetic_scene_stats}
     for path in flags.FLAGS.records:
       columns[pathlib.Path(path).stem] = record_stats(path, flags.FLAGS.max_records)
     sample_paths = sorted(pathlib.Path(flags.FLAGS.samples_dir).glob("sample_*.npz"))
