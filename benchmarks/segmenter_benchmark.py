@@ -134,7 +134,8 @@ def main(argv):
               min_area=int(round(seg.min_area * h * w)), merge=seg.merge, metric=seg.metric,
               target=int(target[i]),
               threshold=seg.merge_threshold if seg.predicts_k else None, max_regions=slots,
-              shape_split_args=segmenters_lib.shape_split_args(seg, h, w), region_slots=r)
+              shape_split_args=segmenters_lib.shape_split_args(seg, h, w), region_slots=r,
+              border_factor=seg.border_merge_factor)
               for i in range(b)])
         return metrics.contingency_host(np.asarray(t), labels, schema.MAX_SLOTS, slots)
 

@@ -126,17 +126,17 @@ class _Device:
 
   @staticmethod
   def merge_regions(labels, features, *, metric="euclidean", num_regions=None,
-                    threshold=None, max_regions=None):
+                    threshold=None, max_regions=None, border_factor=1.0):
     return np.asarray(_merge(
         jnp.asarray(labels), jnp.int32(labels.max() + 1), jnp.asarray(features, jnp.float32),
         jnp.int32(num_regions or 0), jnp.float32(np.inf if threshold is None else threshold),
-        cap=max_regions or _SLOTS, metric=metric))
+        cap=max_regions or _SLOTS, metric=metric, border_factor=border_factor))
 
 
-@functools.partial(jax.jit, static_argnames=("cap", "metric"))
-def _merge(labels, count, features, target, threshold, *, cap, metric):
+@functools.partial(jax.jit, static_argnames=("cap", "metric", "border_factor"))
+def _merge(labels, count, features, target, threshold, *, cap, metric, border_factor=1.0):
   return regions.merge(labels, count, features, target, threshold, max_regions=_SLOTS,
-                       cap=cap, metric=metric)
+                       cap=cap, metric=metric, border_factor=border_factor)
 
 
 @pytest.fixture(params=["device", "reference"])
@@ -219,6 +219,22 @@ def test_threshold_merge_predicts_k_on_a_known_scene(postprocess):
   assert len(np.unique(out)) == 2
 
 
+def test_the_border_factor_keeps_an_object_of_nearly_the_floors_colour(postprocess):
+  # Two shades of floor (0.1 apart, both on the border) and a grey square off the
+  # border 0.13 from the nearer shade: under 0.2 all merge; with the factor 2 the
+  # square's distance to the floor counts double and it stays; the floor still joins.
+  labels = np.zeros((20, 30), np.int32)
+  labels[:, 15:] = 1
+  labels[6:12, 8:14] = 2
+  features = np.select([labels == 0, labels == 1], [0.5, 0.6], 0.37)[..., None]
+  features = np.repeat(features, 3, axis=-1).astype(np.float32) / np.sqrt(3)
+  for factor, expected in ((1.0, 1), (2.0, 2)):
+    merged = postprocess.merge_regions(labels, features, threshold=0.2,
+                                       border_factor=factor)
+    assert len(np.unique(merged)) == expected, factor
+  assert merged[0, 0] == merged[0, -1] != merged[8, 10]
+
+
 def test_cosine_merge_distance_ignores_the_length(postprocess):
   regions = np.repeat(np.arange(3), 2)[None]
   features = np.array([[1.0, 0.0], [5.0, 0.1], [0.0, 1.0]])[regions]
@@ -292,6 +308,8 @@ def test_bad_segmenter_configs_are_clear_errors():
     _segmenter("x", fixed_k=0)
   with pytest.raises(ValueError, match=r"min_area=nan must be a finite number"):
     _segmenter("x", min_area=float("nan"))
+  with pytest.raises(ValueError, match=r"border_merge_factor=0.5 must be in \[1, inf\)"):
+    _segmenter("x", border_merge_factor=0.5)
   config = defaults.base_config()
   config.eval.segmenter_names = ("kmeans", "nope")
   with pytest.raises(ValueError, match="nope"):
@@ -319,7 +337,8 @@ def test_a_field_keys_the_programs_it_shapes_and_no_other():
              "colour_merge_threshold": 0.1, "split_source": "pixels",
              "merge_source": "pixels", "taps": ("enc1",), "name": "b",
              "shape_split": True, "shape_split_min_radius": 0.05,
-             "shape_split_waist": 0.6, "shape_split_max_area": 0.2}
+             "shape_split_waist": 0.6, "shape_split_max_area": 0.2,
+             "border_merge_factor": 2.0}
   fields = {f.name: f for f in dataclasses.fields(spec.Segmenter)}
   assert set(changed) == set(fields) - {"fixed_k", "num_clusters"}
   for name, value in changed.items():

@@ -358,7 +358,8 @@ def _distances_to(one: jax.Array, means: jax.Array, metric: str) -> jax.Array:
 
 def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[jax.Array],
           target: jax.Array, threshold: jax.Array, *, max_regions: int, cap: int,
-          metric: str, cut_from: jax.Array | None = None) -> jax.Array:
+          metric: str, cut_from: jax.Array | None = None, border_factor: float = 1.0
+          ) -> jax.Array:
   """Greedy merging of adjacent regions, the closest mean features first.
 
   Goes on while the closest adjacent pair is nearer than `threshold` and more
@@ -382,6 +383,11 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     cut_from: int [R], the region each slot was cut from (`shape_split`): parts of
       one region stand `APART` further from each other, so that no threshold
       merges them back; they merge only to reach `target` or `cap`.
+    border_factor: the distance of a region that touches the image's border (the
+      floor's pieces) to one that does not (an object) is multiplied by this
+      (a region touches the border when either of its merged parts did); 1: no
+      change. Grey objects lie nearer the floor's colour than the floor's own
+      shading spreads.
   """
   r = max_regions
   flat = regions.reshape(-1)
@@ -400,12 +406,16 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
   apart = () if cut_from is None else (
       (cut_from[:, None] == cut_from[None, :]) & (slots[:, None] != slots[None, :]),)
   dist = jax.lax.map(lambda one: distances_to(one, means), means)
+  # Which regions touch the border, () when the factor is 1: nothing more carried.
+  edge = () if border_factor == 1.0 else (_on_edge(regions, r),)
+  if edge:
+    dist = dist * jnp.where(edge[0][:, None] != edge[0][None, :], border_factor, 1.0)
   if apart:
     dist = dist + jnp.where(apart[0], APART, 0.0)
   dist = jnp.where(adjacent, dist, jnp.inf)
 
   def body(carry):
-    dist, adjacent, apart, means, area, alive, parent, count, _ = carry
+    dist, adjacent, apart, edge, means, area, alive, parent, count, _ = carry
     best = jnp.argmin(dist)
     i, j = best // r, best % r
     d = dist.reshape(-1)[best]
@@ -421,6 +431,10 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     new_adjacent = adjacent.at[i].set(row).at[:, i].set(row)
     new_adjacent = new_adjacent.at[j].set(False).at[:, j].set(False)
     drow = distances_to(merged, new_means)
+    new_edge = edge
+    if edge:
+      new_edge = (edge[0].at[i].set(edge[0][i] | edge[0][j]),)
+      drow = drow * jnp.where(new_edge[0] != new_edge[0][i], border_factor, 1.0)
     new_apart = apart
     if apart:
       apart_row = (apart[0][i] | apart[0][j]) & (slots != i)
@@ -432,12 +446,13 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     new_parent = jnp.where(parent == j, i, parent)
     keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(stop, o, n), old, new)
     return (keep(dist, new_dist), keep(adjacent, new_adjacent), keep(apart, new_apart),
-            keep(means, new_means),
+            keep(edge, new_edge), keep(means, new_means),
             keep(area, new_area), keep(alive, new_alive), keep(parent, new_parent),
             keep(count, count - 1), stop)
 
   alive = slots < count
-  carry = (dist, adjacent, apart, means, area, alive, slots, count, jnp.bool_(False))
+  carry = (dist, adjacent, apart, edge, means, area, alive, slots, count,
+           jnp.bool_(False))
   *_, alive, parent, _, _ = jax.lax.while_loop(lambda c: ~c[-1], body, carry)
   new_number = jnp.cumsum(alive) - 1
   return new_number[parent][regions].astype(jnp.int32)
@@ -446,8 +461,8 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
 def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
                 target: jax.Array, threshold: jax.Array, *, num_labels: int,
                 modal_size: int, split: bool, min_area: int, max_regions: int, cap: int,
-                metric: str, shape_split_args: dict[str, float] | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+                metric: str, shape_split_args: dict[str, float] | None = None,
+                border_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """One image: cluster labels [h, w] (in 0..num_labels-1) and the features
   [h, w, c] they came from -> (region labels [h, w] in 0..cap-1, the number of
   regions of at least `min_area` pixels: more than `max_regions` means that
@@ -458,6 +473,7 @@ def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
   target = `cap` with an infinite threshold only brings the regions down to `cap`.
   `shape_split_args` (min_radius and max_area in pixels, waist a ratio; see
   `shape_split`): cut the regions at narrow waists before the merge; None: no cut.
+  `border_factor`: see `merge`.
   """
   labels = modal_filter(labels.astype(jnp.int32), num_labels, modal_size)
   root = root_map(labels, num_labels, split)
@@ -466,5 +482,6 @@ def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
   if shape_split_args is not None:
     regions, cut_from = shape_split(regions, max_regions=max_regions, **shape_split_args)
   regions = merge(regions, jnp.max(regions) + 1, features, target, threshold,
-                  max_regions=max_regions, cap=cap, metric=metric, cut_from=cut_from)
+                  max_regions=max_regions, cap=cap, metric=metric, cut_from=cut_from,
+                  border_factor=border_factor)
   return regions, count

@@ -115,7 +115,8 @@ def postprocess(segmenter: Segmenter, labels: jax.Array, x: jax.Array, target: j
       regions.postprocess, num_labels=segmenter.k_max, modal_size=segmenter.modal_size,
       split=segmenter.split, min_area=int(round(segmenter.min_area * h * w)),
       max_regions=max_regions, cap=cap, metric=segmenter.metric,
-      shape_split_args=shape_split_args(segmenter, h, w))
+      shape_split_args=shape_split_args(segmenter, h, w),
+      border_factor=segmenter.border_merge_factor)
   return jax.vmap(one_image)(labels, x, target, threshold)
 
 
@@ -211,7 +212,8 @@ def _segment_hybrid(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDi
       regions.postprocess, num_labels=k, modal_size=0, split=True,
       min_area=int(round(segmenter.min_area * height * width)), max_regions=max_regions,
       cap=cap, metric=segmenter.metric,
-      shape_split_args=shape_split_args(segmenter, height, width))
+      shape_split_args=shape_split_args(segmenter, height, width),
+      border_factor=segmenter.border_merge_factor)
   return jax.vmap(one_image)(labels, x, target, threshold)
 
 

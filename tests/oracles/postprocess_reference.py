@@ -289,8 +289,8 @@ def _distances_to(one: np.ndarray, means: np.ndarray, metric: str) -> np.ndarray
 
 def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "euclidean",
                   num_regions: int | None = None, threshold: float | None = None,
-                  max_regions: int | None = None, cut_from: np.ndarray | None = None
-                  ) -> np.ndarray:
+                  max_regions: int | None = None, cut_from: np.ndarray | None = None,
+                  border_factor: float = 1.0) -> np.ndarray:
   """Greedy merging of adjacent regions, the closest mean features first.
 
   Stops when `num_regions` remain (merge to K), or when the closest adjacent
@@ -307,6 +307,8 @@ def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "e
     max_regions: an upper bound on the regions left (e.g. the label slots).
     cut_from: the region each region was cut from (`shape_split`): two parts of
       one region are APART further from each other.
+    border_factor: the distance of a region on the image's border to one off it is
+      multiplied by this (a merged region is on the border when a part was).
   """
   n = int(regions.max()) + 1
   if threshold is None and num_regions is None:
@@ -322,7 +324,11 @@ def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "e
   if cut_from is not None:
     apart = cut_from[:n, None] == cut_from[None, :n]
     np.fill_diagonal(apart, False)
-  dist = np.where(adjacent, _distances(means, metric) + np.where(apart, APART, 0.0), np.inf)
+  edge = np.zeros(n, bool)
+  edge[np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])] = True
+  scale = np.where(edge[:, None] != edge[None, :], border_factor, 1.0)
+  dist = np.where(adjacent, _distances(means, metric) * scale + np.where(apart, APART, 0.0),
+                  np.inf)
   np.fill_diagonal(dist, np.inf)
   alive = np.ones(n, bool)
   parent = np.arange(n)
@@ -349,9 +355,11 @@ def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "e
     apart[:, i] = apart[i]
     apart[i, i] = False
     apart[j] = apart[:, j] = False
+    edge[i] |= edge[j]
     parent[parent == j] = i
     count -= 1
-    row = np.where(adjacent[i] & alive, _distances_to(means[i], means, metric)
+    scale = np.where(edge != edge[i], border_factor, 1.0)
+    row = np.where(adjacent[i] & alive, _distances_to(means[i], means, metric) * scale
                    + np.where(apart[i], APART, 0.0), np.inf)
     dist[i] = dist[:, i] = row
     dist[j] = dist[:, j] = np.inf
@@ -363,13 +371,14 @@ def postprocess_one(labels: np.ndarray, features: np.ndarray, *, modal_size: int
                     min_area: int, merge: bool, metric: str, target: int | None,
                     threshold: float | None, max_regions: int,
                     shape_split_args: dict[str, float] | None = None,
-                    region_slots: int = 128) -> np.ndarray:
+                    region_slots: int = 128, border_factor: float = 1.0) -> np.ndarray:
   """One image's cluster labels [h, w] -> region labels [h, w] (`regions.postprocess`).
 
   `min_area` in pixels; with `merge`, `threshold` (K predicted) or else `target`
   (K) stops the merge, and `max_regions` caps the regions in any case.
   `shape_split_args` (`shape_split`'s, in pixels) cuts regions at narrow waists
-  into at most `region_slots` regions (the device program's R) before the merge.
+  into at most `region_slots` regions (the device program's R) before the merge;
+  `border_factor` is the merge's (`merge_regions`).
   """
   regions = relabel(labels)
   if modal_size > 1:
@@ -384,11 +393,13 @@ def postprocess_one(labels: np.ndarray, features: np.ndarray, *, modal_size: int
   if merge:
     if threshold is not None:
       return merge_regions(regions, features, metric=metric, threshold=threshold,
-                           max_regions=max_regions, cut_from=cut_from)
+                           max_regions=max_regions, cut_from=cut_from,
+                           border_factor=border_factor)
     return merge_regions(regions, features, metric=metric, num_regions=max(int(target), 1),
-                         max_regions=max_regions, cut_from=cut_from)
+                         max_regions=max_regions, cut_from=cut_from,
+                           border_factor=border_factor)
   if int(regions.max()) + 1 > max_regions:
     # More regions than label slots: merge the closest until they fit.
     return merge_regions(regions, features, metric=metric, num_regions=max_regions,
-                         cut_from=cut_from)
+                         cut_from=cut_from, border_factor=border_factor)
   return regions
