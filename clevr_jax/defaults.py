@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 1 matches the real samples' cubes, 0.7071 CLEVR's generator and its Blender
   # renders (docs/reports/2026-12-07-real-asset-renders.md).
   data.synthetic.cube_scale = 1.0
+  # A floor of one colour per scene: no shading gradient, no shadows on it.
+  data.synthetic.plain_floor = False
 
   config.model = model = ml_collections.ConfigDict()
   # 'unet' (the poster's U-Net / Auto-Encoder, the fields below) or
@@ -229,6 +231,9 @@ def slot_attention_config() -> ml_collections.ConfigDict:
   # Stride-2 transposed convolutions: the slots are broadcast at
   # (height, width) / 2**decoder_upsamplings (8x8 at 128x128, the paper's).
   sa.decoder_upsamplings = 4
+  # Stride-1 transposed convolutions after them, before the output layer (the
+  # paper's CLEVR decoder: 1; at the full resolution, Multi-dSprites': 3).
+  sa.decoder_layers = 1
   sa.decoder_kernel = 5
   return sa
 

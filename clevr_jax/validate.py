@@ -47,6 +47,7 @@ _RANGES = {
     "model.slot_attention.encoder_kernel": "[1, inf)",
     "model.slot_attention.decoder_features": "[1, inf)",
     "model.slot_attention.decoder_upsamplings": "[0, inf)",
+    "model.slot_attention.decoder_layers": "[0, inf)",
     "model.slot_attention.decoder_kernel": "[1, inf)",
     "model.slot_attention.kmeans_iterations": "[1, inf)",
     "optimizer.grad_clip_norm": "[0, inf)",

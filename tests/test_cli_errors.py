@@ -250,6 +250,8 @@ def _set(config, path, value):
      "config.model.slot_attention.update_rule='lstm' is not one of 'gru', 'mean'"),
     ("slot_attention", "train", "model.slot_attention.kmeans_iterations", 0,
      "config.model.slot_attention.kmeans_iterations=0 must be in [1, inf)"),
+    ("slot_attention", "train", "model.slot_attention.decoder_layers", -1,
+     "config.model.slot_attention.decoder_layers=-1 must be in [0, inf)"),
     ("slot_attention", "train", "optimizer.grad_clip_norm", -1.0,
      "config.optimizer.grad_clip_norm=-1.0 must be in [0, inf)"),
     ("unet_rgb", "train", "eval.taps", (), "config.eval.taps is empty"),

@@ -92,6 +92,23 @@ def test_cube_scale_sets_the_cubes_half_side_and_no_other_shapes_size():
     renderer.SceneConfig(cube_scale=0.0)
 
 
+def test_a_plain_floor_is_one_colour_and_the_shaded_one_is_not():
+  # Floor pixels away from the objects' edges (which are blended with their
+  # neighbours) are one colour on a plain floor; the shaded floor's gradient
+  # and shadows spread its pixels over many values.
+  plain = dataclasses.replace(SMALL, plain_floor=True)
+  for seed in range(3):
+    labels = _small_scene(seed)["labels"]
+    interior = np.ones_like(labels, bool)
+    for dr, dc in itertools.product((-1, 0, 1), repeat=2):
+      interior &= np.roll(labels, (dr, dc), axis=(0, 1)) == 0
+    scene = renderer.render_scene(seed, plain)
+    np.testing.assert_array_equal(scene["labels"], labels)
+    floor = scene["image"][interior]
+    assert len(np.unique(floor, axis=0)) == 1, seed
+    assert len(np.unique(_small_scene(seed)["image"][interior], axis=0)) > 20, seed
+
+
 @pytest.mark.parametrize("seed", SMALL_SEEDS)
 def test_labels_are_0_to_n_and_every_object_is_visible_enough(seed):
   scene = _small_scene(seed)

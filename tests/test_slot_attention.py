@@ -38,8 +38,11 @@ _SWITCH_VARIANTS = {
     "paper": (),
     "learned_clipped": ("--config.model.slot_attention.init=learned",
                         "--config.optimizer.grad_clip_norm=0.01"),
-    "kmeans_implicit": ("--config.model.slot_attention.init=kmeans",
-                        "--config.model.slot_attention.implicit_grad=True"),
+    # with the decoder at the full resolution, deeper (no upsampling, 2 layers)
+    "kmeans_implicit_full_resolution": ("--config.model.slot_attention.init=kmeans",
+                                        "--config.model.slot_attention.implicit_grad=True",
+                                        "--config.model.slot_attention.decoder_upsamplings=0",
+                                        "--config.model.slot_attention.decoder_layers=2"),
 }
 
 
@@ -197,6 +200,24 @@ def test_with_hand_chosen_weights_the_slots_attention_separates_two_colours():
       assert len(set(winner[red])) == 1 and len(set(winner[~red])) == 1, key
       assert winner[red][0] != winner[~red][0], key
       assert attention.max(-1).min() > 0.99, key
+
+
+@pytest.mark.parametrize("upsamplings, layers", [(0, 3), (2, 0)])
+def test_the_decoder_upsamples_then_adds_its_stride_one_layers(upsamplings, layers):
+  # decoder1..decoder{upsamplings} double the grid (stride 2), the next
+  # `layers` keep it (stride 1), then the output layer: its input grid is the
+  # image's size whatever the split.
+  model = slot_attention.SlotAttentionAutoEncoder(
+      num_slots=2, slot_size=4, mlp_hidden=4, encoder_features=(4,), encoder_kernel=3,
+      decoder_features=4, decoder_upsamplings=upsamplings, decoder_layers=layers,
+      decoder_kernel=3)
+  images = jnp.zeros((1, 8, 12, 3))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images, train=False)["params"]
+  decoders = sorted(name for name in shapes if name.startswith("decoder"))
+  assert decoders == sorted([f"decoder{i + 1}" for i in range(upsamplings + layers)]
+                            + ["decoder_output", "decoder_position"])
+  output = jax.eval_shape(lambda p: model.apply({"params": p}, images, train=False)[0], shapes)
+  assert output.shape == images.shape
 
 
 def test_taps_have_their_shapes_and_the_masks_split_each_pixel_over_the_slots(test_config):

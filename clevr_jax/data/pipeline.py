@@ -65,7 +65,8 @@ def make_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
             min_objects=s.min_objects, max_objects=s.max_objects,
             distinct_colors=bool(s.get("distinct_colors", False)),
             metal=bool(s.get("metal", True)),
-            cube_scale=float(s.get("cube_scale", 1.0))))
+            cube_scale=float(s.get("cube_scale", 1.0)),
+            plain_floor=bool(s.get("plain_floor", False))))
   if data.dataset == "clevr_with_masks":
     if ((data.image_height, data.image_width) != (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH)
         and not data.get("crop")):

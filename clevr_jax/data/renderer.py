@@ -103,6 +103,10 @@ class SceneConfig:
   # of the real samples' cubes; CLEVR's generator (and tools/render_clevr.py)
   # divides by sqrt(2), 0.7071.
   cube_scale: float = 1.0
+  # A floor of one colour per scene (its shading's mean): no brightness
+  # gradient and no shadows on it, so that the background says nothing about
+  # where a pixel is (objects keep their shading and shadows on each other).
+  plain_floor: bool = False
   # Camera: CLEVR's base scene, a 35 mm lens on a 32 mm sensor, looking at
   # the origin from about 28 degrees above the floor.
   camera_position: tuple[float, float, float] = (7.48113, -6.50764, 5.34367)
@@ -672,6 +676,8 @@ def _shade(objects: _Objects, camera: _Camera, lights, rays, depth, labels,
                                   _box_blur(key_visibility, _PENUMBRA_BLUR))
   linear = np.stack([config.floor_albedo * channel for channel in floor_light],
                     axis=-1)
+  if config.plain_floor:
+    linear[:] = linear.reshape(-1, 3).mean(axis=0)
   on_object = np.flatnonzero(~on_floor)
   if on_object.size:
 

@@ -32,24 +32,26 @@ class SyntheticClevrConfig(tfds.core.BuilderConfig):
   distinct_colors: bool = False
   metal: bool = True
   cube_scale: float = 1.0
+  plain_floor: bool = False
   processes: int | None = None  # render workers; None: one per core
 
 
 def make_config(*, seed: int, num_train: int, num_test: int, height: int,
                 width: int, min_objects: int, max_objects: int,
                 distinct_colors: bool = False, metal: bool = True, cube_scale: float = 1.0,
-                processes: int | None = None) -> SyntheticClevrConfig:
+                plain_floor: bool = False, processes: int | None = None) -> SyntheticClevrConfig:
   # The toy settings and the cubes' scale enter the name only when set: CLEVR-like
   # data keeps its name.
   toy = (("_distinct" if distinct_colors else "") + ("" if metal else "_rubber")
-         + (f"_cubes{cube_scale:g}" if cube_scale != 1.0 else ""))
+         + (f"_cubes{cube_scale:g}" if cube_scale != 1.0 else "")
+         + ("_plainfloor" if plain_floor else ""))
   name = (f"seed{seed}_{height}x{width}_train{num_train}_test{num_test}_"
           f"objects{min_objects}-{max_objects}{toy}_renderer{renderer.RENDERER_VERSION}")
   return SyntheticClevrConfig(
       name=name, seed=seed, num_train=num_train, num_test=num_test,
       height=height, width=width, min_objects=min_objects,
       max_objects=max_objects, distinct_colors=distinct_colors, metal=metal,
-      cube_scale=cube_scale, processes=processes,
+      cube_scale=cube_scale, plain_floor=plain_floor, processes=processes,
       description="Synthetic CLEVR-like scenes rendered by clevr_jax.data.renderer.")
 
 
@@ -83,7 +85,7 @@ class SyntheticClevr(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         height=config.height, width=config.width,
         min_objects=config.min_objects, max_objects=config.max_objects,
         distinct_colors=config.distinct_colors, metal=config.metal,
-        cube_scale=config.cube_scale)
+        cube_scale=config.cube_scale, plain_floor=config.plain_floor)
     seeds = [scene_seed(config.seed, split, i) for i in range(count)]
     scenes = renderer.render_scenes(seeds, scene_config, processes=config.processes)
     for index, scene in enumerate(scenes):

@@ -291,6 +291,7 @@ def build_model(config: ml_collections.ConfigDict, *,
         encoder_features=tuple(int(f) for f in sa.encoder_features),
         encoder_kernel=int(sa.encoder_kernel), decoder_features=int(sa.decoder_features),
         decoder_upsamplings=int(sa.decoder_upsamplings),
+        decoder_layers=int(sa.get('decoder_layers', 1)),
         decoder_kernel=int(sa.decoder_kernel), axis_name=axis_name, dtype=_DTYPES[m.dtype])
   return UNet(
       out_channels=int(m.out_channels),

@@ -229,7 +229,11 @@ class SlotAttentionAutoEncoder(nn.Module):
     decoder_features: channels of the decoder's transposed convolutions.
     decoder_upsamplings: stride-2 transposed convolutions; the slots are
       broadcast at (H, W) / 2**decoder_upsamplings (8x8 at 128x128: the paper's 4).
-    decoder_kernel: their kernel size (the paper's 5; the last layer's is 3).
+    decoder_layers: stride-1 transposed convolutions after the upsamplings,
+      before the output layer (the paper's CLEVR decoder has 1; its decoder
+      for Multi-dSprites and Tetrominoes, broadcast at the full resolution, 3).
+    decoder_kernel: their kernel size and the upsamplings' (the paper's 5; the
+      output layer's is 3).
     axis_name: the data-parallel axis of the train step, if any: the examples'
       rows in the global batch (which key their slot noise) are counted over it.
     dtype: compute dtype; parameters are float32, the output float32.
@@ -251,6 +255,7 @@ class SlotAttentionAutoEncoder(nn.Module):
   encoder_kernel: int = 5
   decoder_features: int = 64
   decoder_upsamplings: int = 4
+  decoder_layers: int = 1
   decoder_kernel: int = 5
   axis_name: str | None = None
   dtype: Any = jnp.float32
@@ -346,8 +351,8 @@ class SlotAttentionAutoEncoder(nn.Module):
         dtype=self.dtype, param_dtype=jnp.float32, name=name)
     for i in range(self.decoder_upsamplings):
       d = nn.relu(deconv(self.decoder_features, self.decoder_kernel, 2, f"decoder{i + 1}")(d))
-    d = nn.relu(deconv(self.decoder_features, self.decoder_kernel, 1,
-                       f"decoder{self.decoder_upsamplings + 1}")(d))
+    for i in range(self.decoder_upsamplings, self.decoder_upsamplings + self.decoder_layers):
+      d = nn.relu(deconv(self.decoder_features, self.decoder_kernel, 1, f"decoder{i + 1}")(d))
     d = deconv(self.out_channels + 1, 3, 1, "decoder_output")(d)
     # The mixture in float32 at least (a float64 network, the device-count
     # comparisons, keeps float64).
