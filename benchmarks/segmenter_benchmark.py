@@ -14,7 +14,8 @@ configured segmenter (clevr_jax.defaults) with the oracle K from its masks:
              time on the host and the tables in NumPy
 
 With --shape_split, every segmenter that splits its clusters into components
-also cuts regions at narrow waists (`shape_split`), on both sides.
+also cuts regions at narrow waists (`shape_split`), on both sides; with
+--border_merge_factor, every merging segmenter takes that factor.
 
 Wall time per batch, the best of `--repeats` after a warm-up call, as images/s
 (wall, not CPU time: the device program uses every core, the host path one).
@@ -49,6 +50,8 @@ _SIZES = flags.DEFINE_list("sizes", ["240x320", "96x128"], "Image sizes HxW.")
 _SEGMENTERS = flags.DEFINE_list("segmenters", [], "Segmenter names (default: all configured).")
 _SHAPE_SPLIT = flags.DEFINE_bool("shape_split", False, "Turn on each splitting segmenter's "
                                  "shape split (regions cut at narrow waists).")
+_BORDER = flags.DEFINE_float("border_merge_factor", 0.0, "Set every segmenter's "
+                             "border_merge_factor (0: each keeps its own).")
 
 
 def _resize(images: np.ndarray, labels: np.ndarray, h: int, w: int
@@ -86,6 +89,8 @@ def main(argv):
             if not _SEGMENTERS.value or s.name in _SEGMENTERS.value]
   if _SHAPE_SPLIT.value:
     chosen = [dataclasses.replace(s, shape_split=s.split) for s in chosen]
+  if _BORDER.value:
+    chosen = [dataclasses.replace(s, border_merge_factor=_BORDER.value) for s in chosen]
   slots = max(s.k_max for s in chosen)
   r = config.eval.max_regions
   b = _BATCH.value
