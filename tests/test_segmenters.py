@@ -235,6 +235,20 @@ def test_the_border_factor_keeps_an_object_of_nearly_the_floors_colour(postproce
   assert merged[0, 0] == merged[0, -1] != merged[8, 10]
 
 
+def test_the_border_factor_merges_in_the_same_order_on_device_and_reference():
+  # Random regions, some on the border: the same order, so the same labels.
+  absorbed = postprocess_reference.absorb_small(
+      postprocess_reference.split_components(_blobs(1)), 6)
+  rng = _rng(1)
+  features = (rng.normal(size=absorbed.shape + (3,))
+              + 3 * rng.normal(size=(absorbed.max() + 1, 3))[absorbed]).astype(np.float32)
+  for kw in (dict(threshold=1.0), dict(num_regions=3)):
+    np.testing.assert_array_equal(
+        _Device.merge_regions(absorbed, features, max_regions=11, border_factor=1.5, **kw),
+        postprocess_reference.merge_regions(absorbed, features, max_regions=11,
+                                            border_factor=1.5, **kw))
+
+
 def test_cosine_merge_distance_ignores_the_length(postprocess):
   regions = np.repeat(np.arange(3), 2)[None]
   features = np.array([[1.0, 0.0], [5.0, 0.1], [0.0, 1.0]])[regions]
