@@ -41,22 +41,27 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file with ':preset'.")
-flags.DEFINE_string("split", "test", "The split to count on.")
-flags.DEFINE_list("segmenters", ["split_merge_predict_k"], "Segmenters of config.eval.segmenters.")
-flags.DEFINE_float("same_colour", 0.1, "Lab / 100 distance of two objects' mean colours "
-                   "under which they count as one colour.")
-flags.DEFINE_float("piece", 0.1, "A predicted mask is a piece of an object when it covers "
-                   "at least this fraction of it (and lies mostly inside it).")
-flags.DEFINE_float("darker", 0.03, "Lightness (L / 100) by which a shadow is darker than the "
-                   "floor, or a highlight brighter than its object.")
-flags.DEFINE_float("oracle_cut", 0.05, "The share of a region each of two objects must "
-                   "hold for the oracle cut to separate them.")
-flags.DEFINE_string("json", "", "Also write the figures to this file.")
 FLAGS = flags.FLAGS
 
-COUNTS = ("objects", "lost_to_floor", "fused", "fused_touching", "fused_one_colour_touching", "cut", "extra", "extra_shadow",
-          "extra_floor", "extra_highlight", "extra_piece")
+COUNTS = ("objects", "lost_to_floor", "fused", "fused_touching", "fused_one_colour_touching",
+          "cut", "extra", "extra_shadow", "extra_floor", "extra_highlight", "extra_piece")
+
+
+def define_flags() -> None:
+  """The command line (defined when run, not on import: the tests import this module)."""
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file with ':preset'.")
+  flags.DEFINE_string("split", "test", "The split to count on.")
+  flags.DEFINE_list("segmenters", ["split_merge_predict_k"],
+                    "Segmenters of config.eval.segmenters.")
+  flags.DEFINE_float("same_colour", 0.1, "Lab / 100 distance of two objects' mean colours "
+                     "under which they count as one colour.")
+  flags.DEFINE_float("piece", 0.1, "A predicted mask is a piece of an object when it covers "
+                     "at least this fraction of it (and lies mostly inside it).")
+  flags.DEFINE_float("darker", 0.03, "Lightness (L / 100) by which a shadow is darker than the "
+                     "floor, or a highlight brighter than its object.")
+  flags.DEFINE_float("oracle_cut", 0.05, "The share of a region each of two objects must "
+                     "hold for the oracle cut to separate them.")
+  flags.DEFINE_string("json", "", "Also write the figures to this file.")
 
 
 @dataclasses.dataclass
@@ -237,5 +242,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
