@@ -164,7 +164,8 @@ def main(argv: Sequence[str]) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   from clevr_jax import schema  # pylint: disable=import-outside-toplevel
   from clevr_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from clevr_jax.segmentation import kmeans, segmenters, transforms  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from clevr_jax.segmentation import kmeans, segmenters, transforms
   from clevr_jax.training import batch as batch_lib  # pylint: disable=import-outside-toplevel
 
   config = FLAGS.config
