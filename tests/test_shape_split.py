@@ -63,10 +63,15 @@ MAPS = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("min_radius", "waist", "max_area"))
-def _device(labels, *, min_radius, waist, max_area):
+@jax.jit
+def _compiled(labels, min_radius, waist, max_area):
   return regions.shape_split(labels, min_radius=min_radius, waist=waist, max_area=max_area,
                              max_regions=_SLOTS)
+
+
+def _device(labels, *, min_radius, waist, max_area):
+  """The device step; its settings are traced, so one compile serves every test."""
+  return _compiled(labels, jnp.float32(min_radius), jnp.float32(waist), jnp.int32(max_area))
 
 
 def _split(which, labels):
