@@ -25,7 +25,8 @@ any other tap.
   --config=configs/slot_attention.py:toy         CPU, toy scenes where binding is cheap to
                                                  learn: 2-4 rubber objects of distinct
                                                  colours, 32x32 (the paper's crop of 40x52),
-                                                 5 slots (objects + 1), a narrower model
+                                                 5 slots (objects + 1), a narrower model,
+                                                 the decoder at the full resolution
   --config=configs/slot_attention.py:quick       synthetic, 64x64, minutes on a CPU
   --config=configs/slot_attention.py:test        tiny, for the test suite
 """
@@ -137,6 +138,11 @@ def get_config(arg: str | None = None):
     data.synthetic.height, data.synthetic.width = 40, 52
     data.image_height = data.image_width = 32
     sa.encoder_kernel = 3  # 9x9 receptive field after 4 layers: a toy object's size
+    # The paper's decoder for its small sets (Multi-dSprites, Tetrominoes): the
+    # slots broadcast at the full resolution, stride-1 layers only (here one, 3x3).
+    # Upsampled from 4x4, every slot decodes the whole scene and the transposed
+    # convolutions' checkerboard picks each pixel's slot (docs/slots.md).
+    sa.decoder_upsamplings = 0
     data.synthetic.num_train = 3000
     data.synthetic.num_test = 200
     sa.num_slots = _TOY_OBJECTS[1] + 1  # objects + the background
