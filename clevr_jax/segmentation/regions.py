@@ -319,7 +319,6 @@ def shape_split(regions: jax.Array, *, min_radius: float, waist: float, max_area
   candidate = ((area <= max_area) & ~_on_edge(filled, r))[filled]
   distance = distance_to_edge(filled, candidate)
   tops = candidate & peaks(filled, distance, min_radius=min_radius, waist=waist)
-  index = jnp.arange(n, dtype=jnp.int32).reshape(h, w)
   top_root = components(jnp.where(tops, filled, -1)).reshape(h, w)
   part = flood_from_peaks(filled, distance, jnp.where(tops, top_root, n))
   labelled = part < n
