@@ -58,16 +58,14 @@ def get_config(arg: str | None = None):
   # on the unit sphere, where the discriminative margins hold. Two regions of
   # one instance then have means within 2 * delta_v, of two instances at least
   # 2 * delta_d - 2 * delta_v apart; delta_d lies midway (0.4 | 0.5 | 0.6).
-  # Raw pixels keep their Lab settings.
-  for name in ("split_merge", "split_merge_predict_k"):
+  # Raw pixels keep their Lab settings. The hybrid (pixels split, the learned tap
+  # merges) compares the means of whole colour regions at the same midway delta_d:
+  # chosen on Blender renders with the official assets over the margins' bound on
+  # two instances, 2*delta_d - 2*delta_v, which the synthetic scenes chose
+  # (docs/reports/2026-12-07-real-asset-renders.md). With the oracle K the
+  # threshold only sets the distances' scale.
+  for name in ("split_merge", "split_merge_predict_k", "hybrid", "hybrid_predict_k"):
     config.eval.segmenters[name].tap_transforms = "l2"
-    config.eval.segmenters[name].tap_merge_threshold = obj.discriminative.delta_d
-  # The hybrid (pixels split, the learned tap merges) compares the means of
-  # whole colour regions, at the same midway delta_d: chosen on Blender renders
-  # with the official assets over the margins' bound on two instances,
-  # 2*delta_d - 2*delta_v, which the synthetic scenes chose
-  # (docs/reports/2026-12-07-real-asset-renders.md).
-  for name in ("hybrid", "hybrid_predict_k"):  # with the oracle: the distances' scale
     config.eval.segmenters[name].tap_merge_threshold = obj.discriminative.delta_d
   config.eval.segmenter_names = tuple(config.eval.segmenter_names) + (
       "hybrid", "hybrid_predict_k")

@@ -102,6 +102,17 @@ def shape_split_args(segmenter: Segmenter, height: int, width: int
               max_area=int(round(segmenter.shape_split_max_area * height * width)))
 
 
+def _one_image_postprocess(segmenter: Segmenter, height: int, width: int, *,
+                           modal_size: int, split: bool, max_regions: int, cap: int):
+  """`regions.postprocess` of one image with the segmenter's settings at this size."""
+  return functools.partial(
+      regions.postprocess, num_labels=segmenter.k_max, modal_size=modal_size, split=split,
+      min_area=int(round(segmenter.min_area * height * width)), max_regions=max_regions,
+      cap=cap, metric=segmenter.metric,
+      shape_split_args=shape_split_args(segmenter, height, width),
+      border_factor=segmenter.border_merge_factor)
+
+
 def postprocess(segmenter: Segmenter, labels: jax.Array, x: jax.Array, target: jax.Array,
                 threshold: jax.Array, *, max_regions: int, cap: int
                 ) -> tuple[jax.Array, jax.Array]:
@@ -111,12 +122,8 @@ def postprocess(segmenter: Segmenter, labels: jax.Array, x: jax.Array, target: j
   if not segmenter.post_processes:
     return labels, jnp.zeros(labels.shape[:1], jnp.int32)
   _, h, w = labels.shape
-  one_image = functools.partial(
-      regions.postprocess, num_labels=segmenter.k_max, modal_size=segmenter.modal_size,
-      split=segmenter.split, min_area=int(round(segmenter.min_area * h * w)),
-      max_regions=max_regions, cap=cap, metric=segmenter.metric,
-      shape_split_args=shape_split_args(segmenter, h, w),
-      border_factor=segmenter.border_merge_factor)
+  one_image = _one_image_postprocess(segmenter, h, w, modal_size=segmenter.modal_size,
+                                     split=segmenter.split, max_regions=max_regions, cap=cap)
   return jax.vmap(one_image)(labels, x, target, threshold)
 
 
@@ -208,12 +215,9 @@ def _segment_hybrid(segmenter: Segmenter, kmeans_config: ml_collections.ConfigDi
     x = tap
   else:  # colour in the tap's units: under the tap's threshold iff under its own
     x = (tap, colour * segmenter.colour_scale)
-  one_image = functools.partial(
-      regions.postprocess, num_labels=k, modal_size=0, split=True,
-      min_area=int(round(segmenter.min_area * height * width)), max_regions=max_regions,
-      cap=cap, metric=segmenter.metric,
-      shape_split_args=shape_split_args(segmenter, height, width),
-      border_factor=segmenter.border_merge_factor)
+  # The labels are filtered above; the regions are the clusters' components.
+  one_image = _one_image_postprocess(segmenter, height, width, modal_size=0, split=True,
+                                     max_regions=max_regions, cap=cap)
   return jax.vmap(one_image)(labels, x, target, threshold)
 
 
