@@ -92,6 +92,78 @@ def test_cube_scale_sets_the_cubes_half_side_and_no_other_shapes_size():
     renderer.SceneConfig(cube_scale=0.0)
 
 
+MEDIUM = renderer.SceneConfig(height=120, width=160)
+
+
+def _far_from_objects(labels: np.ndarray, pixels: int) -> np.ndarray:
+  """Floor pixels more than `pixels` (chessboard distance) from every object."""
+  near = labels > 0
+  for _ in range(pixels):
+    grown = near.copy()
+    grown[1:] |= near[:-1]
+    grown[:-1] |= near[1:]
+    grown[:, 1:] |= near[:, :-1]
+    grown[:, :-1] |= near[:, 1:]
+    near = grown
+  return ~near
+
+
+def _shading_change(changed: renderer.SceneConfig, seeds=range(4)):
+  """(new image - base image) as ints and the labels, per seed, MEDIUM as the base."""
+  for seed in seeds:
+    base, other = renderer.render_scene(seed, MEDIUM), renderer.render_scene(seed, changed)
+    np.testing.assert_array_equal(base["labels"], other["labels"])  # the geometry stays
+    yield other["image"].astype(int) - base["image"], base["labels"]
+
+
+def test_shadows_of_the_fill_and_back_lamps_only_darken():
+  # More lamps casting shadows can only take light away; they darken some floor
+  # beside the objects, and most of the open floor sees all three lamps.
+  deepest, unchanged = 0, []
+  for change, labels in _shading_change(dataclasses.replace(MEDIUM, shadow_lights=3)):
+    assert change.max() <= 0
+    deepest = max(deepest, -change[labels == 0].min())
+    unchanged.append((change[_far_from_objects(labels, 12)] == 0).all(axis=-1).mean())
+  assert deepest >= 20  # grey levels: a lamp's shadow, not rounding
+  assert np.mean(unchanged) > 0.5
+
+
+def test_the_sun_shadows_the_floor_beside_objects_and_keeps_the_open_floor():
+  # All the ambient as the sun: its short shadows darken floor next to objects.
+  # Farther off the floor is as bright as before where no object was near, and
+  # a little brighter where the ambient occlusion of objects reached (the
+  # sun's share has none): never darker.
+  darkest, unchanged = 0, []
+  for change, labels in _shading_change(dataclasses.replace(MEDIUM, sun_share=1.0)):
+    darkest = max(darkest, -change[labels == 0].min())
+    open_floor = change[_far_from_objects(labels, 20)]
+    assert open_floor.min() >= 0
+    unchanged.append((open_floor == 0).all(axis=-1).mean())
+  assert darkest >= 20
+  assert np.mean(unchanged) > 0.3
+
+
+def test_contact_occlusion_darkens_the_floor_at_objects_and_nothing_far():
+  contact = dataclasses.replace(MEDIUM, contact_occlusion=0.5, contact_reach=0.05)
+  darkest = 0
+  for change, labels in _shading_change(contact):
+    assert change.max() <= 0
+    darkest = max(darkest, -change[labels == 0].min())
+    # The line is thin: 8 reaches (0.4 scene units) are about 5-10 pixels here.
+    assert (change[_far_from_objects(labels, 10)] == 0).all(axis=-1).mean() > 0.95
+  assert darkest >= 20
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(shadow_lights=0), "shadow_lights"), (dict(shadow_lights=4), "shadow_lights"),
+    (dict(sun_share=1.5), "sun_share"), (dict(sun_position=(1.0, 0.0, -1.0)), "sun_position"),
+    (dict(contact_occlusion=-0.1), "contact_occlusion"),
+    (dict(contact_reach=0.0), "contact_reach")])
+def test_shadow_settings_out_of_range_are_refused(bad, field):
+  with pytest.raises(ValueError, match=field):
+    renderer.SceneConfig(**bad)
+
+
 def test_a_plain_floor_is_one_colour_and_the_shaded_one_is_not():
   # Floor pixels away from the objects' edges (which are blended with their
   # neighbours) are one colour on a plain floor; the shaded floor's gradient

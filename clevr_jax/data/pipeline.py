@@ -66,6 +66,10 @@ def make_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
             distinct_colors=bool(s.get("distinct_colors", False)),
             metal=bool(s.get("metal", True)),
             cube_scale=float(s.get("cube_scale", 1.0)),
+            shadow_lights=int(s.get("shadow_lights", 1)),
+            sun_share=float(s.get("sun_share", 0.0)),
+            contact_occlusion=float(s.get("contact_occlusion", 0.0)),
+            contact_reach=float(s.get("contact_reach", 0.05)),
             plain_floor=bool(s.get("plain_floor", False))))
   if data.dataset == "clevr_with_masks":
     if ((data.image_height, data.image_width) != (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH)

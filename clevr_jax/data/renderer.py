@@ -19,6 +19,11 @@ Shading imitates CLEVR's Cycles renders cheaply, in linear light then sRGB:
 Lambert from three point lights (key, fill, back) plus hemisphere ambient,
 soft cast shadows from a few samples of the key light (on the floor and on
 other objects), and for metal a mirror reflection of the floor and highlights.
+Two switches bring the shadows nearer CLEVR's base scene, whose world is black
+and whose light is the three area lamps and a sun nearly overhead:
+`shadow_lights` lets the fill and back lamps cast shadows too, and `sun_share`
+makes that share of the ambient CLEVR's sun, a directional light with sharp
+shadows, leaving the rest as hemisphere ambient.
 Colours are CLEVR's sRGB numbers used as linear albedo, as Blender uses them.
 
 Speed: object tests run only on the pixels inside each object's screen
@@ -62,20 +67,27 @@ def _hex_to_linear_rgb(code: int) -> tuple[float, float, float]:
 
 @dataclasses.dataclass(frozen=True)
 class Light:
-  """A point light; irradiance = intensity * colour * cos(angle) / distance^2."""
+  """A point light; irradiance = intensity * colour * cos(angle) / distance^2.
+
+  radius: the extent of the lamp its shadows are sampled over (the key
+  light's is SceneConfig.key_light_radius instead).
+  """
   position: tuple[float, float, float]
   color: tuple[float, float, float]
   intensity: float
+  radius: float = 0.0
 
 
 # CLEVR's three area lamps (positions and colours as in Kubric's CLEVR set-up),
 # as point lights. Intensities and ambient are a least-squares fit of the
 # floor's shading to the background of the two real samples. The key light
-# comes first: it is the one that casts shadows.
+# comes first: it always casts shadows. The fill and back lamps' radii are
+# discs of the area of base_scene.blend's square lamps (sides 0.5 and 1).
 CLEVR_LIGHTS = (
     Light((6.44671, -2.90517, 4.2584), _hex_to_linear_rgb(0xffedd0), 9.9),
-    Light((-4.67112, -4.0136, 3.01122), _hex_to_linear_rgb(0xc2d0ff), 2.6),
-    Light((-1.1685, 2.64602, 5.81574), (1.0, 1.0, 1.0), 4.5),
+    Light((-4.67112, -4.0136, 3.01122), _hex_to_linear_rgb(0xc2d0ff), 2.6,
+          0.5 / math.sqrt(math.pi)),
+    Light((-1.1685, 2.64602, 5.81574), (1.0, 1.0, 1.0), 4.5, 1 / math.sqrt(math.pi)),
 )
 
 
@@ -124,7 +136,22 @@ class SceneConfig:
   sky_radiance: float = 0.02
   backdrop_radiance: float = 0.13
   key_light_radius: float = 0.6  # soft shadows: the key light's extent
-  shadow_samples: int = 4  # key-light samples per pixel (1: hard shadows)
+  shadow_samples: int = 4  # samples per pixel of each shadowing lamp (1: hard shadows)
+  # How many of the lights, key first, cast shadows: 1 the key alone, 3 also
+  # the fill and back lamps (as CLEVR's Cycles renders do).
+  shadow_lights: int = 1
+  # The share of the ambient that is CLEVR's sun (base_scene.blend: a sun at
+  # this position, not jittered; only its direction counts), a directional
+  # light casting sharp shadows; the rest stays hemisphere ambient. Scaled so
+  # that an open floor is as bright at any share.
+  sun_share: float = 0.0
+  sun_position: tuple[float, float, float] = (11.6608, -6.628, 25.8232)
+  # The dark line where an object meets the floor (Cycles' renders have it:
+  # there the object hides much of every light and of the light bounced off
+  # the floor): the share of all the floor's light hidden at a footprint's
+  # edge, falling off as exp(-distance / contact_reach) away from it.
+  contact_occlusion: float = 0.0
+  contact_reach: float = 0.05
 
   def __post_init__(self):
     if not 1 <= self.min_objects <= self.max_objects <= schema.MAX_OBJECTS:
@@ -143,6 +170,17 @@ class SceneConfig:
       raise ValueError("need at least one light and one shadow sample")
     if not self.cube_scale > 0:
       raise ValueError(f"cube_scale must be > 0, got {self.cube_scale}")
+    if not 1 <= self.shadow_lights <= len(self.lights):
+      raise ValueError(f"shadow_lights must be in [1, {len(self.lights)}] (the lights "
+                       f"that cast shadows, key first), got {self.shadow_lights}")
+    if not 0 <= self.sun_share <= 1:
+      raise ValueError(f"sun_share must be in [0, 1], got {self.sun_share}")
+    if not 0 <= self.contact_occlusion <= 1:
+      raise ValueError(f"contact_occlusion must be in [0, 1], got {self.contact_occlusion}")
+    if not self.contact_reach > 0:
+      raise ValueError(f"contact_reach must be > 0, got {self.contact_reach}")
+    if not self.sun_position[2] > 0:
+      raise ValueError(f"sun_position must be above the floor, got {self.sun_position}")
 
   @property
   def visible_pixel_threshold(self) -> int:
@@ -288,7 +326,7 @@ def _place_objects(rng: np.random.Generator, count: int, config: SceneConfig,
 # (or scalars for the camera's origin); each returns the ray parameter t of the
 # first hit with t > _EPS, np.inf where the ray misses. Directions need not be
 # unit vectors. All objects are convex, which shadows rely on (see
-# _key_light_visibility).
+# _light_visibility).
 
 
 def _hit_sphere(cx, cy, cz, r, ox, oy, oz, dx, dy, dz):
@@ -425,18 +463,20 @@ def _sample_disc(count: int) -> np.ndarray:
   return np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1)
 
 
-def _key_light_visibility(objects: _Objects, camera: _Camera, labels, points,
-                          key_position: np.ndarray, config: SceneConfig
-                          ) -> np.ndarray:
-  """Fraction [H, W] of the key light's samples that each hit point sees."""
-  px, py, pz = points
-  # Samples on a disc facing the scene: soft shadows with sharp contact.
-  towards = -key_position / np.linalg.norm(key_position)
+def _disc_samples(position: np.ndarray, radius: float, count: int) -> np.ndarray:
+  """`count` points [count, 3] on a disc of `radius` at `position`, facing the origin."""
+  towards = -position / np.linalg.norm(position)
   side = np.cross(towards, [0.0, 0.0, 1.0])
   side /= np.linalg.norm(side)
   lift = np.cross(side, towards)
-  offsets = _sample_disc(config.shadow_samples) * config.key_light_radius
-  samples = key_position + offsets[:, :1] * side + offsets[:, 1:] * lift
+  offsets = _sample_disc(count) * radius
+  return position + offsets[:, :1] * side + offsets[:, 1:] * lift
+
+
+def _light_visibility(objects: _Objects, camera: _Camera, labels, points,
+                      samples: np.ndarray) -> np.ndarray:
+  """Fraction [H, W] of a lamp's sample points [S, 3] that each hit point sees."""
+  px, py, pz = points
   # A point shadowed by object k lies between k and k's shadow on the floor:
   # in the hull of k's box corners and their shadows.
   corners = objects.bounding_corners()[None]  # [1, objects, 8, 3]
@@ -466,6 +506,13 @@ def _key_light_visibility(objects: _Objects, camera: _Camera, labels, points,
       blocked[box] |= receivers & (t < 1)
     visibility -= share * blocked
   return visibility
+
+
+# The sun as a point this many scene units away along its direction (the
+# scene spans about 10), over a disc of this angular radius: CLEVR's sun is
+# nearly hard (its size 0.1).
+_SUN_DISTANCE = 1000.0
+_SUN_ANGULAR_RADIUS = 0.05
 
 
 def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
@@ -511,33 +558,70 @@ def _floor_occlusion(objects: _Objects, camera: _Camera, labels, px, py
   return np.minimum(occlusion, 1)
 
 
+_CONTACT_CUTOFF = 8  # contact reaches: beyond, exp(-8) < 0.1% is left out
+
+
+def _floor_contact(objects: _Objects, camera: _Camera, labels, px, py,
+                   strength: float, reach: float) -> np.ndarray:
+  """Share [H, W] of the floor's light that reaches it past the objects' contact.
+
+  Each object hides `strength` of it at its footprint's edge (a disc, or a
+  cube's rotated square), exp(-gap / reach) of that at a gap from it.
+  """
+  margin = objects.footprint_radius + _CONTACT_CUTOFF * reach
+  signs = np.array([(sx, sy) for sx in (-1, 1) for sy in (-1, 1)], np.float64)
+  squares = np.stack([objects.x[:, None] + signs[:, 0] * margin[:, None],
+                      objects.y[:, None] + signs[:, 1] * margin[:, None],
+                      np.zeros((len(objects), 4))], axis=-1)
+  passed = np.ones(labels.shape, np.float32)
+  for k, box in enumerate(_screen_boxes(camera, squares)):
+    if box is None:
+      continue
+    ox, oy = px[box] - np.float32(objects.x[k]), py[box] - np.float32(objects.y[k])
+    h = np.float32(objects.half_height[k])
+    if objects.shape[k] == CUBE:
+      angle = math.radians(objects.rotation[k])
+      cos, sin = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+      lx = np.maximum(np.abs(cos * ox + sin * oy) - h, 0)
+      ly = np.maximum(np.abs(cos * oy - sin * ox) - h, 0)
+      gap = np.sqrt(lx * lx + ly * ly)
+    else:
+      gap = np.maximum(np.sqrt(ox * ox + oy * oy) - h, 0)
+    hidden = np.float32(strength) * np.exp(-gap / np.float32(reach))
+    passed[box] *= np.where(labels[box] == 0, 1 - hidden, 1)
+  return passed
+
+
 # Radius of the sphere of an object's volume, in units of its half height.
 _VOLUME_SPHERE_RADIUS = {SPHERE: 1.0, CYLINDER: 1.5 ** (1 / 3),
                          CUBE: (6 / math.pi) ** (1 / 3)}
 
 
-def _floor_irradiance(qx, qy, lights, ambient, key_visibility=None):
-  """Irradiance (r, g, b) on the floor at (qx, qy); the key light's scaled."""
+def _floor_irradiance(qx, qy, lights, ambient, visibilities=()):
+  """Irradiance (r, g, b) on the floor at (qx, qy); light i's scaled by
+  visibilities[i] where there is one (the shadowing lights, key first)."""
   channels = [np.zeros(qx.shape, np.float32) + ambient for _ in range(3)]
-  for index, (position, color, intensity) in enumerate(lights):
+  for index, (position, color, intensity, _) in enumerate(lights):
     lx, ly = np.float32(position[0]) - qx, np.float32(position[1]) - qy
     lz = np.float32(position[2])
     dist2 = lx * lx + ly * ly + lz * lz
     strength = (intensity * lz) / (dist2 * np.sqrt(dist2))  # cos / d^2
-    if index == 0 and key_visibility is not None:
-      strength *= key_visibility
+    if index < len(visibilities):
+      strength *= visibilities[index]
     for c in range(3):
       channels[c] += strength * np.float32(color[c])
   return channels
 
 
 def _object_radiance(objects: _Objects, camera: _Camera, config: SceneConfig,
-                     lights, labels, points, view, key_visibility
+                     lights, labels, points, view, visibilities, sun
                      ) -> np.ndarray:
   """Linear colours [N, 3] of N object pixels, given flat per-pixel inputs.
 
   labels: [N] object labels (k + 1); points, view: hit points and unit view
-  directions as (x, y, z) arrays of [N]; key_visibility: [N].
+  directions as (x, y, z) arrays of [N]; visibilities: [N] per shadowing
+  light, key first; sun: (unit direction [3], visibility [N]) when
+  config.sun_share > 0, else None.
   """
   px, py, pz = points
   nx, ny, nz = (np.empty_like(px) for _ in range(3))
@@ -557,10 +641,17 @@ def _object_radiance(objects: _Objects, camera: _Camera, config: SceneConfig,
 
   # Hemisphere ambient: all of it from above, the floor's bounce from below.
   hemisphere = (1 + nz) / 2 + config.ground_bounce * (1 - nz) / 2
-  irradiance = [config.ambient * hemisphere for _ in range(3)]
+  ambient = config.ambient * (1 - config.sun_share) * hemisphere
+  if sun is not None:
+    (sx, sy, sz), sun_visibility = sun
+    # Irradiance sun_share * ambient on an upward face, as on the floor.
+    facing = np.maximum(sx * nx + sy * ny + sz * nz, 0) / np.float32(sz)
+    ambient = ambient + config.ambient * config.sun_share * facing * sun_visibility
+  irradiance = [ambient.copy() for _ in range(3)]
+  key_visibility = visibilities[0]
   highlight = np.zeros_like(px)
   sheen = np.zeros_like(px)
-  for index, (position, color, intensity) in enumerate(lights):
+  for index, (position, color, intensity, _) in enumerate(lights):
     lx = np.float32(position[0]) - px
     ly = np.float32(position[1]) - py
     lz = np.float32(position[2]) - pz
@@ -573,9 +664,10 @@ def _object_radiance(objects: _Objects, camera: _Camera, config: SceneConfig,
     lobe = (_SHARP_HIGHLIGHT * alignment ** 200
             + _BROAD_HIGHLIGHT * alignment ** 8)
     lobe = lobe * intensity / CLEVR_LIGHTS[0].intensity
+    if index < len(visibilities):
+      strength *= visibilities[index]
+      lobe *= visibilities[index]
     if index == 0:
-      strength *= key_visibility
-      lobe *= key_visibility
       sheen += key_visibility * alignment ** 6 * _RUBBER_SHEEN
     highlight += lobe
     for c in range(3):
@@ -665,15 +757,33 @@ def _shade(objects: _Objects, camera: _Camera, lights, rays, depth, labels,
   pz = np.float32(camera.position[2]) + depth * dz
   on_floor = labels == 0
   pz[on_floor] = 0  # exactly on the floor, whatever the rounding
-  key_visibility = _key_light_visibility(
-      objects, camera, labels, (px, py, pz), lights[0][0], config)
+  points = (px, py, pz)
+  visibilities = [
+      _light_visibility(objects, camera, labels, points, _disc_samples(
+          position, config.key_light_radius if index == 0 else radius,
+          config.shadow_samples))
+      for index, (position, _, _, radius) in enumerate(lights[:config.shadow_lights])]
+  sun = None
+  if config.sun_share > 0:
+    direction = np.asarray(config.sun_position, np.float64)
+    direction /= np.linalg.norm(direction)
+    sun_samples = _disc_samples(_SUN_DISTANCE * direction,
+                                _SUN_DISTANCE * _SUN_ANGULAR_RADIUS, config.shadow_samples)
+    sun = (direction, _light_visibility(objects, camera, labels, points, sun_samples))
 
   # The floor's shading is computed everywhere (cheap, branch-free); object
   # pixels are then overwritten from compressed arrays of just those pixels.
-  sky = config.ambient * (1 - _floor_occlusion(objects, camera, labels, px, py))
   # A few light samples leave steps in the penumbra; the floor blurs them.
-  floor_light = _floor_irradiance(px, py, lights, sky,
-                                  _box_blur(key_visibility, _PENUMBRA_BLUR))
+  sky = (config.ambient * (1 - config.sun_share)
+         * (1 - _floor_occlusion(objects, camera, labels, px, py)))
+  if sun is not None:
+    sky = sky + config.ambient * config.sun_share * _box_blur(sun[1], _PENUMBRA_BLUR)
+  floor_light = _floor_irradiance(
+      px, py, lights, sky, [_box_blur(v, _PENUMBRA_BLUR) for v in visibilities])
+  if config.contact_occlusion > 0:
+    contact = _floor_contact(objects, camera, labels, px, py,
+                             config.contact_occlusion, config.contact_reach)
+    floor_light = [channel * contact for channel in floor_light]
   linear = np.stack([config.floor_albedo * channel for channel in floor_light],
                     axis=-1)
   if config.plain_floor:
@@ -689,7 +799,8 @@ def _shade(objects: _Objects, camera: _Camera, lights, rays, depth, labels,
     linear.reshape(-1, 3)[on_object] = _object_radiance(
         objects, camera, config, lights, flat(labels),
         (flat(px), flat(py), flat(pz)),
-        (vx * inv_len, vy * inv_len, vz * inv_len), flat(key_visibility))
+        (vx * inv_len, vy * inv_len, vz * inv_len), [flat(v) for v in visibilities],
+        None if sun is None else (sun[0], flat(sun[1])))
   return _encode_srgb(_smooth_edges(linear, labels))
 
 
@@ -697,7 +808,7 @@ def _sample_lights(rng: np.random.Generator, config: SceneConfig):
   jitter = rng.uniform(-config.light_jitter, config.light_jitter,
                        size=(len(config.lights), 3))
   return [(np.asarray(light.position) + offset, np.asarray(light.color),
-           light.intensity) for light, offset in zip(config.lights, jitter)]
+           light.intensity, light.radius) for light, offset in zip(config.lights, jitter)]
 
 
 def render_scene(seed: int, config: SceneConfig = SceneConfig()
