@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   data.synthetic.contact_reach = 0.05
   # A floor of one colour per scene: no shading gradient, no shadows on it.
   data.synthetic.plain_floor = False
+  # The camera zoomed in by this factor, objects placed on a floor area 1/zoom
+  # as wide (renderer.SceneConfig.zoom): objects larger, the scene in view.
+  data.synthetic.zoom = 1.0
 
   config.model = model = ml_collections.ConfigDict()
   # 'unet' (the poster's U-Net / Auto-Encoder, the fields below) or

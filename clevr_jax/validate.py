@@ -39,6 +39,7 @@ _RANGES = {
     "data.synthetic.width": "[0, inf)", "data.synthetic.cube_scale": "(0, inf)",
     "data.synthetic.shadow_lights": "[1, 3]", "data.synthetic.sun_share": "[0, 1]",
     "data.synthetic.contact_occlusion": "[0, 1]", "data.synthetic.contact_reach": "(0, inf)",
+    "data.synthetic.zoom": "(0, inf)",
     "model.dropout_rate": "[0, 1)", "model.bn_momentum": "[0, 1]",
     "model.attention_blocks": "[0, inf)", "model.attention_heads": "[1, inf)",
     "model.attention_mlp_ratio": "(0, inf)", "model.embedding_dim": "[0, inf)",

@@ -259,7 +259,7 @@ def test_synthetic_reads_back_in_the_official_schema(synthetic, stored):
     ("image_height", 40), ("image_width", 56), ("synthetic.min_objects", 2),
     ("synthetic.max_objects", 5), ("synthetic.cube_scale", 0.7071),
     ("synthetic.shadow_lights", 3), ("synthetic.sun_share", 1.0),
-    ("synthetic.contact_occlusion", 0.2)])
+    ("synthetic.contact_occlusion", 0.2), ("synthetic.zoom", 1.5)])
 def test_any_setting_change_names_another_dataset(synthetic, setting, value):
   config, builder = synthetic
   changed = _test_config(config.data.data_dir)

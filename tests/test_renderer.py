@@ -164,6 +164,25 @@ def test_shadow_settings_out_of_range_are_refused(bad, field):
     renderer.SceneConfig(**bad)
 
 
+def test_zoom_enlarges_every_object_and_keeps_the_scene_in_view():
+  # Focal length x2 and the placement area's side / 2: an object at the same
+  # depth covers 4x the pixels; objects nearer the origin are a little farther
+  # from the camera, so the mean area grows by a little less. The renderer's
+  # visibility rule keeps every placed object in view at both settings.
+  def mean_object_area(config):
+    areas = []
+    for seed in range(6):
+      scene = renderer.render_scene(seed, config)
+      areas += [int((scene["labels"] == slot).sum()) for slot in range(1, _objects(scene) + 1)]
+    return np.mean(areas)
+  # A floor a quarter the area holds the toy scenes' counts of objects.
+  few = dataclasses.replace(SMALL, min_objects=2, max_objects=4)
+  ratio = mean_object_area(dataclasses.replace(few, zoom=2.0)) / mean_object_area(few)
+  assert 2.5 < ratio < 5.0
+  with pytest.raises(ValueError, match="zoom"):
+    renderer.SceneConfig(zoom=0.0)
+
+
 def test_a_plain_floor_is_one_colour_and_the_shaded_one_is_not():
   # Floor pixels away from the objects' edges (which are blended with their
   # neighbours) are one colour on a plain floor; the shaded floor's gradient

@@ -70,7 +70,8 @@ def make_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
             sun_share=float(s.get("sun_share", 0.0)),
             contact_occlusion=float(s.get("contact_occlusion", 0.0)),
             contact_reach=float(s.get("contact_reach", 0.05)),
-            plain_floor=bool(s.get("plain_floor", False))))
+            plain_floor=bool(s.get("plain_floor", False)),
+            zoom=float(s.get("zoom", 1.0))))
   if data.dataset == "clevr_with_masks":
     if ((data.image_height, data.image_width) != (schema.IMAGE_HEIGHT, schema.IMAGE_WIDTH)
         and not data.get("crop")):

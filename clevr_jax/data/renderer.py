@@ -119,6 +119,10 @@ class SceneConfig:
   # gradient and no shadows on it, so that the background says nothing about
   # where a pixel is (objects keep their shading and shadows on each other).
   plain_floor: bool = False
+  # The camera's focal length times `zoom`, the placement area's side over it:
+  # each object `zoom` times larger in the image, the scene still in view (toy
+  # scenes where objects fill more of a small image, as in Multi-dSprites).
+  zoom: float = 1.0
   # Camera: CLEVR's base scene, a 35 mm lens on a 32 mm sensor, looking at
   # the origin from about 28 degrees above the floor.
   camera_position: tuple[float, float, float] = (7.48113, -6.50764, 5.34367)
@@ -181,6 +185,8 @@ class SceneConfig:
       raise ValueError(f"contact_reach must be > 0, got {self.contact_reach}")
     if not self.sun_position[2] > 0:
       raise ValueError(f"sun_position must be above the floor, got {self.sun_position}")
+    if not self.zoom > 0:
+      raise ValueError(f"zoom must be > 0, got {self.zoom}")
 
   @property
   def visible_pixel_threshold(self) -> int:
@@ -239,7 +245,7 @@ def _make_camera(position: np.ndarray, config: SceneConfig) -> _Camera:
   right /= np.linalg.norm(right)
   up = np.cross(right, forward)
   # Blender's automatic sensor fit: the sensor spans the larger image side.
-  half_extent = config.sensor_width_mm / 2 / config.focal_length_mm
+  half_extent = config.sensor_width_mm / 2 / (config.focal_length_mm * config.zoom)
   longer = max(config.height, config.width)
   return _Camera(position=position, forward=forward, right=right, up=up,
                  half_width=half_extent * config.width / longer,
@@ -277,7 +283,7 @@ def _place_objects(rng: np.random.Generator, count: int, config: SceneConfig,
                    camera: _Camera) -> _Objects | None:
   """CLEVR's placement of `count` objects; None when one cannot be placed."""
   (right_x, right_y), (forward_x, forward_y) = camera.ground_axes()
-  extent = config.placement_extent
+  extent = config.placement_extent / config.zoom
   placed = []  # (x, y, footprint radius); plain floats: faster than NumPy here
   attributes = []
   for _ in range(count):

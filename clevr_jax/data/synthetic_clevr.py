@@ -37,6 +37,7 @@ class SyntheticClevrConfig(tfds.core.BuilderConfig):
   contact_occlusion: float = 0.0
   contact_reach: float = 0.05
   plain_floor: bool = False
+  zoom: float = 1.0
   processes: int | None = None  # render workers; None: one per core
 
 
@@ -45,8 +46,9 @@ def make_config(*, seed: int, num_train: int, num_test: int, height: int,
                 distinct_colors: bool = False, metal: bool = True, cube_scale: float = 1.0,
                 shadow_lights: int = 1, sun_share: float = 0.0,
                 contact_occlusion: float = 0.0, contact_reach: float = 0.05,
-                plain_floor: bool = False, processes: int | None = None) -> SyntheticClevrConfig:
-  # The toy settings, the cubes' scale and the shadows enter the name only when
+                plain_floor: bool = False, zoom: float = 1.0,
+                processes: int | None = None) -> SyntheticClevrConfig:
+  # The toy settings, the cubes' scale, the shadows and the zoom enter the name only when
   # set: CLEVR-like data keeps its name.
   toy = (("_distinct" if distinct_colors else "") + ("" if metal else "_rubber")
          + (f"_cubes{cube_scale:g}" if cube_scale != 1.0 else "")
@@ -54,7 +56,7 @@ def make_config(*, seed: int, num_train: int, num_test: int, height: int,
          + (f"_sun{sun_share:g}" if sun_share != 0.0 else "")
          + (f"_contact{contact_occlusion:g}-{contact_reach:g}" if contact_occlusion != 0.0
             else "")
-         + ("_plainfloor" if plain_floor else ""))
+         + ("_plainfloor" if plain_floor else "") + (f"_zoom{zoom:g}" if zoom != 1.0 else ""))
   name = (f"seed{seed}_{height}x{width}_train{num_train}_test{num_test}_"
           f"objects{min_objects}-{max_objects}{toy}_renderer{renderer.RENDERER_VERSION}")
   return SyntheticClevrConfig(
@@ -63,7 +65,7 @@ def make_config(*, seed: int, num_train: int, num_test: int, height: int,
       max_objects=max_objects, distinct_colors=distinct_colors, metal=metal,
       cube_scale=cube_scale, shadow_lights=shadow_lights, sun_share=sun_share,
       contact_occlusion=contact_occlusion, contact_reach=contact_reach,
-      plain_floor=plain_floor, processes=processes,
+      plain_floor=plain_floor, zoom=zoom, processes=processes,
       description="Synthetic CLEVR-like scenes rendered by clevr_jax.data.renderer.")
 
 
@@ -99,7 +101,8 @@ class SyntheticClevr(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         distinct_colors=config.distinct_colors, metal=config.metal,
         cube_scale=config.cube_scale, shadow_lights=config.shadow_lights,
         sun_share=config.sun_share, contact_occlusion=config.contact_occlusion,
-        contact_reach=config.contact_reach, plain_floor=config.plain_floor)
+        contact_reach=config.contact_reach, plain_floor=config.plain_floor,
+        zoom=config.zoom)
     seeds = [scene_seed(config.seed, split, i) for i in range(count)]
     scenes = renderer.render_scenes(seeds, scene_config, processes=config.processes)
     for index, scene in enumerate(scenes):
