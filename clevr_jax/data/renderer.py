@@ -19,11 +19,12 @@ Shading imitates CLEVR's Cycles renders cheaply, in linear light then sRGB:
 Lambert from three point lights (key, fill, back) plus hemisphere ambient,
 soft cast shadows from a few samples of the key light (on the floor and on
 other objects), and for metal a mirror reflection of the floor and highlights.
-Two switches bring the shadows nearer CLEVR's base scene, whose world is black
-and whose light is the three area lamps and a sun nearly overhead:
-`shadow_lights` lets the fill and back lamps cast shadows too, and `sun_share`
-makes that share of the ambient CLEVR's sun, a directional light with sharp
-shadows, leaving the rest as hemisphere ambient.
+Three settings, off by default, bring the shadows nearer CLEVR's base scene,
+whose world is black and whose light is the three area lamps and a sun nearly
+overhead: `shadow_lights` lets the fill and back lamps cast shadows too,
+`sun_share` makes that share of the ambient CLEVR's sun, a directional light
+with sharp shadows (the rest stays hemisphere ambient), and `contact_occlusion`
+darkens the floor where objects meet it.
 Colours are CLEVR's sRGB numbers used as linear albedo, as Blender uses them.
 
 Speed: object tests run only on the pixels inside each object's screen
