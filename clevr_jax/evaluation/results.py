@@ -58,6 +58,9 @@ def _describe(spec: dict[str, Any] | None) -> str:
                    f"(taps: {spec['tap_merge_threshold']:g}{colour})")
     else:
       parts.append(f"merge while distance < {spec['merge_threshold']:g}")
+    if spec.get("border_merge_factor", 1.0) != 1.0:
+      parts.append(f"the border's regions {spec['border_merge_factor']:g}x farther from "
+                   "the others")
   return "; ".join(parts)
 
 
