@@ -243,6 +243,10 @@ def slot_attention_config() -> ml_collections.ConfigDict:
   # Stop the gradient before the last iteration (implicit differentiation,
   # Chang et al., 2022); 'learned' initial slots always do.
   sa.implicit_grad = False
+  # The paper's pixel range: images mapped from [0, 1] to [-1, 1] before the
+  # encoder and the reconstruction mapped back (the loss stays on [0, 1]). It
+  # sets the colour features' scale beside the position embedding's.
+  sa.symmetric_input = False
   sa.encoder_features = (64, 64, 64, 64)
   sa.encoder_kernel = 5
   sa.decoder_features = 64

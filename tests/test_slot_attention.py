@@ -31,13 +31,15 @@ DATA_PARALLEL = os.path.join(REPO_ROOT, "tests", "helpers", "data_parallel.py")
 SAMPLES = os.path.join(REPO_ROOT, "tests", "data", "clevr_with_masks_samples")
 
 
-# The recipe switches, each on in one variant (two per variant keeps the
+# The recipe switches, each on in one variant (a few per variant keeps the
 # children few): BO-QSA's learned queries with global-norm clipping small
-# enough to act, and the K-Means initialiser with implicit differentiation.
+# enough to act and the paper's pixel range, and the K-Means initialiser with
+# implicit differentiation.
 _SWITCH_VARIANTS = {
     "paper": (),
     "learned_clipped": ("--config.model.slot_attention.init=learned",
-                        "--config.optimizer.grad_clip_norm=0.01"),
+                        "--config.optimizer.grad_clip_norm=0.01",
+                        "--config.model.slot_attention.symmetric_input=True"),
     # with the decoder at the full resolution, deeper (no upsampling, 2 layers)
     "kmeans_implicit_full_resolution": ("--config.model.slot_attention.init=kmeans",
                                         "--config.model.slot_attention.implicit_grad=True",
@@ -218,6 +220,25 @@ def test_the_decoder_upsamples_then_adds_its_stride_one_layers(upsamplings, laye
                             + ["decoder_output", "decoder_position"])
   output = jax.eval_shape(lambda p: model.apply({"params": p}, images, train=False)[0], shapes)
   assert output.shape == images.shape
+
+
+def test_the_symmetric_input_is_the_same_network_on_images_mapped_to_minus_one_one():
+  # With the same parameters, the network on x with symmetric_input equals the
+  # network without it on 2x - 1, its output mapped back by (y + 1) / 2: the
+  # switch changes the pixels' range and nothing else.
+  fields = dict(num_slots=3, slot_size=8, mlp_hidden=8, encoder_features=(8,), encoder_kernel=3,
+                decoder_features=8, decoder_upsamplings=1, decoder_kernel=3)
+  plain = slot_attention.SlotAttentionAutoEncoder(**fields)
+  symmetric = slot_attention.SlotAttentionAutoEncoder(**fields, symmetric_input=True)
+  images = jax.random.uniform(jax.random.key(1), (2, 8, 12, 3))
+  variables = plain.init(jax.random.key(0), images, train=False)
+  mapped, _ = plain.apply(variables, 2 * images - 1, train=False)
+  output, _ = symmetric.apply(variables, images, train=False)
+  # float32 roundings of values of order 1 through a small network: 1e-5 is
+  # about 100 roundings, where the two programs differ by a few.
+  np.testing.assert_allclose(np.asarray(output), (np.asarray(mapped) + 1) / 2, rtol=0, atol=1e-5)
+  assert not np.allclose(np.asarray(output), np.asarray(plain.apply(variables, images,
+                                                                    train=False)[0]), atol=1e-3)
 
 
 def test_taps_have_their_shapes_and_the_masks_split_each_pixel_over_the_slots(test_config):

@@ -224,6 +224,9 @@ class SlotAttentionAutoEncoder(nn.Module):
       mlp, layer_norm, slot_init, kmeans_iterations, implicit_grad: of the
       slot-attention module ('gaussian' and 'learned' initial slots are made
       here: the slot-attention module takes them as its input).
+    symmetric_input: the encoder sees the image mapped from [0, 1] to [-1, 1]
+      and the decoder's mixture is mapped back (the paper's pixel range; the
+      output stays in the image's range).
     encoder_features: channels of the encoder's convolutions (stride 1, ReLU).
     encoder_kernel: their kernel size.
     decoder_features: channels of the decoder's transposed convolutions.
@@ -251,6 +254,7 @@ class SlotAttentionAutoEncoder(nn.Module):
   slot_init: str = "gaussian"
   kmeans_iterations: int = 5
   implicit_grad: bool = False
+  symmetric_input: bool = False
   encoder_features: Sequence[int] = (64, 64, 64, 64)
   encoder_kernel: int = 5
   decoder_features: int = 64
@@ -318,6 +322,8 @@ class SlotAttentionAutoEncoder(nn.Module):
         features, (kernel, kernel), padding="SAME", dtype=self.dtype,
         param_dtype=jnp.float32, name=name, **kw)
     h = x.astype(self.dtype)
+    if self.symmetric_input:
+      h = 2 * h - 1
     for i, features in enumerate(self.encoder_features):
       h = nn.relu(conv(features, self.encoder_kernel, f"encoder{i + 1}")(h))
     h = SoftPositionEmbed(self.dtype, name="encoder_position")(h)
@@ -360,7 +366,10 @@ class SlotAttentionAutoEncoder(nn.Module):
     d = d.astype(jnp.promote_types(d.dtype, jnp.float32))
     images, alpha_logits = d[..., :-1], d[..., -1:]
     alphas = jax.nn.softmax(alpha_logits, axis=1)  # over the slots
-    out = jnp.sum(alphas * images, axis=1).astype(jnp.float32)
+    out = jnp.sum(alphas * images, axis=1)
+    if self.symmetric_input:
+      out = (out + 1) / 2
+    out = out.astype(jnp.float32)
     record("slot_masks", jnp.moveaxis(alphas[..., 0], 1, -1))
     record("output", out)
     return out, record.taps
