@@ -402,6 +402,7 @@ def test_the_paper_preset_is_the_published_recipe():
   assert pipeline.crop_pixels(config.data.crop, 240, 320) == (29, 221, 64, 256)
   assert config.data.real_config == "clevr6"
   assert (config.batch_size, config.num_train_steps) == (64, 500_000)
+  assert sa.symmetric_input  # the paper's images are in [-1, 1]
   opt = config.optimizer
   assert (opt.learning_rate, opt.schedule, opt.warmup_steps) == (4e-4, "warmup_exponential",
                                                                  10_000)
@@ -415,6 +416,7 @@ def test_the_toy_preset_has_a_slot_per_object_and_crops_without_resampling():
   config = slot_config.get_config("toy")
   data, sa = config.data, config.model.slot_attention
   assert data.synthetic.distinct_colors and not data.synthetic.metal
+  assert data.synthetic.zoom == 2.0 and sa.symmetric_input
   assert sa.num_slots == data.synthetic.max_objects + 1  # objects + the background
   assert config.eval.segmenters.slot_argmax.num_clusters == sa.num_slots
   top, bottom, left, right = pipeline.crop_pixels(data.crop, data.synthetic.height,
