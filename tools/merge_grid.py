@@ -71,9 +71,9 @@ def main(argv: Sequence[str]) -> None:
   def finish(segmenter, x, labels, num_masks, threshold):
     target, _ = segmenters.merge_rule(segmenter, segmenters.target_k(segmenter, num_masks),
                                       "pixels", cap)
-    limit = jnp.full_like(target, threshold, dtype=jnp.float32)
-    if not segmenter.predicts_k:
-      limit = jnp.full_like(target, jnp.inf, dtype=jnp.float32)
+    # A segmenter that merges to a target K has no threshold: it never stops early.
+    limit = jnp.full_like(target, threshold if segmenter.predicts_k else jnp.inf,
+                          dtype=jnp.float32)
     return segmenters.postprocess(segmenter, labels, x, target, limit, max_regions=ev.max_regions,
                                   cap=cap)[0]
 
@@ -89,7 +89,7 @@ def main(argv: Sequence[str]) -> None:
     x, labels = cluster(image, batch["index"], num_masks)
     for f, t in settings:
       pred = np.asarray(programs[f](x, labels, num_masks, np.float32(t)))
-      scores[(f, t)].append(segment_errors._score(pred, truth, num_masks, cap)[valid])  # pylint: disable=protected-access
+      scores[(f, t)].append(segment_errors.score_maps(pred, truth, num_masks, cap)[valid])
       for b in np.flatnonzero(valid):
         found = segment_errors.count_errors(pred[b], truth[b], lab[b], same_colour=0.1,
                                             piece=0.1, darker=0.03)

@@ -150,7 +150,7 @@ def oracle_cut(regions: np.ndarray, truth: np.ndarray, share: float) -> np.ndarr
   return out
 
 
-def _score(pred: np.ndarray, truth: np.ndarray, num_masks: np.ndarray, slots: int
+def score_maps(pred: np.ndarray, truth: np.ndarray, num_masks: np.ndarray, slots: int
            ) -> np.ndarray:
   """[B, 3]: FG-ARI, poster mIoU, ClevrTex mIoU of label maps [B, h, w]."""
   from clevr_jax import metrics, schema  # pylint: disable=import-outside-toplevel
@@ -211,11 +211,11 @@ def main(argv: Sequence[str]) -> None:
           for name, value in found.items():
             counted.counts[name] += value
         tally.regions.append(len(np.unique(regions[b])))
-      tally.scores.append(_score(pred, truth, num_masks, cap)[valid])
-      tally.ceiling.append(_score(ideal, truth, num_masks, schema.MAX_SLOTS)[valid])
+      tally.scores.append(score_maps(pred, truth, num_masks, cap)[valid])
+      tally.ceiling.append(score_maps(ideal, truth, num_masks, schema.MAX_SLOTS)[valid])
       cut = np.stack([perfect_merge(oracle_cut(r, t, FLAGS.oracle_cut), t)
                       for r, t in zip(regions, truth)])
-      tally.cut_ceiling.append(_score(cut, truth, num_masks, schema.MAX_SLOTS)[valid])
+      tally.cut_ceiling.append(score_maps(cut, truth, num_masks, schema.MAX_SLOTS)[valid])
 
   rows = {}
   print("| segmenter | FG-ARI / poster mIoU / ClevrTex mIoU | ceiling (regions merged "
