@@ -533,16 +533,15 @@ def test_more_regions_than_slots_absorbs_the_smallest_and_warns(caplog):
 
 
 def test_segmenters_that_share_a_program_keep_their_own_k_and_merge_rule():
-  # kmeans / kmeans_fixed_k, and split_merge / split_merge_predict_k at one
-  # border factor, share a compiled program each (K and the merge's rule are its
-  # inputs): each must still get its own tables, the ones it gets alone.
+  # kmeans / kmeans_fixed_k, and split_merge / split_merge_predict_k, share a
+  # compiled program each (K, the merge's rule and its border factor are inputs):
+  # each must still get its own tables, the ones it gets alone.
   from clevr_jax import sharding  # pylint: disable=g-import-not-at-top
   from clevr_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
   config = defaults.get_config("test")
   config.data.image_height, config.data.image_width = 24, 32
-  shared = config.eval.segmenters
-  shared.split_merge.border_merge_factor = shared.split_merge_predict_k.border_merge_factor
   found = segmenters.configured(config)
+  assert found[2].border_merge_factor != found[3].border_merge_factor
   assert len({s.program("kmeans") for s in found}) == 1
   assert found[2].program("postprocess") == found[3].program("postprocess")
   rng = _rng(8)

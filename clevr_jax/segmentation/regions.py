@@ -357,8 +357,8 @@ def _distances_to(one: jax.Array, means: jax.Array, metric: str) -> jax.Array:
 
 def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[jax.Array],
           target: jax.Array, threshold: jax.Array, *, max_regions: int, cap: int,
-          metric: str, cut_from: jax.Array | None = None, border_factor: float = 1.0
-          ) -> jax.Array:
+          metric: str, cut_from: jax.Array | None = None,
+          border_factor: jax.Array | float = 1.0) -> jax.Array:
   """Greedy merging of adjacent regions, the closest mean features first.
 
   Goes on while the closest adjacent pair is nearer than `threshold` and more
@@ -385,8 +385,9 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     border_factor: the distance of a region that touches the image's border (the
       floor's pieces) to one that does not (an object) is multiplied by this
       (a region touches the border when either of its merged parts did); 1: no
-      change. Grey objects lie nearer the floor's colour than the floor's own
-      shading spreads.
+      change (multiplying by 1.0 is exact). Grey objects lie nearer the floor's
+      colour than the floor's own shading spreads. A program input, so every
+      factor shares one compile.
   """
   r = max_regions
   flat = regions.reshape(-1)
@@ -405,10 +406,9 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
   apart = () if cut_from is None else (
       (cut_from[:, None] == cut_from[None, :]) & (slots[:, None] != slots[None, :]),)
   dist = jax.lax.map(lambda one: distances_to(one, means), means)
-  # Which regions touch the border, () when the factor is 1: nothing more carried.
-  edge = () if border_factor == 1.0 else (_on_edge(regions, r),)
-  if edge:
-    dist = dist * jnp.where(edge[0][:, None] != edge[0][None, :], border_factor, 1.0)
+  border_factor = jnp.asarray(border_factor, jnp.float32)
+  edge = _on_edge(regions, r)  # which regions touch the border
+  dist = dist * jnp.where(edge[:, None] != edge[None, :], border_factor, 1.0)
   if apart:
     dist = dist + jnp.where(apart[0], APART, 0.0)
   dist = jnp.where(adjacent, dist, jnp.inf)
@@ -430,10 +430,8 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     new_adjacent = adjacent.at[i].set(row).at[:, i].set(row)
     new_adjacent = new_adjacent.at[j].set(False).at[:, j].set(False)
     drow = distances_to(merged, new_means)
-    new_edge = edge
-    if edge:
-      new_edge = (edge[0].at[i].set(edge[0][i] | edge[0][j]),)
-      drow = drow * jnp.where(new_edge[0] != new_edge[0][i], border_factor, 1.0)
+    new_edge = edge.at[i].set(edge[i] | edge[j])
+    drow = drow * jnp.where(new_edge != new_edge[i], border_factor, 1.0)
     new_apart = apart
     if apart:
       apart_row = (apart[0][i] | apart[0][j]) & (slots != i)
@@ -461,7 +459,7 @@ def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
                 target: jax.Array, threshold: jax.Array, *, num_labels: int,
                 modal_size: int, split: bool, min_area: int, max_regions: int, cap: int,
                 metric: str, shape_split_args: dict[str, float] | None = None,
-                border_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                border_factor: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
   """One image: cluster labels [h, w] (in 0..num_labels-1) and the features
   [h, w, c] they came from -> (region labels [h, w] in 0..cap-1, the number of
   regions of at least `min_area` pixels: more than `max_regions` means that

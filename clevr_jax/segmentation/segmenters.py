@@ -103,27 +103,34 @@ def shape_split_args(segmenter: Segmenter, height: int, width: int
 
 
 def _one_image_postprocess(segmenter: Segmenter, height: int, width: int, *,
-                           modal_size: int, split: bool, max_regions: int, cap: int):
-  """`regions.postprocess` of one image with the segmenter's settings at this size."""
-  return functools.partial(
+                           modal_size: int, split: bool, max_regions: int, cap: int,
+                           border_factor: jax.Array | None = None):
+  """`regions.postprocess` of one image with the segmenter's settings at this size,
+  the border factor `segmenter.border_merge_factor` unless given."""
+  one_image = functools.partial(
       regions.postprocess, num_labels=segmenter.k_max, modal_size=modal_size, split=split,
       min_area=int(round(segmenter.min_area * height * width)), max_regions=max_regions,
       cap=cap, metric=segmenter.metric,
-      shape_split_args=shape_split_args(segmenter, height, width),
-      border_factor=segmenter.border_merge_factor)
+      shape_split_args=shape_split_args(segmenter, height, width))
+  factor = segmenter.border_merge_factor if border_factor is None else border_factor
+  return lambda labels, x, target, threshold: one_image(labels, x, target, threshold,
+                                                        border_factor=factor)
 
 
 def postprocess(segmenter: Segmenter, labels: jax.Array, x: jax.Array, target: jax.Array,
-                threshold: jax.Array, *, max_regions: int, cap: int
-                ) -> tuple[jax.Array, jax.Array]:
+                threshold: jax.Array, *, max_regions: int, cap: int,
+                border_factor: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The segmenter's post-processing of cluster labels [B, h, w] of the features x
   [B, h, w, c]: (labels [B, h, w] in 0..cap-1, regions per image after absorbing
-  specks; zeros without post-processing). See `segment` for the arguments."""
+  specks; zeros without post-processing). `border_factor`: the merge's, as an
+  input of the program (`segmenter.border_merge_factor` when None). See `segment`
+  for the other arguments."""
   if not segmenter.post_processes:
     return labels, jnp.zeros(labels.shape[:1], jnp.int32)
   _, h, w = labels.shape
   one_image = _one_image_postprocess(segmenter, h, w, modal_size=segmenter.modal_size,
-                                     split=segmenter.split, max_regions=max_regions, cap=cap)
+                                     split=segmenter.split, max_regions=max_regions, cap=cap,
+                                     border_factor=border_factor)
   return jax.vmap(one_image)(labels, x, target, threshold)
 
 
@@ -343,9 +350,11 @@ class DevicePrograms:
 
     postprocess_spec = segmenter.program("postprocess")
 
-    def finish(labels, x, target, threshold, true_labels):
+    def finish(labels, x, target, threshold, true_labels, border_factor):
       labels, counts = postprocess(postprocess_spec, labels, x, target, threshold,
-                                   max_regions=ev.max_regions, cap=cap)
+                                   max_regions=ev.max_regions, cap=cap,
+                                   border_factor=border_factor)
       return (*self._score(labels, true_labels), counts)
-    return self._program(("postprocess", postprocess_spec), lambda: finish)(
-        labels, x, target, threshold, true_labels)
+    return self._program(("postprocess", postprocess_spec), lambda: finish,
+                         in_specs=(P(sharding.AXIS),) * 5 + (P(),))(
+        labels, x, target, threshold, true_labels, np.float32(segmenter.border_merge_factor))

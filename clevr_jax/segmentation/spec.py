@@ -107,7 +107,7 @@ class Segmenter:
       1.0, "the merge's distance between a region that touches the image's border (the "
       "floor's pieces) and one that does not (an object) is multiplied by this: above 1, "
       "objects of nearly the floor's colour (grey ones) stay apart; 1 = no change",
-      shapes=_POSTPROCESS, interval="[1, inf)")
+      shapes=("whole",), interval="[1, inf)")
   merge_threshold: float = _field(
       0.0, "the distance under which 'predict' merges (raw pixels, and taps unless "
       "tap_merge_threshold is set)", shapes=("whole",), interval="[0, inf)")
