@@ -15,7 +15,7 @@ The hybrid segmenters ('hybrid' with the oracle K, 'hybrid_predict_k'
 without) are scored beside the others: the image's clusters draw the regions,
 the learned tap's region means merge them, or their colours where nearly the
 same (a shadow's code lies between the object's and the floor's; without the
-oracle, while closer than delta_d = 0.5, or than 0.125 in Lab: the
+oracle, while closer than delta_d = 0.75, or than 0.125 in Lab: the
 thresholds Blender renders with the official CLEVR assets pick). They are the
 recipe's best no-oracle pipeline. Self-training rounds:
 --config.objectives.self_training_rounds=2 trains round 1 in <workdir>/round1
@@ -57,7 +57,9 @@ def get_config(arg: str | None = None):
   # The post-processed segmenters read learned taps as the loss shapes them:
   # on the unit sphere, where the discriminative margins hold. Two regions of
   # one instance then have means within 2 * delta_v, of two instances at least
-  # 2 * delta_d - 2 * delta_v apart; delta_d lies midway (0.4 | 0.5 | 0.6).
+  # 2 * delta_d - 2 * delta_v apart; delta_d lies midway (0.4 | 0.75 | 1.1). Set
+  # here, before the command line's overrides: a run that changes the margins
+  # sets --config.eval.segmenters.<name>.tap_merge_threshold to its delta_d too.
   # Raw pixels keep their Lab settings. The hybrid (pixels split, the learned tap
   # merges) compares the means of whole colour regions at the same midway delta_d:
   # chosen on Blender renders with the official assets over the margins' bound on

@@ -151,6 +151,10 @@ def test_unet_objects_scores_the_hybrids_under_the_margins_bound():
   assert found["hybrid_predict_k"].split_source == "pixels"
   assert found["split_merge_predict_k"].threshold_for("embedding") == d.delta_d
   assert found["hybrid"].k == "oracle" and found["hybrid"].uses_pixels
+  # The defaults' hybrids, for any learned tap, follow the same rule.
+  base = defaults.base_config()
+  assert base.eval.segmenters.hybrid_predict_k.tap_merge_threshold == (
+      base.objectives.discriminative.delta_d)
 
 
 def test_bad_sources_are_clear_errors():
