@@ -193,18 +193,17 @@ def base_config() -> ml_collections.ConfigDict:
   # The hybrid: pixels draw the boundaries (Lab K0-Means, majority filter,
   # components), the learned tap decides what belongs together (adjacent regions
   # merged by the tap's region means on the unit sphere, or by their colour).
-  # The tap's 0.75 = delta_d (objectives.discriminative below), midway between
-  # the discriminative margins' bounds on two regions of one instance
-  # (2 * delta_v = 0.4) and of two (2 * delta_d - 2 * delta_v = 1.1); colour's
-  # 0.125 (Lab / 100) lets a shadow join the floor it is nearly the colour of.
-  # The midway rule, the margins and the colour threshold were chosen on Blender
-  # renders with the official CLEVR assets
+  # The tap's 0.65 lies between the discriminative margins' bounds (objectives.
+  # discriminative below) on two regions of one instance (2 * delta_v = 0.4) and
+  # of two (2 * delta_d - 2 * delta_v = 1.1); colour's 0.125 (Lab / 100) lets a
+  # shadow join the floor it is nearly the colour of. Both, and the margins, chosen
+  # on Blender renders with the official CLEVR assets
   # (docs/reports/2026-12-07-real-asset-renders.md); the synthetic scenes chose
   # 0.6 and 0.1 at delta_d = 0.5 (docs/reports/2026-12-06-hybrid-segmenter.md).
   hybrid = dict(pixel_transforms="lab", tap_transforms="l2", metric="euclidean",
                 num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
                 split_source="pixels", merge_source="tap_or_pixels",
-                merge_threshold=0.2, tap_merge_threshold=0.75, colour_merge_threshold=0.125)
+                merge_threshold=0.2, tap_merge_threshold=0.65, colour_merge_threshold=0.125)
   ev.segmenters.hybrid = segmenter(**hybrid)
   ev.segmenters.hybrid_predict_k = segmenter(**hybrid, k="predict")
   ev.segmenter_names = ("kmeans", "kmeans_fixed_k", "split_merge", "split_merge_predict_k")

@@ -15,7 +15,7 @@ The hybrid segmenters ('hybrid' with the oracle K, 'hybrid_predict_k'
 without) are scored beside the others: the image's clusters draw the regions,
 the learned tap's region means merge them, or their colours where nearly the
 same (a shadow's code lies between the object's and the floor's; without the
-oracle, while closer than delta_d = 0.75, or than 0.125 in Lab: the
+oracle, while closer than 0.65 on the unit sphere, or than 0.125 in Lab: the
 thresholds Blender renders with the official CLEVR assets pick). They are the
 recipe's best no-oracle pipeline. Self-training rounds:
 --config.objectives.self_training_rounds=2 trains round 1 in <workdir>/round1
@@ -57,18 +57,17 @@ def get_config(arg: str | None = None):
   # The post-processed segmenters read learned taps as the loss shapes them:
   # on the unit sphere, where the discriminative margins hold. Two regions of
   # one instance then have means within 2 * delta_v, of two instances at least
-  # 2 * delta_d - 2 * delta_v apart; delta_d lies midway (0.4 | 0.75 | 1.1). Set
-  # here, before the command line's overrides: a run that changes the margins
-  # sets --config.eval.segmenters.<name>.tap_merge_threshold to its delta_d too.
-  # Raw pixels keep their Lab settings. The hybrid (pixels split, the learned tap
-  # merges) compares the means of whole colour regions at the same midway delta_d:
-  # chosen on Blender renders with the official assets over the margins' bound on
-  # two instances, 2*delta_d - 2*delta_v, which the synthetic scenes chose
-  # (docs/reports/2026-12-07-real-asset-renders.md). With the oracle K the
-  # threshold only sets the distances' scale.
+  # 2 * delta_d - 2 * delta_v apart (0.4 | 1.1 at the defaults). Every
+  # post-processed segmenter merges the tap's region means under the hybrid's tap
+  # threshold, 0.65, between the two bounds: chosen on Blender renders with the
+  # official assets (docs/reports/2026-12-07-real-asset-renders.md). A run that
+  # changes the margins sets --config.eval.segmenters.<name>.tap_merge_threshold
+  # between its own bounds. Raw pixels keep their Lab settings. With the oracle K
+  # the threshold only sets the distances' scale.
+  tap_threshold = config.eval.segmenters.hybrid_predict_k.tap_merge_threshold
   for name in ("split_merge", "split_merge_predict_k", "hybrid", "hybrid_predict_k"):
     config.eval.segmenters[name].tap_transforms = "l2"
-    config.eval.segmenters[name].tap_merge_threshold = obj.discriminative.delta_d
+    config.eval.segmenters[name].tap_merge_threshold = tap_threshold
   config.eval.segmenter_names = tuple(config.eval.segmenter_names) + (
       "hybrid", "hybrid_predict_k")
 

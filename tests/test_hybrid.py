@@ -144,17 +144,13 @@ def test_unet_objects_scores_the_hybrids_under_the_margins_bound():
   config = unet_objects.get_config("quick")
   found = {s.name: s for s in segmenters.configured(config)}
   d = config.objectives.discriminative
-  # Midway between the margins' bounds on one instance and on two.
-  assert 2 * d.delta_v < found["hybrid_predict_k"].threshold_for("embedding") < (
-      2 * d.delta_d - 2 * d.delta_v)
-  assert found["hybrid_predict_k"].threshold_for("embedding") == d.delta_d
+  # Between the margins' bounds on one instance and on two, one threshold for all.
+  threshold = found["hybrid_predict_k"].threshold_for("embedding")
+  assert 2 * d.delta_v < threshold < 2 * d.delta_d - 2 * d.delta_v
+  assert found["split_merge_predict_k"].threshold_for("embedding") == threshold
+  assert threshold == defaults.base_config().eval.segmenters.hybrid_predict_k.tap_merge_threshold
   assert found["hybrid_predict_k"].split_source == "pixels"
-  assert found["split_merge_predict_k"].threshold_for("embedding") == d.delta_d
   assert found["hybrid"].k == "oracle" and found["hybrid"].uses_pixels
-  # The defaults' hybrids, for any learned tap, follow the same rule.
-  base = defaults.base_config()
-  assert base.eval.segmenters.hybrid_predict_k.tap_merge_threshold == (
-      base.objectives.discriminative.delta_d)
 
 
 def test_bad_sources_are_clear_errors():
