@@ -133,6 +133,17 @@ class _Device:
         cap=max_regions or _SLOTS, metric=metric, border_factor=border_factor))
 
 
+  @staticmethod
+  def refine(labels, features, *, steps, metric="euclidean"):
+    return np.asarray(_refine(jnp.asarray(labels), jnp.asarray(features, jnp.float32),
+                              steps=steps, metric=metric))
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "metric"))
+def _refine(labels, features, *, steps, metric):
+  return regions.refine(labels, features, steps=steps, max_regions=_SLOTS, metric=metric)
+
+
 @functools.partial(jax.jit, static_argnames=("cap", "metric", "border_factor"))
 def _merge(labels, count, features, target, threshold, *, cap, metric, border_factor=1.0):
   return regions.merge(labels, count, features, target, threshold, max_regions=_SLOTS,
@@ -249,6 +260,72 @@ def test_the_border_factor_merges_in_the_same_order_on_device_and_reference():
                                             border_factor=1.5, **kw))
 
 
+def _disc(h=20, w=24, radius=6.0, centre=(10, 11)):
+  yy, xx = np.mgrid[:h, :w]
+  return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+
+
+def test_refine_gives_back_the_rim_that_the_filter_took(postprocess):
+  disc = _disc()
+  colour = np.where(disc[..., None], [1.0, 0.2, 0.0], [0.0, 0.0, 0.3]).astype(np.float32)
+  p = np.pad(disc, 1)
+  eroded = disc & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+  assert eroded.sum() < disc.sum()  # the rim is on the floor's side
+  out = postprocess.refine(eroded.astype(np.int32), colour, steps=3)
+  np.testing.assert_array_equal(out, disc.astype(np.int32))
+
+
+def test_refine_keeps_a_highlight_and_renumbers_a_region_it_empties(postprocess):
+  disc = _disc()
+  colour = np.where(disc[..., None], [0.5, 0.0, 0.0], [0.0, 0.0, 0.3]).astype(np.float32)
+  colour[9:12, 10:13] = [1.0, 1.0, 1.0]  # a highlight inside the object
+  labels = np.where(disc, 2, 0)
+  labels[9:12, 10:13] = 3
+  # A region across the rim, one pixel of each side: each goes to its own side.
+  assert disc[10, 17] and not disc[10, 18]
+  labels[10, 17:19] = 1
+  out = postprocess.refine(labels, colour, steps=2)
+  expected = np.where(disc, 1, 0)
+  expected[9:12, 10:13] = 2
+  np.testing.assert_array_equal(out, expected)
+
+
+def _refine_margin(labels, features, steps):
+  """The smallest gap, over rounds and pixels, between a pixel's nearest candidate
+  mean and its nearest one of another label (the reference's rounds)."""
+  x = features.reshape(-1, features.shape[-1]).astype(np.float64)
+  smallest = np.inf
+  for _ in range(steps):
+    n = labels.max() + 1
+    flat = labels.ravel()
+    means = np.stack([np.bincount(flat, x[:, j], minlength=n) for j in range(x.shape[1])], 1)
+    means /= np.maximum(np.bincount(flat, minlength=n), 1)[:, None]
+    padded = np.pad(labels, 1, constant_values=-1)
+    cands = np.stack([c.ravel() for c in (labels, padded[:-2, 1:-1], padded[2:, 1:-1],
+                                           padded[1:-1, :-2], padded[1:-1, 2:])])
+    d = np.where(cands >= 0, np.linalg.norm(x[None] - means[np.maximum(cands, 0)], axis=-1),
+                 np.inf)
+    best = np.argmin(d, 0)
+    winner = cands[best, np.arange(flat.size)]
+    other = np.where(cands != winner[None], d, np.inf).min(0)
+    smallest = min(smallest, float(np.min(other - d[best, np.arange(flat.size)])))
+    labels = postprocess_reference.refine(labels, features, steps=1)
+  return smallest
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refine_equals_the_reference_on_random_maps(seed):
+  labels = postprocess_reference.split_components(_blobs(seed))
+  rng = _rng(seed)
+  features = (rng.normal(size=labels.shape + (3,))
+              + 2 * rng.normal(size=(labels.max() + 1, 3))[labels]).astype(np.float32)
+  # float32 and float64 means differ by ~1e-6: decisions this far apart agree.
+  assert _refine_margin(labels, features, 3) > 1e-4
+  out = _Device.refine(labels, features, steps=3)
+  np.testing.assert_array_equal(out, postprocess_reference.refine(labels, features, steps=3))
+  assert not np.array_equal(out, postprocess_reference.relabel(labels))  # it had work to do
+
+
 def test_cosine_merge_distance_ignores_the_length(postprocess):
   regions = np.repeat(np.arange(3), 2)[None]
   features = np.array([[1.0, 0.0], [5.0, 0.1], [0.0, 1.0]])[regions]
@@ -324,6 +401,8 @@ def test_bad_segmenter_configs_are_clear_errors():
     _segmenter("x", min_area=float("nan"))
   with pytest.raises(ValueError, match=r"border_merge_factor=0.5 must be in \[1, inf\)"):
     _segmenter("x", border_merge_factor=0.5)
+  with pytest.raises(ValueError, match=r"refine_steps=-1 must be in \[0, 50\]"):
+    _segmenter("x", refine_steps=-1)
   config = defaults.base_config()
   config.eval.segmenter_names = ("kmeans", "nope")
   with pytest.raises(ValueError, match="nope"):
@@ -352,7 +431,8 @@ def test_a_field_keys_the_programs_it_shapes_and_no_other():
              "merge_source": "pixels", "taps": ("enc1",), "name": "b",
              "shape_split": True, "shape_split_min_radius": 0.05,
              "shape_split_waist": 0.6, "shape_split_max_area": 0.2,
-             "border_merge_factor": 2.0}
+             "border_merge_factor": 2.0, "boundary_weight": 0.5, "boundary_reach": 2,
+             "refine_steps": 2}
   fields = {f.name: f for f in dataclasses.fields(spec.Segmenter)}
   assert set(changed) == set(fields) - {"fixed_k", "num_clusters"}
   for name, value in changed.items():

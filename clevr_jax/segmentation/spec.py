@@ -100,6 +100,11 @@ class Segmenter:
   min_area: float = _field(
       0.0, "regions under this fraction of the image's area (5e-4: 38 pixels at 240x320) "
       "are absorbed into the nearest kept region", shapes=_POSTPROCESS, interval="[0, 1)")
+  refine_steps: int = _field(
+      0, "rounds in which each pixel takes, of its own region and its 4-neighbours', the "
+      "one whose mean feature is nearest its own, after the specks are absorbed and "
+      "before the merge: boundaries the majority filter moved go back; 0 = none",
+      shapes=_POSTPROCESS, interval="[0, 50]")
   merge: bool = _field(
       False, "merge adjacent regions by mean-feature distance: down to K ('oracle', "
       "'fixed'), or while closer than the threshold ('predict')", shapes=_POSTPROCESS)
@@ -108,6 +113,15 @@ class Segmenter:
       "floor's pieces) and one that does not (an object) is multiplied by this: above 1, "
       "objects of nearly the floor's colour (grey ones) stay apart; 1 = no change",
       shapes=("whole",), interval="[1, inf)")
+  boundary_weight: float = _field(
+      0.0, "the merge's distance of two adjacent regions is (1 - w) times their mean "
+      "features' distance plus w times the mean step of the features across their shared "
+      "edge: one object's shading bands meet smoothly, two objects at a sharp step; "
+      "0 = the means alone", shapes=_POSTPROCESS, interval="[0, 1]")
+  boundary_reach: int = _field(
+      1, "boundary_weight: the step across an edge compares the pixels this far from it "
+      "on each side (2 steps over one anti-aliased pixel)", shapes=_POSTPROCESS,
+      interval="[1, 8]")
   merge_threshold: float = _field(
       0.0, "the distance under which 'predict' merges (raw pixels, and taps unless "
       "tap_merge_threshold is set)", shapes=("whole",), interval="[0, inf)")
@@ -137,7 +151,7 @@ class Segmenter:
   @property
   def post_processes(self) -> bool:
     return (self.split or self.merge or self.min_area > 0 or self.modal_size > 1
-            or self.shape_split)
+            or self.shape_split or self.refine_steps > 0)
 
   @property
   def predicts_k(self) -> bool:

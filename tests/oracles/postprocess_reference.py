@@ -14,6 +14,8 @@ steps here turn clusters into regions:
   absorb_small       regions under a minimum area take the label of the
                      nearest pixel of a kept region: one Euclidean distance
                      transform for all of them at once, never one region at a time
+  refine             each pixel takes, of its own and its 4-neighbours' regions,
+                     the one of nearest mean feature, a few rounds
   shape_split        regions of thick parts joined by a narrow waist are cut
                      between the peaks of their distance transform: shortest
                      paths on the pixel graph (SciPy's Dijkstra) for the
@@ -287,6 +289,42 @@ def _distances_to(one: np.ndarray, means: np.ndarray, metric: str) -> np.ndarray
   return np.linalg.norm(means - one, axis=1)
 
 
+def refine(regions: np.ndarray, features: np.ndarray, *, steps: int,
+           metric: str = "euclidean") -> np.ndarray:
+  """`steps` rounds in which each pixel takes, of its own region and its
+  4-neighbours' regions, the one whose mean feature (this round's) is nearest
+  its own (the first of equals: its own, then the neighbours above, below, left,
+  right); then the regions left renumbered 0..n-1 in their old order."""
+  h, w = regions.shape
+  x = features.reshape(h * w, -1).astype(np.float64)
+  labels = regions.copy()
+  for _ in range(steps):
+    n = int(labels.max()) + 1
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n).astype(np.float64)
+    means = np.stack([np.bincount(flat, x[:, j], minlength=n) for j in range(x.shape[1])], 1)
+    means /= np.maximum(area, 1.0)[:, None]
+    padded = np.pad(labels, 1, constant_values=-1)
+    candidates = [labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2],
+                  padded[1:-1, 2:]]
+    distances = []
+    for cand in candidates:
+      flat_cand = cand.ravel()
+      d = _pair_distances(x, means[np.maximum(flat_cand, 0)], metric)
+      distances.append(np.where(flat_cand >= 0, d, np.inf))
+    best = np.argmin(np.stack(distances), axis=0)
+    labels = np.stack([c.ravel() for c in candidates])[best, np.arange(h * w)].reshape(h, w)
+  return relabel(labels)
+
+
+def _pair_distances(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+  """Row by row distances of a [N, c] to b [N, c]."""
+  if metric == "cosine":
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return 1.0 - np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1.0)
+  return np.linalg.norm(a - b, axis=1)
+
+
 def merge_regions(regions: np.ndarray, features: np.ndarray, *, metric: str = "euclidean",
                   num_regions: int | None = None, threshold: float | None = None,
                   max_regions: int | None = None, cut_from: np.ndarray | None = None,
@@ -371,14 +409,16 @@ def postprocess_one(labels: np.ndarray, features: np.ndarray, *, modal_size: int
                     min_area: int, merge: bool, metric: str, target: int | None,
                     threshold: float | None, max_regions: int,
                     shape_split_args: dict[str, float] | None = None,
-                    region_slots: int = 128, border_factor: float = 1.0) -> np.ndarray:
+                    region_slots: int = 128, border_factor: float = 1.0,
+                    refine_steps: int = 0) -> np.ndarray:
   """One image's cluster labels [h, w] -> region labels [h, w] (`regions.postprocess`).
 
   `min_area` in pixels; with `merge`, `threshold` (K predicted) or else `target`
   (K) stops the merge, and `max_regions` caps the regions in any case.
   `shape_split_args` (`shape_split`'s, in pixels) cuts regions at narrow waists
   into at most `region_slots` regions (the device program's R) before the merge;
-  `border_factor` is the merge's (`merge_regions`).
+  `border_factor` is the merge's (`merge_regions`); `refine_steps` rounds of
+  `refine` follow the absorption.
   """
   regions = relabel(labels)
   if modal_size > 1:
@@ -387,6 +427,8 @@ def postprocess_one(labels: np.ndarray, features: np.ndarray, *, modal_size: int
     regions = split_components(regions)
   if min_area > 1:
     regions = absorb_small(regions, min_area)
+  if refine_steps:
+    regions = refine(regions, features, steps=refine_steps, metric=metric)
   cut_from = None
   if shape_split_args is not None:
     regions, cut_from = shape_split(regions, max_regions=region_slots, **shape_split_args)
