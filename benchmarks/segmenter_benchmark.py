@@ -140,7 +140,7 @@ def main(argv):
               target=int(target[i]),
               threshold=seg.merge_threshold if seg.predicts_k else None, max_regions=slots,
               shape_split_args=segmenters_lib.shape_split_args(seg, h, w), region_slots=r,
-              border_factor=seg.border_merge_factor)
+              border_factor=seg.border_merge_factor, refine_steps=seg.refine_steps)
               for i in range(b)])
         return metrics.contingency_host(np.asarray(t), labels, schema.MAX_SLOTS, slots)
 

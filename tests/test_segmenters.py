@@ -431,8 +431,7 @@ def test_a_field_keys_the_programs_it_shapes_and_no_other():
              "merge_source": "pixels", "taps": ("enc1",), "name": "b",
              "shape_split": True, "shape_split_min_radius": 0.05,
              "shape_split_waist": 0.6, "shape_split_max_area": 0.2,
-             "border_merge_factor": 2.0, "boundary_weight": 0.5, "boundary_reach": 2,
-             "refine_steps": 2}
+             "border_merge_factor": 2.0, "refine_steps": 2}
   fields = {f.name: f for f in dataclasses.fields(spec.Segmenter)}
   assert set(changed) == set(fields) - {"fixed_k", "num_clusters"}
   for name, value in changed.items():
@@ -564,12 +563,14 @@ def test_device_steps_equal_the_reference_on_random_maps(seed):
                                             threshold=threshold, max_regions=11))
 
 
-@pytest.mark.parametrize("merge,k", [(True, "oracle"), (True, "predict"), (False, "oracle")])
-def test_whole_postprocessing_equals_the_reference_without_specks(merge, k):
+@pytest.mark.parametrize("merge,k,refine_steps", [
+    (True, "oracle", 0), (True, "predict", 0), (False, "oracle", 0), (True, "predict", 1)])
+def test_whole_postprocessing_equals_the_reference_without_specks(merge, k, refine_steps):
   # Without absorption every step is the same algorithm: equal label maps, image
   # for image, through merge-to-K, merge under a threshold, and the cap alone.
   seg = _segmenter("s", metric="euclidean", k=k, num_clusters=5 if k == "predict" else 0,
-                   modal_size=3, split=True, merge=merge, merge_threshold=1.0)
+                   modal_size=3, split=True, merge=merge, merge_threshold=1.0,
+                   refine_steps=refine_steps)
   rng = _rng(7)
   labels = np.stack([_blobs(seed) for seed in (10, 11, 12)])
   refs, feats = [], []
@@ -578,15 +579,18 @@ def test_whole_postprocessing_equals_the_reference_without_specks(merge, k):
         postprocess_reference.modal_filter(image, 3))
     feats.append(rng.normal(size=image.shape + (3,))
                  + 3 * rng.normal(size=(split.max() + 1, 3))[split])
+    if refine_steps:
+      assert _refine_margin(split, feats[-1], refine_steps) > 1e-4
   features = np.stack(feats).astype(np.float32)
   for image, x in zip(labels, features):
     refs.append(postprocess_reference.postprocess_one(
         image, x, modal_size=3, split=True, min_area=0, merge=merge, metric="euclidean",
-        target=4, threshold=1.0 if k == "predict" else None, max_regions=11))
+        target=4, threshold=1.0 if k == "predict" else None, max_regions=11,
+        refine_steps=refine_steps))
   target, threshold = segmenters.merge_rule(seg, jnp.full(3, 4), "pixels", 11)
   out, counts = jax.vmap(functools.partial(
       regions.postprocess, num_labels=5, modal_size=3, split=True, min_area=0,
-      max_regions=64, cap=11, metric="euclidean"))(
+      max_regions=64, cap=11, metric="euclidean", refine_steps=refine_steps))(
           jnp.asarray(labels), jnp.asarray(features), target, threshold)
   np.testing.assert_array_equal(np.asarray(out), np.stack(refs))
   assert (np.asarray(counts) > 11).all()  # the cap had work to do

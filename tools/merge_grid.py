@@ -5,12 +5,10 @@
       --segmenter=split_merge_predict_k --factors=1,1.5,2 --thresholds=0.15,0.2,0.25
 
 Runs the named segmenter (`config.eval.segmenters`) on the raw pixels of a split,
-on the devices as the evaluation does, for every combination of
-`border_merge_factor` (`--factors`), `boundary_weight` (`--boundary_weights`, at
-`--boundary_reach`) and `merge_threshold` (`--thresholds`; ignored by a segmenter
+on the devices as the evaluation does, for every pair of `border_merge_factor`
+(`--factors`) and `merge_threshold` (`--thresholds`; ignored by a segmenter
 that merges to a target K): the transform and K-Means run once per batch, only
-the post-processing once per setting (one compiled program per boundary weight;
-the factor and the threshold are its inputs). Prints one markdown table, a row per setting:
+the post-processing once per pair. Prints one markdown table, a row per pair:
 FG-ARI, poster mIoU and ClevrTex mIoU over the split, and the error counts of
 `tools.segment_errors` (objects lost to the floor, fused, cut; extra masks and
 the shadows among them). --json writes the figures.
@@ -19,7 +17,6 @@ the shadows among them). --json writes the figures.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from typing import Sequence
 
@@ -42,8 +39,6 @@ def define_flags() -> None:
   flags.DEFINE_string("segmenter", "split_merge_predict_k", "One of config.eval.segmenters.")
   flags.DEFINE_list("factors", ["1", "1.5"], "border_merge_factor values.")
   flags.DEFINE_list("thresholds", ["0.2"], "merge_threshold values.")
-  flags.DEFINE_list("boundary_weights", ["0"], "boundary_weight values.")
-  flags.DEFINE_integer("boundary_reach", None, "boundary_reach (default: the segmenter's).")
   flags.DEFINE_string("json", "", "Also write the figures to this file.")
 
 
@@ -59,14 +54,12 @@ def main(argv: Sequence[str]) -> None:
   config = FLAGS.config
   ev = config.eval
   base = segmenters.from_config(FLAGS.segmenter, ev.segmenters[FLAGS.segmenter])
-  if FLAGS.boundary_reach is not None:
-    base = dataclasses.replace(base, boundary_reach=FLAGS.boundary_reach)
   factors = [float(f) for f in FLAGS.factors]
-  weights = [float(w) for w in FLAGS.boundary_weights]
   thresholds = [float(t) for t in FLAGS.thresholds] if base.predicts_k else [0.0]
-  settings = [(f, w, t) for f in factors for w in weights for t in thresholds]
-  for f, w, _ in settings:
-    dataclasses.replace(base, border_merge_factor=f, boundary_weight=w).check()
+  settings = [(f, t) for f in factors for t in thresholds]
+  variants = {f: dataclasses.replace(base, border_merge_factor=f) for f in factors}
+  for s in variants.values():
+    s.check()
   cap = base.k_max
 
   @jax.jit
@@ -75,18 +68,16 @@ def main(argv: Sequence[str]) -> None:
     return segmenters.transform_and_cluster(
         base, ev.kmeans, image, segmenters.cluster_k(base, num_masks), keys, is_pixels=True)
 
-  def finish(segmenter, x, labels, num_masks, threshold, factor):
+  def finish(segmenter, x, labels, num_masks, threshold):
     target, _ = segmenters.merge_rule(segmenter, segmenters.target_k(segmenter, num_masks),
                                       "pixels", cap)
     # A segmenter that merges to a target K has no threshold: it never stops early.
     limit = jnp.full_like(target, threshold if segmenter.predicts_k else jnp.inf,
                           dtype=jnp.float32)
-    return segmenters.postprocess(segmenter, labels, x, target, limit,
-                                  max_regions=ev.max_regions, cap=cap, border_factor=factor)[0]
+    return segmenters.postprocess(segmenter, labels, x, target, limit, max_regions=ev.max_regions,
+                                  cap=cap)[0]
 
-  programs = {w: jax.jit(functools.partial(
-      finish, dataclasses.replace(base, boundary_weight=w))) for w in weights}
-
+  programs = {f: jax.jit(lambda *a, s=s: finish(s, *a)) for f, s in variants.items()}
   to_lab = jax.jit(transforms.rgb_to_lab)
   scores = {key: [] for key in settings}
   counts = {key: {name: 0 for name in segment_errors.COUNTS} for key in settings}
@@ -96,26 +87,24 @@ def main(argv: Sequence[str]) -> None:
     image, truth, num_masks = batch["image"], batch["instance_labels"], batch["num_masks"]
     lab = np.asarray(to_lab(image))
     x, labels = cluster(image, batch["index"], num_masks)
-    for f, w, t in settings:
-      pred = np.asarray(programs[w](x, labels, num_masks, np.float32(t), np.float32(f)))
-      scores[(f, w, t)].append(segment_errors.score_maps(pred, truth, num_masks, cap)[valid])
+    for f, t in settings:
+      pred = np.asarray(programs[f](x, labels, num_masks, np.float32(t)))
+      scores[(f, t)].append(segment_errors.score_maps(pred, truth, num_masks, cap)[valid])
       for b in np.flatnonzero(valid):
         found = segment_errors.count_errors(pred[b], truth[b], lab[b], same_colour=0.1,
                                             piece=0.1, darker=0.03)
         for name, value in found.items():
-          counts[(f, w, t)][name] += value
+          counts[(f, t)][name] += value
 
   rows = []
-  print(f"| {base.name}: border_merge_factor | boundary_weight | merge_threshold | FG-ARI / "
-        "poster mIoU / ClevrTex mIoU | " + " | ".join(SHOWN) + " |")
-  print("|---" * (4 + len(SHOWN)) + "|")
-  for key in settings:
-    f, w, t = key
-    mean = np.concatenate(scores[key]).mean(0)
-    rows.append(dict(factor=f, boundary_weight=w, boundary_reach=base.boundary_reach,
-                     threshold=t, scores=mean.tolist(), counts=counts[key]))
-    print(f"| {f:g} | {w:g} | {t:g} | {' / '.join(f'{v:.3f}' for v in mean)} | "
-          + " | ".join(str(counts[key][c]) for c in SHOWN) + " |", flush=True)
+  print(f"| {base.name}: border_merge_factor | merge_threshold | FG-ARI / poster mIoU / "
+        "ClevrTex mIoU | " + " | ".join(SHOWN) + " |")
+  print("|---" * (3 + len(SHOWN)) + "|")
+  for f, t in settings:
+    mean = np.concatenate(scores[(f, t)]).mean(0)
+    rows.append(dict(factor=f, threshold=t, scores=mean.tolist(), counts=counts[(f, t)]))
+    print(f"| {f:g} | {t:g} | {' / '.join(f'{v:.3f}' for v in mean)} | "
+          + " | ".join(str(counts[(f, t)][c]) for c in SHOWN) + " |", flush=True)
   if FLAGS.json:
     with open(FLAGS.json, "w") as fh:
       json.dump(rows, fh, indent=1)

@@ -16,6 +16,10 @@ batch runs as one jitted program (`postprocess` is vmapped over images):
                  lost pixels take a neighbour's label, repeated until none is left
                  (the reference takes the Euclidean-nearest kept pixel's: the two
                  differ on a few pixels inside specks); at most R are kept
+  refine         optional: a few rounds in which each pixel takes, of its own
+                 and its 4-neighbours' regions, the one of nearest mean feature
+                 (the boundaries that the majority filter and the absorption moved
+                 go back to the colour edges)
   shape_split    optional: a region that holds thick parts joined by a narrow
                  waist (two touching objects of one colour) is cut between the
                  peaks of its distance transform; the parts may not merge back
@@ -188,6 +192,14 @@ def compact(labels: jax.Array, root: jax.Array, num_labels: int, min_area: int,
     return jnp.where(r < 0, best, r)
 
   return jax.lax.while_loop(unlabelled, fill, regions), count
+
+
+def _pair_distances(a: jax.Array, b: jax.Array, metric: str) -> jax.Array:
+  """[...]: the distances of the vectors a [..., c] to those of b [..., c]."""
+  if metric == "cosine":
+    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+    return 1.0 - jnp.sum(a * b, axis=-1) / jnp.where(norms > 0, norms, 1.0)
+  return jnp.linalg.norm(a - b, axis=-1)
 
 
 def refine(regions: jax.Array, features: jax.Array, *, steps: int, max_regions: int,
@@ -382,59 +394,11 @@ def _distances_to(one: jax.Array, means: jax.Array, metric: str) -> jax.Array:
   return jnp.linalg.norm(means - one, axis=1)
 
 
-def _pair_distances(a: jax.Array, b: jax.Array, metric: str) -> jax.Array:
-  """[...]: the distances of the vectors a [..., c] to those of b [..., c]."""
-  if metric == "cosine":
-    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
-    return 1.0 - jnp.sum(a * b, axis=-1) / jnp.where(norms > 0, norms, 1.0)
-  return jnp.linalg.norm(a - b, axis=-1)
-
-
-def boundary_bands(regions: jax.Array, sources: Sequence[jax.Array], r: int, *,
-                   reach: int = 1) -> tuple[tuple[jax.Array, ...], jax.Array]:
-  """(per source, float [R, R, c]: at [a, b] the sum of the features of a's
-  pixels along its edge with b; float [R, R]: the number of pixel edges a and b
-  share, symmetric).
-
-  A pixel edge lies between 4-neighbours of different regions; each side's
-  pixel is the one `reach` steps from the edge (the image's border repeated),
-  so that reach 2 steps over one anti-aliased pixel. band[a, b] / edges[a, b]
-  is the mean feature of a's side: noise averages out along the edge."""
-  e = reach - 1
-  h, w = regions.shape
-  pairs_a = jnp.concatenate([regions[:, :-1].reshape(-1), regions[:-1, :].reshape(-1)])
-  pairs_b = jnp.concatenate([regions[:, 1:].reshape(-1), regions[1:, :].reshape(-1)])
-  crossing = (pairs_a != pairs_b).astype(jnp.float32)
-  edges = jnp.zeros((r, r), jnp.float32).at[pairs_a, pairs_b].add(crossing)
-  bands = []
-  for x in sources:
-    x = x.astype(jnp.float32)
-    c = x.shape[-1]
-    across = jnp.pad(x, ((0, 0), (e, e), (0, 0)), mode="edge")
-    down = jnp.pad(x, ((e, e), (0, 0), (0, 0)), mode="edge")
-    before = jnp.concatenate([across[:, :w - 1].reshape(-1, c),
-                              down[:h - 1].reshape(-1, c)]) * crossing[:, None]
-    after = jnp.concatenate([across[:, 1 + 2 * e:w + 2 * e].reshape(-1, c),
-                             down[1 + 2 * e:h + 2 * e].reshape(-1, c)]) * crossing[:, None]
-    band = jnp.zeros((r, r, c), jnp.float32).at[pairs_a, pairs_b].add(before)
-    bands.append(band.at[pairs_b, pairs_a].add(after))
-  return tuple(bands), edges + edges.T
-
-
-def _step(band_one: jax.Array, band_other: jax.Array, edges: jax.Array, metric: str
-          ) -> jax.Array:
-  """The distance between the mean features of the two sides of shared edges: band
-  sums [..., c] of one side and of the other, over `edges` [...] edges."""
-  count = jnp.maximum(edges, 1.0)[..., None]
-  return _pair_distances(band_one / count, band_other / count, metric)
-
-
 def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[jax.Array],
           target: jax.Array, threshold: jax.Array, *, max_regions: int, cap: int,
           metric: str, cut_from: jax.Array | None = None,
-          border_factor: jax.Array | float = 1.0, boundary_weight: float = 0.0,
-          boundary_reach: int = 1) -> jax.Array:
-  """Greedy merging of adjacent regions, the closest first.
+          border_factor: jax.Array | float = 1.0) -> jax.Array:
+  """Greedy merging of adjacent regions, the closest mean features first.
 
   Goes on while the closest adjacent pair is nearer than `threshold` and more
   than `target` regions remain, and in any case while more than `cap` remain
@@ -463,13 +427,6 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
       change (multiplying by 1.0 is exact). Grey objects lie nearer the floor's
       colour than the floor's own shading spreads. A program input, so every
       factor shares one compile.
-    boundary_weight: w in [0, 1] (static): per source, two regions' distance is
-      (1 - w) times their means' distance plus w times their boundary step, the
-      distance between the mean features of the two sides of their shared edges
-      (`boundary_bands`); a merged region's edges are its parts'. Shading splits
-      one object into bands whose means differ but which meet smoothly; two
-      objects meet at a step. 0: the means alone, and nothing more is carried.
-    boundary_reach: where each side of an edge is sampled (`boundary_bands`).
   """
   r = max_regions
   flat = regions.reshape(-1)
@@ -477,32 +434,17 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
   area = jax.ops.segment_sum(jnp.ones_like(flat, jnp.float32), flat, r)
   means = tuple(jax.ops.segment_sum(x.reshape(flat.size, -1).astype(jnp.float32), flat, r)
                 / jnp.maximum(area, 1.0)[:, None] for x in sources)
-  # The edges' bands, () without the boundary step: the loop then carries nothing more.
-  bands, edges = ((), ()) if boundary_weight == 0 else boundary_bands(
-      regions, sources, r, reach=boundary_reach)
 
-  def with_step(d, step):
-    return d if boundary_weight == 0 else (1.0 - boundary_weight) * d + boundary_weight * step
-
-  def distances_to(one, means, steps):
-    """[R]: one region's distances to all, by the source that puts them nearest."""
-    per_source = [_distances_to(o, m, metric) for o, m in zip(one, means)]
-    if steps:
-      per_source = [with_step(d, step) for d, step in zip(per_source, steps)]
-    return functools.reduce(jnp.minimum, per_source)
+  def distances_to(one, means):  # [R]: by the source that puts them nearest
+    return functools.reduce(jnp.minimum, [_distances_to(o, m, metric)
+                                          for o, m in zip(one, means)])
 
   adjacent = _adjacency(regions, r)
   slots = jnp.arange(r)
   # Pairs cut from one region, () without a split: the loop then carries nothing more.
   apart = () if cut_from is None else (
       (cut_from[:, None] == cut_from[None, :]) & (slots[:, None] != slots[None, :]),)
-  if bands:
-    dist = functools.reduce(jnp.minimum, [
-        with_step(jax.lax.map(lambda one, m=m: _distances_to(one, m, metric), m),
-                  _step(band, band.transpose(1, 0, 2), edges, metric))
-        for m, band in zip(means, bands)])
-  else:
-    dist = jax.lax.map(lambda one: distances_to(one, means, ()), means)
+  dist = jax.lax.map(lambda one: distances_to(one, means), means)
   border_factor = jnp.asarray(border_factor, jnp.float32)
   edge = _on_edge(regions, r)  # which regions touch the border
   dist = dist * jnp.where(edge[:, None] != edge[None, :], border_factor, 1.0)
@@ -511,8 +453,7 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
   dist = jnp.where(adjacent, dist, jnp.inf)
 
   def body(carry):
-    (dist, adjacent, apart, edge, means, area, bands, edges, alive, parent, count,
-     _) = carry
+    dist, adjacent, apart, edge, means, area, alive, parent, count, _ = carry
     best = jnp.argmin(dist)
     i, j = best // r, best % r
     d = dist.reshape(-1)[best]
@@ -524,22 +465,10 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     new_means = tuple(m.at[i].set(one) for m, one in zip(means, merged))
     new_area = area.at[i].add(area[j])
     new_alive = alive.at[j].set(False)
-    others = (slots != i) & (slots != j)
-    row = (adjacent[i] | adjacent[j]) & others
+    row = (adjacent[i] | adjacent[j]) & (slots != i) & (slots != j)
     new_adjacent = adjacent.at[i].set(row).at[:, i].set(row)
     new_adjacent = new_adjacent.at[j].set(False).at[:, j].set(False)
-    new_bands, new_edges, steps = bands, edges, ()
-    if bands:
-      # i's side of its edges with each region, and each region's side facing i.
-      joined = lambda a, b: jnp.where(others.reshape((-1,) + (1,) * (a.ndim - 1)), a + b, 0)
-      edge_row = joined(edges[i], edges[j])
-      new_edges = edges.at[i].set(edge_row).at[:, i].set(edge_row)
-      new_edges = new_edges.at[j].set(0.0).at[:, j].set(0.0)
-      new_bands = tuple(
-          b.at[i].set(joined(b[i], b[j])).at[:, i].set(joined(b[:, i], b[:, j]))
-          .at[j].set(0.0).at[:, j].set(0.0) for b in bands)
-      steps = tuple(_step(b[i], b[:, i], edge_row, metric) for b in new_bands)
-    drow = distances_to(merged, new_means, steps)
+    drow = distances_to(merged, new_means)
     new_edge = edge.at[i].set(edge[i] | edge[j])
     drow = drow * jnp.where(new_edge != new_edge[i], border_factor, 1.0)
     new_apart = apart
@@ -554,12 +483,11 @@ def merge(regions: jax.Array, count: jax.Array, features: jax.Array | Sequence[j
     keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(stop, o, n), old, new)
     return (keep(dist, new_dist), keep(adjacent, new_adjacent), keep(apart, new_apart),
             keep(edge, new_edge), keep(means, new_means),
-            keep(area, new_area), keep(bands, new_bands), keep(edges, new_edges),
-            keep(alive, new_alive), keep(parent, new_parent),
+            keep(area, new_area), keep(alive, new_alive), keep(parent, new_parent),
             keep(count, count - 1), stop)
 
   alive = slots < count
-  carry = (dist, adjacent, apart, edge, means, area, bands, edges, alive, slots, count,
+  carry = (dist, adjacent, apart, edge, means, area, alive, slots, count,
            jnp.bool_(False))
   *_, alive, parent, _, _ = jax.lax.while_loop(lambda c: ~c[-1], body, carry)
   new_number = jnp.cumsum(alive) - 1
@@ -570,9 +498,7 @@ def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
                 target: jax.Array, threshold: jax.Array, *, num_labels: int,
                 modal_size: int, split: bool, min_area: int, max_regions: int, cap: int,
                 metric: str, shape_split_args: dict[str, float] | None = None,
-                border_factor: jax.Array | float = 1.0,
-                boundary_weight: float = 0.0,
-                boundary_reach: int = 1, refine_steps: int = 0
+                border_factor: jax.Array | float = 1.0, refine_steps: int = 0
                 ) -> tuple[jax.Array, jax.Array]:
   """One image: cluster labels [h, w] (in 0..num_labels-1) and the features
   [h, w, c] they came from -> (region labels [h, w] in 0..cap-1, the number of
@@ -585,7 +511,7 @@ def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
   `shape_split_args` (min_radius and max_area in pixels, waist a ratio; see
   `shape_split`): cut the regions at narrow waists before the merge; None: no cut.
   `refine_steps`: rounds of `refine` after the specks are absorbed (0: none).
-  `border_factor`, `boundary_weight`, `boundary_reach`: see `merge`.
+  `border_factor`: see `merge`.
   """
   labels = modal_filter(labels.astype(jnp.int32), num_labels, modal_size)
   root = root_map(labels, num_labels, split)
@@ -600,6 +526,5 @@ def postprocess(labels: jax.Array, features: jax.Array | Sequence[jax.Array],
     regions, cut_from = shape_split(regions, max_regions=max_regions, **shape_split_args)
   regions = merge(regions, jnp.max(regions) + 1, features, target, threshold,
                   max_regions=max_regions, cap=cap, metric=metric, cut_from=cut_from,
-                  border_factor=border_factor, boundary_weight=boundary_weight,
-                  boundary_reach=boundary_reach)
+                  border_factor=border_factor)
   return regions, count

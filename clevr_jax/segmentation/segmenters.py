@@ -112,7 +112,6 @@ def _one_image_postprocess(segmenter: Segmenter, height: int, width: int, *,
       min_area=int(round(segmenter.min_area * height * width)), max_regions=max_regions,
       cap=cap, metric=segmenter.metric,
       shape_split_args=shape_split_args(segmenter, height, width),
-      boundary_weight=segmenter.boundary_weight, boundary_reach=segmenter.boundary_reach,
       refine_steps=segmenter.refine_steps)
   factor = segmenter.border_merge_factor if border_factor is None else border_factor
   return lambda labels, x, target, threshold: one_image(labels, x, target, threshold,

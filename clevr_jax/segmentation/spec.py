@@ -113,15 +113,6 @@ class Segmenter:
       "floor's pieces) and one that does not (an object) is multiplied by this: above 1, "
       "objects of nearly the floor's colour (grey ones) stay apart; 1 = no change",
       shapes=("whole",), interval="[1, inf)")
-  boundary_weight: float = _field(
-      0.0, "the merge's distance of two adjacent regions is (1 - w) times their mean "
-      "features' distance plus w times the mean step of the features across their shared "
-      "edge: one object's shading bands meet smoothly, two objects at a sharp step; "
-      "0 = the means alone", shapes=_POSTPROCESS, interval="[0, 1]")
-  boundary_reach: int = _field(
-      1, "boundary_weight: the step across an edge compares the pixels this far from it "
-      "on each side (2 steps over one anti-aliased pixel)", shapes=_POSTPROCESS,
-      interval="[1, 8]")
   merge_threshold: float = _field(
       0.0, "the distance under which 'predict' merges (raw pixels, and taps unless "
       "tap_merge_threshold is set)", shapes=("whole",), interval="[0, inf)")
