@@ -49,3 +49,29 @@ def test_perfect_merge_and_oracle_cut():
   cut = segment_errors.oracle_cut(pred, truth, share=0.05)
   np.testing.assert_array_equal(segment_errors.perfect_merge(cut, truth)[truth != 3],
                                 truth[truth != 3])
+
+
+def test_on_a_checkpoint_it_scores_a_tap_as_the_evaluation_does(run_python, trained_workdir,
+                                                                 test_config, data_dir, tmp_path):
+  # The tool's own scores of a learned tap (a coarse one: its labels are upsampled)
+  # equal the evaluation's of the same checkpoint, segmenter and tap: it segments
+  # what the protocol segments, with the same K-Means keys.
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from clevr_jax.evaluation import model_eval  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "errors.json"
+  result = run_python(["-m", "tools.segment_errors", "--config=configs/unet_rgb.py:test",
+                       f"--config.data.data_dir={data_dir}", f"--checkpoint={trained_workdir}",
+                       "--tap=dec3", "--segmenters=split_merge_predict_k", f"--json={out}"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  tool = json.loads(out.read_text())["split_merge_predict_k"]["scores"]
+  config = test_config("unet_rgb")
+  config.eval.taps, config.eval.segmenter_names = ("dec3",), ("split_merge_predict_k",)
+  workdir = tmp_path / "evaluated"
+  workdir.mkdir()
+  os.symlink(os.path.join(trained_workdir, "checkpoints"), workdir / "checkpoints")
+  protocol = model_eval.evaluate(config, str(workdir))["segmenters"]["split_merge_predict_k"]
+  protocol = protocol["dec3"]
+  np.testing.assert_allclose(
+      tool, [protocol["fg_ari"], protocol["poster_miou"], protocol["clevrtex_miou"]],
+      atol=1e-6)

@@ -2,10 +2,13 @@
 
   python -m tools.segment_errors --config=configs/unet_objects.py:quick \
       --config.data.synthetic.seed=1 --config.data.synthetic.num_test=100 \
-      --segmenters=split_merge_predict_k [--config.eval.segmenters.NAME.FIELD=...]
+      --segmenters=split_merge_predict_k [--config.eval.segmenters.NAME.FIELD=...] \
+      [--checkpoint=RUN --tap=embedding]
 
 Runs each named segmenter (`config.eval.segmenters`) on the raw pixels of a
-split, on the devices as the evaluation does, and counts, against the true
+split, or with --checkpoint on a trained network's tap (RUN's newest
+checkpoint; the hybrids read the image too), on the devices as the evaluation
+does, and counts, against the true
 masks (each predicted mask read as what covers most of it, each object as the
 predicted mask that covers most of it):
 
@@ -62,6 +65,9 @@ def define_flags() -> None:
   flags.DEFINE_float("oracle_cut", 0.05, "The share of a region each of two objects must "
                      "hold for the oracle cut to separate them.")
   flags.DEFINE_string("json", "", "Also write the figures to this file.")
+  flags.DEFINE_string("checkpoint", "", "A run's workdir: segment its network's --tap "
+                      "(its newest checkpoint) instead of the raw pixels.")
+  flags.DEFINE_string("tap", "embedding", "With --checkpoint: the tap to segment.")
 
 
 @dataclasses.dataclass
@@ -162,46 +168,59 @@ def score_maps(pred: np.ndarray, truth: np.ndarray, num_masks: np.ndarray, slots
 def main(argv: Sequence[str]) -> None:
   del argv
   import jax  # pylint: disable=import-outside-toplevel
-  from clevr_jax import schema  # pylint: disable=import-outside-toplevel
+  from clevr_jax import schema, sharding  # pylint: disable=import-outside-toplevel
   from clevr_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
+  from clevr_jax.evaluation import model_eval, protocol
+  # pylint: disable-next=import-outside-toplevel
   from clevr_jax.segmentation import kmeans, segmenters, transforms
-  from clevr_jax.training import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  from clevr_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
 
   config = FLAGS.config
   ev = config.eval
   chosen = [segmenters.from_config(n, ev.segmenters[n]) for n in FLAGS.segmenters]
   for s in chosen:
     s.check()
-  cap = max(s.k_max for s in chosen)
+  mesh = sharding.make_mesh()
+  tap = FLAGS.tap if FLAGS.checkpoint else "pixels"
+  features_of = lambda batch: batch["image"]
+  if FLAGS.checkpoint:
+    config.eval.taps, config.eval.hypercolumns = (FLAGS.tap,), ()
+    state, model = checkpoints.restore_model(config, FLAGS.checkpoint, mesh)
+    taps_of = model_eval.tap_features_fn(state, model, config)
+    features_of = lambda batch: taps_of(batch)[FLAGS.tap]
 
-  def run(segmenter, image, index, num_masks, cap):
-    target = segmenters.target_k(segmenter, num_masks)
-    num_clusters = segmenters.cluster_k(segmenter, num_masks)
-    target, threshold = segmenters.merge_rule(segmenter, target, "pixels", cap)
-    keys = kmeans.image_keys(config.seed, index)
-    labels, _ = segmenters.segment(segmenter, ev.kmeans, image, num_clusters, keys, target,
-                                   threshold, is_pixels=True, max_regions=ev.max_regions,
-                                   cap=cap, pixels=image)
-    return labels
+  # The evaluation's own device programs: the labels are the ones it scores. The
+  # regions before the merge come from the same segmenter without it, with R
+  # label slots (eval.max_regions) so that nothing is merged.
+  runner = protocol.Runner(config, mesh, chosen)
+  unmerged_programs = segmenters.DevicePrograms(config, mesh, ev.max_regions)
 
-  programs = {}
-  for s in chosen:
-    unmerged = dataclasses.replace(s, merge=False)
-    programs[s.name] = (jax.jit(lambda *a, s=s: run(s, *a, cap)),
-                        jax.jit(lambda *a, u=unmerged: run(u, *a, ev.max_regions)))
-  to_lab = jax.jit(lambda x: transforms.rgb_to_lab(x))
+  def regions_of(segmenter, features, batch, keys):
+    unmerged = dataclasses.replace(segmenter, merge=False)
+    num_masks = batch["num_masks"]
+    target, threshold = segmenters.merge_rule(
+        unmerged, segmenters.target_k(unmerged, num_masks), tap, ev.max_regions)
+    return unmerged_programs(unmerged, features, segmenters.cluster_k(unmerged, num_masks),
+                             target, threshold, keys, batch["instance_labels"],
+                             batch["image"] if unmerged.uses_pixels else None,
+                             is_pixels=tap in segmenters.PIXEL_TAPS)[1]
+
+  to_lab = jax.jit(transforms.rgb_to_lab)
   tallies = {s.name: Tally() for s in chosen}
   ideal_tallies = {s.name: Tally() for s in chosen}
-  for batch in pipeline.Split(config, FLAGS.split).eval_batches():
-    batch = {k: np.asarray(v) for k, v in batch_lib.derive(batch, config).items()}
-    valid = batch["valid"]
-    image, truth, num_masks = batch["image"], batch["instance_labels"], batch["num_masks"]
-    lab = np.asarray(to_lab(image))
+  split = pipeline.Split(config, FLAGS.split)
+  for batch in protocol.host_batches(config, split, mesh):
+    keys = kmeans.image_keys(config.seed, batch["index"])
+    features = features_of(batch)
+    host = {k: sharding.to_host(batch[k]) for k in ("image", "instance_labels", "num_masks",
+                                                    "valid")}
+    valid = host["valid"]
+    truth, num_masks = host["instance_labels"], host["num_masks"]
+    lab = np.asarray(to_lab(host["image"]))
     for s in chosen:
-      final, unmerged = programs[s.name]
-      pred = np.asarray(final(image, batch["index"], num_masks))
-      regions = np.asarray(unmerged(image, batch["index"], num_masks))
+      pred = sharding.to_host(runner.dispatch(s, tap, features, batch, keys)[1])
+      regions = sharding.to_host(regions_of(s, features, batch, keys))
       tally = tallies[s.name]
       ideal = np.stack([perfect_merge(r, t) for r, t in zip(regions, truth)])
       for b in np.flatnonzero(valid):
@@ -211,7 +230,7 @@ def main(argv: Sequence[str]) -> None:
           for name, value in found.items():
             counted.counts[name] += value
         tally.regions.append(len(np.unique(regions[b])))
-      tally.scores.append(score_maps(pred, truth, num_masks, cap)[valid])
+      tally.scores.append(score_maps(pred, truth, num_masks, runner.slots)[valid])
       tally.ceiling.append(score_maps(ideal, truth, num_masks, schema.MAX_SLOTS)[valid])
       cut = np.stack([perfect_merge(oracle_cut(r, t, FLAGS.oracle_cut), t)
                       for r, t in zip(regions, truth)])
