@@ -32,8 +32,8 @@ def test_the_readmes_example_runs_and_scores_what_it_says():
   with contextlib.redirect_stdout(out):
     exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
   first, second = out.getvalue().splitlines()
-  # The square's corners go to the majority filter: 0.97, not 1.
-  assert first == "(2, 48, 64) 0.97"
+  # The majority filter takes the square's corners; the refinement gives them back.
+  assert first == "(2, 48, 64) 1.0"
   assert eval(second) == sorted(defaults.get_config().eval.segmenters)  # pylint: disable=eval-used
 
 

@@ -290,6 +290,18 @@ def test_refine_keeps_a_highlight_and_renumbers_a_region_it_empties(postprocess)
   np.testing.assert_array_equal(out, expected)
 
 
+def test_refine_leaves_boundaries_on_colour_edges_alone(postprocess):
+  # A cube's three faces (three shades of one colour) and an L-shaped object on a
+  # floor, each labelled exactly: every pixel is nearest its own region's mean.
+  labels = np.zeros((20, 24), np.int32)
+  labels[3:8, 4:12], labels[8:14, 4:8], labels[8:14, 8:12] = 1, 2, 3
+  labels[12:18, 15:17], labels[16:18, 17:22] = 4, 4
+  shade = np.array([[0.2, 0.2, 0.2], [0.9, 0.3, 0.2], [0.6, 0.2, 0.1], [0.4, 0.1, 0.1],
+                    [0.1, 0.3, 0.8]], np.float32)
+  colour = shade[labels] + 0.02 * _rng(3).normal(size=labels.shape + (3,)).astype(np.float32)
+  np.testing.assert_array_equal(postprocess.refine(labels, colour, steps=3), labels)
+
+
 def _refine_margin(labels, features, steps):
   """The smallest gap, over rounds and pixels, between a pixel's nearest candidate
   mean and its nearest one of another label (the reference's rounds)."""

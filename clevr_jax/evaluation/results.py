@@ -46,6 +46,9 @@ def _describe(spec: dict[str, Any] | None) -> str:
     parts.append("split into 4-connected components")
   if spec["min_area"]:
     parts.append(f"absorb regions < {spec['min_area']:g} of the image")
+  if spec.get("refine_steps", 0):
+    rounds = spec["refine_steps"]
+    parts.append(f"refine boundaries ({rounds} round{'s' if rounds > 1 else ''})")
   if spec["merge"]:
     if spec["k"] != "predict":
       parts.append("merge to K")
