@@ -174,8 +174,8 @@ def base_config() -> ml_collections.ConfigDict:
   # components, specks absorbed, one round of boundary refinement (each pixel to
   # the adjacent region of nearest mean colour; as below), adjacent regions
   # merged back to K, a region on the image's border and one off it 1.5x
-  # farther apart (as below). Tuned on
-  # 200 synthetic 240x320 test scenes (docs/reports/2026-12-06-segmenters-on-devices.md);
+  # farther apart (as below). Tuned on 200 synthetic 240x320 test scenes
+  # (docs/reports/2026-12-06-segmenters-on-devices.md);
   # the border factor chosen on real-asset calibration renders, where it gains
   # 0.018 FG-ARI (on held-out synthetic scenes it costs 0.002;
   # docs/reports/2026-12-07-real-asset-renders.md).
@@ -197,8 +197,9 @@ def base_config() -> ml_collections.ConfigDict:
       k="predict", num_clusters=11, modal_size=3, split=True, min_area=1e-3, merge=True,
       merge_threshold=0.225, border_merge_factor=1.5, refine_steps=1)
   # The hybrid: pixels draw the boundaries (Lab K0-Means, majority filter,
-  # components, one round of refinement by colour), the learned tap decides what belongs together (adjacent regions
-  # merged by the tap's region means on the unit sphere, or by their colour).
+  # components, one round of refinement by colour), the learned tap decides what
+  # belongs together (adjacent regions merged by the tap's region means on the
+  # unit sphere, or by their colour).
   # The tap's 0.65 lies between the discriminative margins' bounds (objectives.
   # discriminative below) on two regions of one instance (2 * delta_v = 0.4) and
   # of two (2 * delta_d - 2 * delta_v = 1.1); colour's 0.125 (Lab / 100) lets a

@@ -204,6 +204,8 @@ def test_validation_names_the_field_to_fix():
                                  "eval.segmenters.kmeans_fixed_k.fixed_k=0 must be"),
                                 ("eval.segmenters.split_merge_predict_k.shape_split_waist",
                                  1.5, "split_merge_predict_k.shape_split_waist=1.5 must be in"),
+                                ("eval.segmenters.split_merge_predict_k.refine_steps", 51,
+                                 "split_merge_predict_k.refine_steps=51 must be in"),
                                 ("data.synthetic.zoom", 0.0,
                                  "config.data.synthetic.zoom=0.0 must be in"),
                                 ("eval.max_regions", 0, "eval.max_regions=0 must be"),

@@ -75,3 +75,22 @@ def test_on_a_checkpoint_it_scores_a_tap_as_the_evaluation_does(run_python, trai
   np.testing.assert_allclose(
       tool, [protocol["fg_ari"], protocol["poster_miou"], protocol["clevrtex_miou"]],
       atol=1e-6)
+
+
+def test_bad_command_lines_are_one_line_that_names_the_flag(tmp_path):
+  from clevr_jax import defaults  # pylint: disable=g-import-not-at-top
+  config = defaults.get_config("test")
+  assert segment_errors.input_error(config, ["split_merge_predict_k"], "", "embedding") is None
+  assert "--segmenters names ['nope']" in segment_errors.input_error(
+      config, ["nope"], "", "embedding")
+  config.eval.segmenters.split_merge_predict_k.refine_steps = -1
+  assert "refine_steps=-1" in segment_errors.input_error(
+      config, ["split_merge_predict_k"], "", "embedding")
+  config = defaults.get_config("test")
+  assert "holds no checkpoints/ folder" in segment_errors.input_error(
+      config, ["split_merge_predict_k"], str(tmp_path), "dec3")
+  (tmp_path / "checkpoints").mkdir()
+  assert "--tap=embedding is not a tap" in segment_errors.input_error(
+      config, ["split_merge_predict_k"], str(tmp_path), "embedding")
+  assert segment_errors.input_error(config, ["split_merge_predict_k"], str(tmp_path),
+                                    "dec3") is None

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Sequence
 
 from absl import app
@@ -165,6 +166,32 @@ def score_maps(pred: np.ndarray, truth: np.ndarray, num_masks: np.ndarray, slots
   return np.stack([s.fg_ari, s.poster_miou, s.clevrtex_miou], 1)
 
 
+def input_error(config, segmenter_names: Sequence[str], checkpoint: str, tap: str
+                ) -> str | None:
+  """What is wrong with the command line, as one line that says what to pass; None if
+  nothing is."""
+  import os  # pylint: disable=import-outside-toplevel
+  from clevr_jax import models  # pylint: disable=import-outside-toplevel
+  from clevr_jax.segmentation import segmenters  # pylint: disable=import-outside-toplevel
+  unknown = [n for n in segmenter_names if n not in config.eval.segmenters]
+  if unknown:
+    return (f"--segmenters names {unknown}, not segmenters of the config "
+            f"({sorted(config.eval.segmenters.keys())})")
+  try:
+    for name in segmenter_names:
+      segmenters.from_config(name, config.eval.segmenters[name]).check()
+  except ValueError as e:
+    return str(e)
+  if checkpoint:
+    if not os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+      return (f"--checkpoint={checkpoint} holds no checkpoints/ folder; pass a training "
+              "run's workdir")
+    if tap not in models.config_tap_names(config):
+      return (f"--tap={tap} is not a tap of the config's network "
+              f"({list(models.config_tap_names(config))})")
+  return None
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   import jax  # pylint: disable=import-outside-toplevel
@@ -178,15 +205,19 @@ def main(argv: Sequence[str]) -> None:
 
   config = FLAGS.config
   ev = config.eval
+  error = input_error(config, FLAGS.segmenters, FLAGS.checkpoint, FLAGS.tap)
+  if error:
+    sys.exit(f"error: {error}")
   chosen = [segmenters.from_config(n, ev.segmenters[n]) for n in FLAGS.segmenters]
-  for s in chosen:
-    s.check()
   mesh = sharding.make_mesh()
   tap = FLAGS.tap if FLAGS.checkpoint else "pixels"
   features_of = lambda batch: batch["image"]
   if FLAGS.checkpoint:
     config.eval.taps, config.eval.hypercolumns = (FLAGS.tap,), ()
-    state, model = checkpoints.restore_model(config, FLAGS.checkpoint, mesh)
+    try:
+      state, model = checkpoints.restore_model(config, FLAGS.checkpoint, mesh)
+    except (FileNotFoundError, ValueError) as e:  # none, another network's, none readable
+      sys.exit(f"error: --checkpoint={FLAGS.checkpoint}: {e}")
     taps_of = model_eval.tap_features_fn(state, model, config)
     features_of = lambda batch: taps_of(batch)[FLAGS.tap]
 
