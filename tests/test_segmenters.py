@@ -132,7 +132,6 @@ class _Device:
         jnp.int32(num_regions or 0), jnp.float32(np.inf if threshold is None else threshold),
         cap=max_regions or _SLOTS, metric=metric, border_factor=border_factor))
 
-
   @staticmethod
   def refine(labels, features, *, steps, metric="euclidean"):
     return np.asarray(_refine(jnp.asarray(labels), jnp.asarray(features, jnp.float32),
@@ -305,23 +304,15 @@ def test_refine_leaves_boundaries_on_colour_edges_alone(postprocess):
 def _refine_margin(labels, features, steps):
   """The smallest gap, over rounds and pixels, between a pixel's nearest candidate
   mean and its nearest one of another label (the reference's rounds)."""
-  x = features.reshape(-1, features.shape[-1]).astype(np.float64)
   smallest = np.inf
   for _ in range(steps):
-    n = labels.max() + 1
-    flat = labels.ravel()
-    means = np.stack([np.bincount(flat, x[:, j], minlength=n) for j in range(x.shape[1])], 1)
-    means /= np.maximum(np.bincount(flat, minlength=n), 1)[:, None]
-    padded = np.pad(labels, 1, constant_values=-1)
-    cands = np.stack([c.ravel() for c in (labels, padded[:-2, 1:-1], padded[2:, 1:-1],
-                                           padded[1:-1, :-2], padded[1:-1, 2:])])
-    d = np.where(cands >= 0, np.linalg.norm(x[None] - means[np.maximum(cands, 0)], axis=-1),
-                 np.inf)
+    cands, d = postprocess_reference.refine_candidates(labels, features)
+    pixels = np.arange(labels.size)
     best = np.argmin(d, 0)
-    winner = cands[best, np.arange(flat.size)]
+    winner = cands[best, pixels]
     other = np.where(cands != winner[None], d, np.inf).min(0)
-    smallest = min(smallest, float(np.min(other - d[best, np.arange(flat.size)])))
-    labels = postprocess_reference.refine(labels, features, steps=1)
+    smallest = min(smallest, float(np.min(other - d[best, pixels])))
+    labels = winner.reshape(labels.shape)
   return smallest
 
 

@@ -225,17 +225,9 @@ def main(argv: Sequence[str]) -> None:
   # regions before the merge come from the same segmenter without it, with R
   # label slots (eval.max_regions) so that nothing is merged.
   runner = protocol.Runner(config, mesh, chosen)
-  unmerged_programs = segmenters.DevicePrograms(config, mesh, ev.max_regions)
-
-  def regions_of(segmenter, features, batch, keys):
-    unmerged = dataclasses.replace(segmenter, merge=False)
-    num_masks = batch["num_masks"]
-    target, threshold = segmenters.merge_rule(
-        unmerged, segmenters.target_k(unmerged, num_masks), tap, ev.max_regions)
-    return unmerged_programs(unmerged, features, segmenters.cluster_k(unmerged, num_masks),
-                             target, threshold, keys, batch["instance_labels"],
-                             batch["image"] if unmerged.uses_pixels else None,
-                             is_pixels=tap in segmenters.PIXEL_TAPS)[1]
+  unmerged = {s.name: dataclasses.replace(s, merge=False) for s in chosen}
+  unmerged_runner = protocol.Runner(config, mesh, list(unmerged.values()),
+                                    slots=ev.max_regions)
 
   to_lab = jax.jit(transforms.rgb_to_lab)
   tallies = {s.name: Tally() for s in chosen}
@@ -251,7 +243,8 @@ def main(argv: Sequence[str]) -> None:
     lab = np.asarray(to_lab(host["image"]))
     for s in chosen:
       pred = sharding.to_host(runner.dispatch(s, tap, features, batch, keys)[1])
-      regions = sharding.to_host(regions_of(s, features, batch, keys))
+      regions = sharding.to_host(
+          unmerged_runner.dispatch(unmerged[s.name], tap, features, batch, keys)[1])
       tally = tallies[s.name]
       ideal = np.stack([perfect_merge(r, t) for r, t in zip(regions, truth)])
       for b in np.flatnonzero(valid):

@@ -57,10 +57,12 @@ class Runner:
   """Runs configured segmenters on feature maps of global batches; returns tables."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-               segmenters: Sequence[segmenters_lib.Segmenter]) -> None:
+               segmenters: Sequence[segmenters_lib.Segmenter], slots: int = 0) -> None:
+    """`slots`: the most labels an image may end with (0: the segmenters' K-Means
+    bound, `num_pred_slots`)."""
     self.config, self.mesh = config, mesh
     self.segmenters = list(segmenters)
-    self.slots = num_pred_slots(self.segmenters)
+    self.slots = slots or num_pred_slots(self.segmenters)
     self.programs = segmenters_lib.DevicePrograms(config, mesh, self.slots)
 
   def dispatch(self, segmenter: segmenters_lib.Segmenter, tap: str, features: jax.Array,

@@ -289,31 +289,39 @@ def _distances_to(one: np.ndarray, means: np.ndarray, metric: str) -> np.ndarray
   return np.linalg.norm(means - one, axis=1)
 
 
+def refine_candidates(labels: np.ndarray, features: np.ndarray, metric: str = "euclidean"
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """One round of `refine`'s choice: (candidates [5, h * w], their distances [5, h * w]),
+  each pixel's own region first, then the neighbours above, below, left and right
+  (-1 and an infinite distance off the image), the distance of the pixel's feature to
+  each candidate region's mean."""
+  h, w = labels.shape
+  x = features.reshape(h * w, -1).astype(np.float64)
+  n = int(labels.max()) + 1
+  flat = labels.ravel()
+  area = np.bincount(flat, minlength=n).astype(np.float64)
+  means = np.stack([np.bincount(flat, x[:, j], minlength=n) for j in range(x.shape[1])], 1)
+  means /= np.maximum(area, 1.0)[:, None]
+  padded = np.pad(labels, 1, constant_values=-1)
+  candidates = np.stack([c.ravel() for c in (labels, padded[:-2, 1:-1], padded[2:, 1:-1],
+                                              padded[1:-1, :-2], padded[1:-1, 2:])])
+  distances = np.where(candidates >= 0, np.stack([
+      _pair_distances(x, means[np.maximum(c, 0)], metric) for c in candidates]), np.inf)
+  return candidates, distances
+
+
 def refine(regions: np.ndarray, features: np.ndarray, *, steps: int,
            metric: str = "euclidean") -> np.ndarray:
   """`steps` rounds in which each pixel takes, of its own region and its
   4-neighbours' regions, the one whose mean feature (this round's) is nearest
   its own (the first of equals: its own, then the neighbours above, below, left,
-  right); then the regions left renumbered 0..n-1 in their old order."""
-  h, w = regions.shape
-  x = features.reshape(h * w, -1).astype(np.float64)
+  right; `refine_candidates`); then the regions left renumbered 0..n-1 in their
+  old order."""
   labels = regions.copy()
   for _ in range(steps):
-    n = int(labels.max()) + 1
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=n).astype(np.float64)
-    means = np.stack([np.bincount(flat, x[:, j], minlength=n) for j in range(x.shape[1])], 1)
-    means /= np.maximum(area, 1.0)[:, None]
-    padded = np.pad(labels, 1, constant_values=-1)
-    candidates = [labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2],
-                  padded[1:-1, 2:]]
-    distances = []
-    for cand in candidates:
-      flat_cand = cand.ravel()
-      d = _pair_distances(x, means[np.maximum(flat_cand, 0)], metric)
-      distances.append(np.where(flat_cand >= 0, d, np.inf))
-    best = np.argmin(np.stack(distances), axis=0)
-    labels = np.stack([c.ravel() for c in candidates])[best, np.arange(h * w)].reshape(h, w)
+    candidates, distances = refine_candidates(labels, features, metric)
+    best = np.argmin(distances, axis=0)
+    labels = candidates[best, np.arange(labels.size)].reshape(labels.shape)
   return relabel(labels)
 
 
